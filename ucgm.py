@@ -1,0 +1,620 @@
+"""
+UCGM: Unified Continuous Generative Models (Sun, Jiang, Lin, 2025; arXiv 2505.07447).
+
+One trainer (UCGM-T, `UCGM.loss`) and one sampler (UCGM-S, `UCGM.sample`) for diffusion, flow
+matching and consistency models, selected by the consistency ratio lam in [0, 1].
+Read top-down: transports -> network (DiT / TiT) -> trainer -> sampler.
+Every equation cites ../shared/SPEC.md (SPEC §n) and, where it has one, the paper.
+"""
+
+import copy
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+HALF_PI = math.pi / 2
+
+
+#################################################################################
+#                         Transports (SPEC §1, paper Eq. 1)                     #
+#################################################################################
+
+class Transport:
+    """x_t = alpha(t)·z + gamma(t)·x is the network input, F* = alpha_hat(t)·z + gamma_hat(t)·x its target."""
+
+    noise_time = 1.0  # the end of [0, 1] where x_t is pure noise
+
+    def D(self, t):
+        """D(t) = alpha·gamma_hat − alpha_hat·gamma, the determinant of the (z, x) -> (x_t, F) map."""
+        return self.alpha(t) * self.gamma_hat(t) - self.alpha_hat(t) * self.gamma(t)
+
+    def readout(self, F_pred, x_t, t):
+        """Invert (x_t, F) -> (x_hat, z_hat) exactly (SPEC §1); t broadcasts against x_t."""
+        d = self.D(t)
+        x_hat = (self.alpha(t) * F_pred - self.alpha_hat(t) * x_t) / d
+        z_hat = (self.gamma_hat(t) * x_t - self.gamma(t) * F_pred) / d
+        return x_hat, z_hat
+
+
+class Linear(Transport):
+    """Rectified flow / SiT: x_t = t·z + (1−t)·x, F* = z − x."""
+    def alpha(self, t): return t
+    def gamma(self, t): return 1 - t
+    def alpha_hat(self, t): return torch.ones_like(t)
+    def gamma_hat(self, t): return -torch.ones_like(t)
+
+
+class ReLinear(Transport):
+    """LightningDiT / DDT: the Linear path with time reversed, so t = 0 is noise."""
+    noise_time = 0.0
+    def alpha(self, t): return 1 - t
+    def gamma(self, t): return t
+    def alpha_hat(self, t): return -torch.ones_like(t)
+    def gamma_hat(self, t): return torch.ones_like(t)
+
+
+class TrigFlow(Transport):
+    """sCM: x_t = sin(πt/2)·z + cos(πt/2)·x, F* = its velocity cos·z − sin·x."""
+    def alpha(self, t): return torch.sin(t * HALF_PI)
+    def gamma(self, t): return torch.cos(t * HALF_PI)
+    def alpha_hat(self, t): return torch.cos(t * HALF_PI)
+    def gamma_hat(self, t): return -torch.sin(t * HALF_PI)
+
+
+class TrigLinear(TrigFlow):
+    """Ablation: the TrigFlow input with the Linear target z − x."""
+    def alpha_hat(self, t): return torch.ones_like(t)
+    def gamma_hat(self, t): return -torch.ones_like(t)
+
+
+class EDM(Transport):
+    """EDM / EDM2 preconditioning with sigma_data = 1/2 and sigma(t) = exp(4·(2.68t − 1.59))."""
+    def _sigma_norm(self, t):
+        sigma = torch.exp(4 * (2.68 * t - 1.59))
+        return sigma, torch.sqrt(sigma ** 2 + 0.25)
+    def alpha(self, t): sigma, norm = self._sigma_norm(t); return sigma / norm
+    def gamma(self, t): return 1 / self._sigma_norm(t)[1]
+    def alpha_hat(self, t): return -0.5 / self._sigma_norm(t)[1]
+    def gamma_hat(self, t): sigma, norm = self._sigma_norm(t); return 2 * sigma / norm
+
+
+class Random(Transport):
+    """Ablation: an irregular transport, to show UCGM does not need a 'nice' one."""
+    def alpha(self, t): return torch.sin(t * HALF_PI)
+    def gamma(self, t): return 1 - t
+    def alpha_hat(self, t): return torch.ones_like(t)
+    def gamma_hat(self, t): return -1 - torch.exp(-5 * t)
+
+
+TRANSPORTS = {cls.__name__: cls() for cls in (Linear, ReLinear, TrigFlow, TrigLinear, EDM, Random)}
+
+
+def get_transport(name):
+    """Look a transport up by name, failing with the list of known names."""
+    if name not in TRANSPORTS:
+        raise ValueError(f"transport: expected one of {sorted(TRANSPORTS)}, got {name!r}")
+    return TRANSPORTS[name]
+
+
+#################################################################################
+#                 The network: DiT / SiT, and TiT with its switches (SPEC §2)   #
+#################################################################################
+
+class RMSNorm(nn.Module):
+    """Affine-free RMSNorm over the last dimension, computed in float32."""
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation of tokens x (N, T, D) by per-sample shift and scale (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(dim, pos):
+    """Fixed 1-D sin-cos embedding of positions pos (M,) -> (M, dim), float64."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos.double()[:, None] * omega[None]  # (M, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d(dim, grid_size):
+    """DiT's fixed 2-D sin-cos table (grid_size², dim): first half encodes the column, second the row."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+
+
+class Rope2D(nn.Module):
+    """2-D rotary embedding (EVA style): first half of each head rotates by row, second half by column."""
+    def __init__(self, head_dim, grid_size):
+        super().__init__()
+        half = head_dim // 2
+        freqs = 1.0 / 10000 ** (torch.arange(0, half, 2).float() / half)  # (head_dim/4,)
+        angles = torch.outer(torch.arange(grid_size).float(), freqs).repeat_interleave(2, dim=1)  # (L, head_dim/2)
+        rows = angles[:, None, :].expand(grid_size, grid_size, half)
+        cols = angles[None, :, :].expand(grid_size, grid_size, half)
+        table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (T, head_dim)
+        # persistent, as in the released TiT checkpoints (feat_rope.freqs_cos / freqs_sin)
+        self.register_buffer("freqs_cos", table.cos())
+        self.register_buffer("freqs_sin", table.sin())
+
+    def forward(self, x):
+        """Rotate x (N, H, T, head_dim) pairwise: (a, b) -> (a cos − b sin, b cos + a sin)."""
+        rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+        return (x * self.freqs_cos + rotated * self.freqs_sin).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention, with optional QK-RMSNorm."""
+    def __init__(self, dim, num_heads, qk_norm):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm() if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm() if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None):
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (N, H, T, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    """DiT's MLP: Linear -> GELU(tanh) -> Linear."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """TiT's gated MLP: w3(silu(a) · b) with (a, b) = w12(x)."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class TimestepEmbedder(nn.Module):
+    """256-frequency sinusoidal embedding of t in [0, 1] (fed as is, no ×1000), then an MLP."""
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * freqs[None]  # (N, half)
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with one extra row, the null label `num_classes`, used for guidance."""
+    def __init__(self, num_classes, dim):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches -> tokens (N, T, D) in row-major order."""
+    def __init__(self, patch_size, in_channels, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+class Block(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+    def __init__(self, dim, num_heads, mlp_ratio, rmsnorm, qk_norm, swiglu):
+        super().__init__()
+        self.norm1 = RMSNorm() if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = RMSNorm() if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qk_norm)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a linear map from tokens to patches."""
+    def __init__(self, dim, patch_size, out_channels, rmsnorm):
+        super().__init__()
+        self.norm_final = RMSNorm() if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """DiT / SiT, or TiT with rmsnorm, qk_norm, swiglu and rope on; forward(x, t, y) returns F."""
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, num_classes=1000, learn_sigma=False, rmsnorm=False, qk_norm=False, swiglu=False,
+                 rope=False, grad_checkpoint=False):
+        super().__init__()
+        if input_size % patch_size or hidden_size % num_heads:
+            raise ValueError(f"DiT: input_size {input_size} must be divisible by patch_size {patch_size} "
+                             f"and hidden_size {hidden_size} by num_heads {num_heads}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels  # SiT/DiT checkpoints learn sigma
+        self.num_classes = num_classes  # also the null label; 1 means unconditional
+        self.grad_checkpoint = grad_checkpoint
+        grid = input_size // patch_size
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 1 else None
+        self.pos_embed = nn.Parameter(sincos_2d(hidden_size, grid).float().unsqueeze(0), requires_grad=False)
+        self.feat_rope = Rope2D(hidden_size // num_heads, grid) if rope else None
+        self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, rmsnorm, qk_norm, swiglu)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, rmsnorm)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT initialisation: xavier linears, N(0, 0.02) label table and time MLP, zero adaLN and output."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv initialised like a linear
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p·p·C) -> (N, C, H, W)."""
+        p, c, g = self.patch_size, self.out_channels, self.input_size // self.patch_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, y=None):
+        """x (N, C, H, W), t (N,) in [0, 1], y (N,) int64 with num_classes = null label -> F (N, C, H, W)."""
+        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(f"DiT: expected x of shape (N, {self.in_channels}, {self.input_size}, "
+                             f"{self.input_size}), got {tuple(x.shape)}")
+        c = self.t_embedder(t)  # (N, D)
+        if self.y_embedder is not None:
+            # the check reads y, which is free on CPU; on CUDA it would sync, so callers check on the host
+            if y.device.type == "cpu" and ((y < 0) | (y > self.num_classes)).any():
+                raise ValueError(f"y: labels must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
+                                 f"got min {int(y.min())}, max {int(y.max())}")
+            c = c + self.y_embedder(y)
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        for block in self.blocks:
+            if self.grad_checkpoint and self.training:
+                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)  # trade compute for memory
+            else:
+                x = block(x, c, self.feat_rope)
+        x = self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)
+        return x[:, :self.in_channels]  # a learned-sigma half, if any, is unused
+
+    def flops_per_forward(self):
+        """Matmul FLOPs of one forward for one sample, a multiply-add counting 2 (DiT-XL/2 at 256 px: ~237 G)."""
+        tokens = (self.input_size // self.patch_size) ** 2
+        matrices = {n: p.numel() for n, p in self.named_parameters() if n.endswith("weight") and p.dim() > 1}
+        per_sample = sum(v for n, v in matrices.items() if "adaLN" in n or n.startswith("t_embedder"))
+        per_token = sum(v for n, v in matrices.items() if not n.startswith("y_embedder")) - per_sample
+        attention = 2 * tokens * tokens * self.pos_embed.shape[-1] * len(self.blocks)  # QK^T and AV
+        return 2 * (tokens * per_token + per_sample + attention)
+
+SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+TIT_SWITCHES = dict(rmsnorm=True, qk_norm=True, swiglu=True, rope=True)
+MODELS = {f"{family}-{size}/{patch}": dict(hidden_size=width, depth=depth, num_heads=heads, patch_size=patch,
+                                          **(TIT_SWITCHES if family == "TiT" else {}))
+          for family in ("DiT", "TiT") for size, (width, depth, heads) in SIZES.items() for patch in (1, 2, 4)}
+
+
+def create_model(name, **kwargs):
+    """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32)."""
+    if name not in MODELS:
+        raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
+    return DiT(**{**MODELS[name], **kwargs})
+
+
+def unwrap(model):
+    """The bare network inside DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+#################################################################################
+#                          UCGM-T: the unified trainer (SPEC §3)                #
+#################################################################################
+
+def view_as_batch(t, x):
+    """Reshape per-sample t (N,) to (N, 1, ..., 1) so it broadcasts against x."""
+    return t.reshape(-1, *[1] * (x.dim() - 1))
+
+
+class UCGM(nn.Module):
+    """UCGM-T loss (paper Alg. 1) and UCGM-S sampler (paper Alg. 2); holds the teacher and its momentum."""
+
+    def __init__(self, transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1,
+                 huber_c=0.0, cosine_loss=False, weighting=None, time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
+                 eps=0.005):
+        super().__init__()
+        self.transport = get_transport(transport)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam: the consistency ratio must lie in [0, 1], got {lam}")
+        if not math.isfinite(zeta) or (lam == 0.0 and zeta >= 1.0):
+            raise ValueError(f"zeta: with lam = 0 the enhancement needs zeta < 1 (guidance scale 1/(1 - zeta) "
+                             f"must be positive and finite), and it must be finite; got {zeta}")
+        if not 0.0 <= teacher_decay <= 1.0:
+            raise ValueError(f"teacher_decay: expected a value in [0, 1], got {teacher_decay}")
+        if zeta != 0.0 and lam == 0.0 and teacher_decay == 1.0:
+            raise ValueError("teacher_decay: 1 (a frozen teacher) needs lam > 0; with lam = 0 the unconditional "
+                             "branch must follow training, use 0 <= teacher_decay < 1")
+        if not 0.0 <= label_drop <= 1.0:
+            raise ValueError(f"label_drop: expected a fraction in [0, 1], got {label_drop}")
+        if weighting not in (None, "cosine"):
+            raise ValueError(f"weighting: expected 'cosine' or None, got {weighting!r}")
+        if len(time_dist) != 3 or min(time_dist) <= 0:
+            raise ValueError(f"time_dist: expected three positive numbers (theta1, theta2, s), got {time_dist}")
+        if len(enhance_range) != 2 or enhance_range[0] > enhance_range[1]:
+            raise ValueError(f"enhance_range: expected (low, high) with low <= high, got {enhance_range}")
+        if huber_c < 0 or eps <= 0:
+            raise ValueError(f"huber_c must be >= 0 and eps > 0, got huber_c={huber_c}, eps={eps}")
+        self.transport_name, self.lam, self.zeta = transport, float(lam), float(zeta)
+        self.enhance_range, self.label_drop, self.huber_c = tuple(enhance_range), label_drop, huber_c
+        self.cosine_loss, self.weighting, self.time_dist = cosine_loss, weighting, tuple(time_dist)
+        self.teacher_decay, self.eps = teacher_decay, eps
+        self.needs_teacher = zeta != 0.0 and teacher_decay > 0.0  # d = 0 uses the online model itself
+        self.teacher = None  # built from the model at the first loss call (or by make_teacher)
+        self.teacher_momentum = 0.0  # the warm-up decay m of SPEC §3.1
+        self.nfe = 0  # network evaluations per sample in the last sample() call
+
+    # ----- state: the teacher is a submodule, its momentum an extra state ----------------------
+
+    def get_extra_state(self):
+        return {"teacher_momentum": self.teacher_momentum}
+
+    def set_extra_state(self, state):
+        self.teacher_momentum = state["teacher_momentum"]
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Load the trainer state; a saved teacher needs make_teacher(model) first, to know its architecture."""
+        if self.teacher is None and any(k.startswith("teacher.") for k in state_dict):
+            raise ValueError("UCGM state holds a teacher: call make_teacher(model) before load_state_dict")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def make_teacher(self, model):
+        """Create the teacher as a frozen copy of `model` if this trainer keeps one and has none yet."""
+        if self.needs_teacher and self.teacher is None:
+            self.teacher = copy.deepcopy(unwrap(model)).requires_grad_(False)
+
+    @torch.no_grad()
+    def update_teacher(self, model):
+        """SPEC §3.1: return the network for the teacher branch, updating the EMA teacher first."""
+        if not self.needs_teacher:
+            return getattr(model, "module", model)  # d = 0: the online model, skipping DDP's hooks
+        self.make_teacher(model)
+        if self.teacher_decay < 1.0:
+            m = self.teacher_momentum
+            online = [p.detach() for p in unwrap(model).parameters()]
+            torch._foreach_lerp_(list(self.teacher.parameters()), online, 1.0 - m)  # p_T <- m p_T + (1-m) p
+            self.teacher_momentum = m + (1 - m) * (self.teacher_decay - m) / 2  # warm-up towards d
+        return self.teacher
+
+    # ----- pieces of one training step ----------------------------------------------------------
+
+    def sample_time(self, n, device):
+        """t = clamp(s · Beta(theta1, theta2), 0, 1) (SPEC §3 step 1)."""
+        a, b, s = self.time_dist
+        beta = torch.distributions.Beta(torch.tensor(float(a), device=device), torch.tensor(float(b), device=device))
+        return (s * beta.sample((n,))).clamp(0, 1)
+
+    def drop_labels(self, y, null_label):
+        """Give the last round(label_drop · N) samples the null label (SPEC §3 step 2); return (y, dropped)."""
+        n = y.shape[0]
+        k = round(self.label_drop * n)
+        dropped = torch.arange(n, device=y.device) >= n - k  # all False when k = 0
+        return torch.where(dropped, torch.full_like(y, null_label), y), dropped
+
+    def enhance(self, net, x, z, x_t, t, y, dropped, F_t):
+        """Enhanced targets (x*, z*) of SPEC §3 steps 4-5 (paper Eq. 9); identity when zeta = 0."""
+        if self.zeta == 0.0:
+            return x, z
+        tr, tb = self.transport, view_as_batch(t, x)
+        inside = view_as_batch((t > self.enhance_range[0]) & (t < self.enhance_range[1]), x)
+        kept = view_as_batch(~dropped, x)
+        teacher = self.update_teacher(net)
+        def mix(in_range, out_range, dropped_row):  # the three row cases of SPEC §3 steps 4-5
+            return torch.where(kept, torch.where(inside, in_range, out_range), dropped_row)
+        if self.lam == 0.0:  # the unconditional teacher against the model's own conditional prediction
+            null = torch.full_like(y, unwrap(net).num_classes)
+            x_c, z_c = tr.readout(F_t.detach(), x_t, tb)
+            x_u, z_u = tr.readout(teacher(x_t, t, null).float(), x_t, tb)
+            return (mix(x + self.zeta * (x_c - x_u), (x + x_c) / 2, (x + x_u) / 2),
+                    mix(z + self.zeta * (z_c - z_u), (z + z_c) / 2, (z + z_u) / 2))
+        x_T, z_T = tr.readout(teacher(x_t, t, y).float(), x_t, tb)  # a (pre-trained) conditional teacher
+        return mix(x + self.zeta * (x_T - x), (x + x_T) / 2, x), mix(z + self.zeta * (z_T - z), (z + z_T) / 2, z)
+
+    def denoised(self, net, x_star, z_star, r, y):
+        """g(r): the x-readout of the online model at x*_r = alpha(r) z* + gamma(r) x* (SPEC §3 step 6)."""
+        tr, rb = self.transport, view_as_batch(r, x_star)
+        x_r = tr.alpha(rb) * z_star + tr.gamma(rb) * x_star
+        return tr.readout(net(x_r, r, y).float(), x_r, rb)[0]
+
+    def delta_f(self, net, x_star, z_star, t, y, F_t):
+        """Δf, the consistency difference of SPEC §3 step 6 (paper Eq. 11), before clamping."""
+        tr, tb = self.transport, view_as_batch(t, x_star)
+        if self.lam == 1.0:  # central difference of g at t; each term scaled first, safe in bf16
+            step = 1 / (2 * self.eps)
+            return self.denoised(net, x_star, z_star, t + self.eps, y) * step \
+                - self.denoised(net, x_star, z_star, t - self.eps, y) * step
+        h = view_as_batch(t - self.lam * t, x_star)  # distance to the earlier time lam·t
+        x_star_t = tr.alpha(tb) * z_star + tr.gamma(tb) * x_star
+        x_hat_t = tr.readout(F_t.detach(), x_star_t, tb)[0]
+        return x_hat_t / h - self.denoised(net, x_star, z_star, self.lam * t, y) / h
+
+    def target(self, net, x, z, x_t, t, y, dropped, F_t):
+        """F_target of SPEC §3 step 6 (paper Eq. 10 for lam = 0, Eq. 12 for lam > 0); no gradient."""
+        tr, tb = self.transport, view_as_batch(t, x)
+        x_star, z_star = self.enhance(net, x, z, x_t, t, y, dropped, F_t)
+        if self.lam == 0.0:
+            return tr.alpha_hat(tb) * z_star + tr.gamma_hat(tb) * x_star
+        delta = self.delta_f(net, x_star, z_star, t, y, F_t).clamp(-1, 1)
+        weight = tr.alpha(tb) / tr.D(tb) * 4 / torch.sin(tb * HALF_PI)
+        return F_t.detach() - weight * delta
+
+    def loss(self, model, x, y, t=None, noise=None):
+        """UCGM-T loss of one batch (paper Alg. 1, SPEC §3): a scalar with gradient through F_t only."""
+        if noise is None:
+            noise = torch.randn_like(x)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise: expected the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
+        if t is None:
+            t = self.sample_time(x.shape[0], x.device)
+        elif t.shape != (x.shape[0],):
+            raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
+        tr, tb = self.transport, view_as_batch(t, x)
+        y, dropped = self.drop_labels(y, unwrap(model).num_classes)
+        x_t = tr.alpha(tb) * noise + tr.gamma(tb) * x  # Eq. 1
+        F_t = model(x_t, t, y).float()
+        with torch.no_grad():
+            net = getattr(model, "module", model)  # no-grad forwards skip DDP's gradient hooks
+            F_target = self.target(net, x, noise, x_t, t, y, dropped, F_t)
+        reduce = tuple(range(1, x.dim()))
+        per_sample = torch.sqrt(((F_t - F_target) ** 2).mean(reduce) + self.huber_c ** 2) - self.huber_c
+        if self.cosine_loss:
+            cosine = F.cosine_similarity(F_t, F_target, dim=1)  # along channels, per position
+            per_sample = per_sample + (1 - cosine).reshape(x.shape[0], -1).mean(1)
+        if self.weighting == "cosine":
+            per_sample = per_sample * torch.cos(t * HALF_PI)
+        return per_sample.mean()
+
+    #############################################################################
+    #                   UCGM-S: the unified sampler (SPEC §4)                   #
+    #############################################################################
+
+    def time_grid(self, steps, order=1, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.001)):
+        """The n + 1 sampling times of SPEC §4 in float64: warped, from the noise end to the data end."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+        if order not in (1, 2):
+            raise ValueError(f"order: expected 1 or 2, got {order!r}")
+        if len(warp) != 3 or min(warp) <= 0:
+            raise ValueError(f"warp: expected three positive numbers (a, b, c), got {warp}")
+        start_gap, end_gap = gaps
+        if start_gap < 0 or end_gap < 0 or start_gap + end_gap >= 1:
+            raise ValueError(f"gaps: expected g0, g1 >= 0 with g0 + g1 < 1 so that [g0, 1 - g1] is not empty, "
+                             f"got {tuple(gaps)}")
+        n = (steps + 1) // 2 if order == 2 else steps
+        if end_gap == 0:  # n + 1 points up to u = 1, the last dropped
+            u = torch.linspace(start_gap, 1.0, n + 1, dtype=torch.float64)[:-1]
+        else:
+            u = torch.linspace(start_gap, 1.0 - end_gap, n, dtype=torch.float64)
+        a, b, c = warp
+        f = (1 - (1 - u ** a) ** b) ** c  # Kumaraswamy-style warp of [0, 1]
+        noise_at_one = self.transport.noise_time == 1.0
+        times = 1 - f if noise_at_one else f
+        return torch.cat([times, times.new_tensor([0.0 if noise_at_one else 1.0])])
+
+    def guided(self, model, x, t, cfg_scale, cfg_interval, cfg_channels, model_kwargs):
+        """One network evaluation F(x, t), with classifier-free guidance inside cfg_interval (SPEC §4)."""
+        t_batch = torch.full((x.shape[0],), float(t), device=x.device)
+        x = x.float()  # the network runs in float32 (or under the caller's bf16 autocast)
+        if cfg_scale == 1.0 or not cfg_interval[0] <= float(t) <= cfg_interval[1]:
+            self.nfe += 1
+            return model(x, t_batch, **model_kwargs).double()
+        y = model_kwargs["y"]
+        kwargs = {**model_kwargs, "y": torch.cat([y, torch.full_like(y, unwrap(model).num_classes)])}
+        F_cond, F_uncond = model(torch.cat([x, x]), t_batch.repeat(2), **kwargs).double().chunk(2)
+        self.nfe += 2  # one doubled batch costs two evaluations
+        k = F_cond.shape[1] if cfg_channels is None else cfg_channels
+        F_guided = F_uncond[:, :k] + cfg_scale * (F_cond[:, :k] - F_uncond[:, :k])
+        return torch.cat([F_guided, F_cond[:, k:]], dim=1)
+
+    @torch.no_grad()
+    def sample(self, model, noise, steps=40, rho=0.0, kappa=0.0, order=1, warp=(1.0, 1.0, 1.0),
+               gaps=(0.001, 0.001), cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=None, return_all=False,
+               generator=None, **model_kwargs):
+        """UCGM-S (paper Alg. 2, SPEC §4): noise -> x̂; with return_all also every raw x̂ (steps, *noise.shape)."""
+        tr = self.transport
+        times = self.time_grid(steps, order, warp, gaps)  # on the CPU: reading a time never syncs a GPU
+        if not (rho == "auto" or (isinstance(rho, (int, float)) and 0.0 <= rho <= 1.0)):
+            raise ValueError(f"rho: expected a number in [0, 1] or 'auto', got {rho!r}")
+        if cfg_interval[0] > cfg_interval[1]:
+            raise ValueError(f"cfg_interval: expected (low, high) with low <= high, got {tuple(cfg_interval)}")
+        if cfg_scale != 1.0 and "y" not in model_kwargs:
+            raise ValueError("cfg_scale: guidance needs class labels, pass y=...")
+        if cfg_channels is not None and not 1 <= cfg_channels <= noise.shape[1]:
+            raise ValueError(f"cfg_channels: expected None or 1..{noise.shape[1]}, got {cfg_channels}")
+        if order == 2 and tr.gamma(times[0]) == 0:
+            raise ValueError(f"gaps: order 2 divides by gamma(t_0), which is 0 at t_0 = {times[0].item()}; "
+                             f"start the grid inside (0, 1), e.g. gaps[0] > 0")
+        evaluate = partial(self.guided, model, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                           cfg_channels=cfg_channels, model_kwargs=model_kwargs)
+        self.nfe, n = 0, len(times) - 1
+        x_cur = noise.double()  # the state stays in float64 between steps
+        trajectory, previous = [], None
+        for i in range(n):
+            t_cur, t_next = times[i], times[i + 1]
+            x_hat, z_hat = tr.readout(evaluate(x_cur, t_cur), x_cur, t_cur)
+            raw = (x_hat, z_hat)
+            if return_all:
+                trajectory.append(x_hat.float())
+            if kappa != 0 and i >= 2:  # extrapolate from the previous raw predictions (Eq. 14; from i = 2 as released)
+                x_hat = x_hat + kappa * (x_hat - previous[0])
+                z_hat = z_hat + kappa * (z_hat - previous[1])
+            previous = raw
+            if rho == "auto":  # recomputed at every step (SPEC §4 step 3)
+                step_rho = ((t_next - t_cur).abs().sqrt() * (2 * tr.alpha(t_cur)).sqrt() / tr.alpha(t_next)) ** 2
+                step_rho = step_rho.clamp(0, 1)
+            else:
+                step_rho = torch.tensor(float(rho), dtype=torch.float64)
+            x_next = tr.gamma(t_next) * x_hat + tr.alpha(t_next) * (1 - step_rho).sqrt() * z_hat  # Eq. 13
+            if step_rho > 0:  # fresh noise for the stochastic part
+                fresh = torch.randn(x_cur.shape, generator=generator, dtype=torch.float64, device=x_cur.device)
+                x_next = x_next + tr.alpha(t_next) * step_rho.sqrt() * fresh
+            if order == 2 and i < n - 1:  # second-order correction with the slope at t_next (Eq. 15)
+                z_next = tr.readout(evaluate(x_next, t_next), x_next, t_next)[1]
+                ratio = tr.gamma(t_next) / tr.gamma(t_cur)
+                x_next = x_cur * ratio + (tr.alpha(t_next) - tr.alpha(t_cur) * ratio) * (z_hat + z_next) / 2
+            x_cur = x_next
+        x_out = raw[0].float()  # the raw x̂ of the last evaluation, as released
+        return (x_out, torch.stack(trajectory)) if return_all else x_out
