@@ -1,0 +1,729 @@
+"""Tests for ucgm.py: every equation against an independent computation (SPEC §1-4). Run: pytest -q test_ucgm.py"""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn as nn
+
+import ucgm
+from ucgm import UCGM
+
+torch.set_num_threads(2)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+#################################################################################
+#                       Helpers: toy networks and oracles                       #
+#################################################################################
+
+class ToyNet(nn.Module):
+    """A smooth class-conditional MLP on flat vectors (N, dim), standing in for the DiT."""
+    def __init__(self, dim=4, num_classes=3, hidden=32, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.num_classes = num_classes
+        self.inp = nn.Linear(dim + 1, hidden)
+        self.emb = nn.Embedding(num_classes + 1, hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x, t, y):
+        h = torch.tanh(self.inp(torch.cat([x, t[:, None].to(x.dtype)], dim=1)) + self.emb(y).to(x.dtype))
+        return self.out(h)
+
+
+def tiny_dit(seed=0, **kwargs):
+    """A 1-block TiT on 2×8×8 inputs with all weights randomised (so no output is trivially zero)."""
+    torch.manual_seed(seed)
+    config = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                  rmsnorm=True, qk_norm=True, swiglu=True, rope=True)
+    model = ucgm.DiT(**{**config, **kwargs})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+class Coeffs:
+    """The SPEC §1 table, written out again with numpy as an independent reference."""
+    @staticmethod
+    def table(name, t):
+        t = np.asarray(t, dtype=np.float64)
+        one = np.ones_like(t)
+        s, c = np.sin(np.pi * t / 2), np.cos(np.pi * t / 2)
+        sigma = np.exp(4 * (2.68 * t - 1.59))
+        r = np.sqrt(sigma ** 2 + 0.25)
+        return {"Linear": (t, 1 - t, one, -one), "ReLinear": (1 - t, t, -one, one), "TrigFlow": (s, c, c, -s),
+                "TrigLinear": (s, c, one, -one), "EDM": (sigma / r, 1 / r, -0.5 / r, 2 * sigma / r),
+                "Random": (s, 1 - t, one, -1 - np.exp(-5 * t))}[name]
+
+
+class PointOracle(nn.Module):
+    """The exact F for data that is one point x0: F = alpha_hat·(x_t − gamma·x0)/alpha + gamma_hat·x0."""
+    def __init__(self, transport, x0):
+        super().__init__()
+        self.tr, self.x0, self.num_classes = ucgm.get_transport(transport), x0, 1
+
+    def forward(self, x_t, t, y=None):
+        t = ucgm.view_as_batch(t.double(), x_t)
+        z = (x_t.double() - self.tr.gamma(t) * self.x0) / self.tr.alpha(t)
+        return self.tr.alpha_hat(t) * z + self.tr.gamma_hat(t) * self.x0
+
+
+class GaussianOracle(nn.Module):
+    """The exact F for data x ~ N(mu, Sigma): E[x | x_t] = mu + gamma Sigma (gamma² Sigma + alpha² I)^-1 (x_t − gamma mu)."""
+    def __init__(self, transport, mu, sigma):
+        super().__init__()
+        self.tr, self.mu, self.sigma, self.num_classes = ucgm.get_transport(transport), mu, sigma, 1
+        self.calls = 0
+
+    def forward(self, x_t, t, y=None):
+        self.calls += 1
+        x_t, t = x_t.double(), t.double()
+        a, g = self.tr.alpha(t)[:, None, None], self.tr.gamma(t)[:, None, None]
+        cov_t = g ** 2 * self.sigma + a ** 2 * torch.eye(len(self.mu), dtype=torch.float64)  # (N, d, d)
+        gain = g * self.sigma @ torch.linalg.inv(cov_t)  # (N, d, d)
+        x_mean = self.mu + (gain @ (x_t - g[:, :, 0] * self.mu)[:, :, None])[:, :, 0]
+        z_mean = (x_t - g[:, :, 0] * x_mean) / a[:, :, 0]
+        return self.tr.alpha_hat(t)[:, None] * z_mean + self.tr.gamma_hat(t)[:, None] * x_mean
+
+
+def gaussian_problem(d=3, seed=0):
+    """A fixed non-isotropic Gaussian N(mu, Sigma)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return torch.randn(d, generator=g, dtype=torch.float64), a @ a.T / d + 0.3 * torch.eye(d, dtype=torch.float64)
+
+
+def exact_flow(transport, mu, sigma, noise, t0):
+    """Closed-form probability-flow ODE from x_{t0} = noise to the data end, for Gaussian data.
+
+    In the eigenbasis of Sigma every coordinate moves as x_t = gamma·mu + sqrt(gamma² λ + alpha²)·w, w constant."""
+    tr = ucgm.get_transport(transport)
+    lam, vecs = torch.linalg.eigh(sigma)
+    t0 = torch.tensor(t0, dtype=torch.float64)
+    a0, g0 = tr.alpha(t0), tr.gamma(t0)
+    w = (noise.double() - g0 * mu) @ vecs / torch.sqrt(g0 ** 2 * lam + a0 ** 2)
+    return mu + (w * lam.sqrt()) @ vecs.T
+
+
+#################################################################################
+#                                 Transports                                    #
+#################################################################################
+
+@pytest.mark.parametrize("name", sorted(ucgm.TRANSPORTS))
+def test_transport_coefficients_match_spec_table(name):
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    tr = ucgm.TRANSPORTS[name]
+    ours = [f(t).numpy() for f in (tr.alpha, tr.gamma, tr.alpha_hat, tr.gamma_hat)]
+    for got, want in zip(ours, Coeffs.table(name, t.numpy())):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    a, g, ah, gh = Coeffs.table(name, t.numpy())
+    np.testing.assert_allclose(tr.D(t).numpy(), a * gh - ah * g, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(ucgm.TRANSPORTS))
+def test_readout_inverts_transport(name):
+    tr = ucgm.TRANSPORTS[name]
+    g = torch.Generator().manual_seed(1)
+    t = torch.linspace(0.01, 0.99, 197, dtype=torch.float64)
+    x, z = torch.randn(197, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(197, 3, 4, 4, generator=g,
+                                                                                  dtype=torch.float64)
+    tb = ucgm.view_as_batch(t, x)
+    x_t = tr.alpha(tb) * z + tr.gamma(tb) * x
+    F_star = tr.alpha_hat(tb) * z + tr.gamma_hat(tb) * x
+    x_hat, z_hat = tr.readout(F_star, x_t, tb)
+    assert (x_hat - x).abs().max() < 1e-10 and (z_hat - z).abs().max() < 1e-10
+
+
+def test_noise_end_of_each_transport():
+    for name, tr in ucgm.TRANSPORTS.items():
+        noise_end, data_end = torch.tensor(tr.noise_time), torch.tensor(1 - tr.noise_time)
+        assert float(tr.alpha(data_end)) < 0.005, name  # x_t is (almost) data at the data end
+        assert float(tr.alpha(noise_end)) > 0.99 or name == "Random", name
+    assert ucgm.TRANSPORTS["ReLinear"].noise_time == 0.0
+
+
+def test_unknown_transport_is_refused():
+    with pytest.raises(ValueError, match="transport"):
+        UCGM(transport="Cosine")
+
+
+#################################################################################
+#                                   Network                                     #
+#################################################################################
+
+def released_tit_layout(depth=28, width=1152, patch=1, channels=32, grid=16, num_classes=1000):
+    """Key -> shape of a released UCGM TiT checkpoint, as networks/tit.py of LINs-lab/UCGM builds it."""
+    swiglu_hidden = int(2 / 3 * int(width * 4.0))
+    layout = {"pos_embed": (1, grid * grid, width), "x_embedder.proj.weight": (width, channels, patch, patch),
+              "x_embedder.proj.bias": (width,), "t_embedder.mlp.0.weight": (width, 256),
+              "t_embedder.mlp.0.bias": (width,), "t_embedder.mlp.2.weight": (width, width),
+              "t_embedder.mlp.2.bias": (width,), "y_embedder.embedding_table.weight": (num_classes + 1, width),
+              "feat_rope.freqs_cos": (grid * grid, width // 16), "feat_rope.freqs_sin": (grid * grid, width // 16),
+              "final_layer.linear.weight": (patch * patch * channels, width),
+              "final_layer.linear.bias": (patch * patch * channels,),
+              "final_layer.adaLN_modulation.1.weight": (2 * width, width),
+              "final_layer.adaLN_modulation.1.bias": (2 * width,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        layout.update({b + "attn.qkv.weight": (3 * width, width), b + "attn.qkv.bias": (3 * width,),
+                       b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+                       b + "mlp.w12.weight": (2 * swiglu_hidden, width), b + "mlp.w12.bias": (2 * swiglu_hidden,),
+                       b + "mlp.w3.weight": (width, swiglu_hidden), b + "mlp.w3.bias": (width,),
+                       b + "adaLN_modulation.1.weight": (6 * width, width), b + "adaLN_modulation.1.bias": (6 * width,)})
+    return layout
+
+
+def released_sit_layout(depth=28, width=1152, patch=2, channels=4, grid=16, num_classes=1000):
+    """Key -> shape of a SiT-XL/2 checkpoint (willisma/SiT models.py: timm Mlp, learn_sigma, 1001 labels)."""
+    layout = {"pos_embed": (1, grid * grid, width), "x_embedder.proj.weight": (width, channels, patch, patch),
+              "x_embedder.proj.bias": (width,), "t_embedder.mlp.0.weight": (width, 256),
+              "t_embedder.mlp.0.bias": (width,), "t_embedder.mlp.2.weight": (width, width),
+              "t_embedder.mlp.2.bias": (width,), "y_embedder.embedding_table.weight": (num_classes + 1, width),
+              "final_layer.linear.weight": (patch * patch * 2 * channels, width),
+              "final_layer.linear.bias": (patch * patch * 2 * channels,),
+              "final_layer.adaLN_modulation.1.weight": (2 * width, width),
+              "final_layer.adaLN_modulation.1.bias": (2 * width,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        layout.update({b + "attn.qkv.weight": (3 * width, width), b + "attn.qkv.bias": (3 * width,),
+                       b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+                       b + "mlp.fc1.weight": (4 * width, width), b + "mlp.fc1.bias": (4 * width,),
+                       b + "mlp.fc2.weight": (width, 4 * width), b + "mlp.fc2.bias": (width,),
+                       b + "adaLN_modulation.1.weight": (6 * width, width), b + "adaLN_modulation.1.bias": (6 * width,)})
+    return layout
+
+
+@pytest.mark.parametrize("name, kwargs, layout, n_keys, n_params", [
+    ("TiT-XL/1", dict(input_size=16, in_channels=32), released_tit_layout(), 294, 675.19),
+    ("DiT-XL/2", dict(input_size=32, in_channels=4, learn_sigma=True), released_sit_layout(), 292, 675.13)])
+def test_released_layout_loads_strict(name, kwargs, layout, n_keys, n_params):
+    with torch.device("meta"):  # shapes only: no 2.7 GB of weights on a CI machine
+        model = ucgm.create_model(name, **kwargs)
+        state = {k: torch.empty(shape) for k, shape in layout.items()}
+    assert len(layout) == n_keys
+    model.load_state_dict(state, strict=True, assign=True)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == n_params
+
+
+def test_state_dict_roundtrip_gives_same_outputs():
+    src, dst = tiny_dit(seed=0), tiny_dit(seed=1)
+    x, t, y = torch.randn(3, 2, 8, 8), torch.rand(3), torch.tensor([0, 2, 3])
+    assert not torch.allclose(src(x, t, y), dst(x, t, y))
+    dst.load_state_dict(src.state_dict(), strict=True)
+    torch.testing.assert_close(src(x, t, y), dst(x, t, y), rtol=0, atol=0)
+
+
+def test_sincos_pos_embed_matches_numpy():
+    dim, grid = 16, 4
+    ours = ucgm.sincos_2d(dim, grid).numpy()
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    for h in range(grid):
+        for w in range(grid):
+            # DiT: the first half encodes the column (w), the second the row (h); sin before cos
+            want = np.concatenate([np.sin(w * omega), np.cos(w * omega), np.sin(h * omega), np.cos(h * omega)])
+            np.testing.assert_allclose(ours[h * grid + w], want, atol=1e-12)
+
+
+def test_rope_matches_complex_rotation():
+    head_dim, grid = 16, 3
+    rope = ucgm.Rope2D(head_dim, grid)
+    q = torch.randn(1, 1, grid * grid, head_dim, dtype=torch.float64)
+    got = rope(q)[0, 0].numpy()
+    freqs = 1.0 / 10000 ** (np.arange(head_dim // 4) * 4 / head_dim)  # one frequency per pair in each half
+    for h in range(grid):
+        for w in range(grid):
+            v = q[0, 0, h * grid + w].numpy()
+            pairs = v[0::2] + 1j * v[1::2]  # (head_dim/2,) complex numbers
+            angles = np.concatenate([h * freqs, w * freqs])  # first half by row, second by column
+            rotated = pairs * np.exp(1j * angles)
+            want = np.stack([rotated.real, rotated.imag], axis=1).reshape(-1)
+            np.testing.assert_allclose(got[h * grid + w], want, atol=1e-6)
+
+
+def test_timestep_embedding_and_rmsnorm_match_formulas():
+    emb = ucgm.TimestepEmbedder(8)
+    t = torch.tensor([0.0, 0.3, 1.0])
+    with torch.no_grad():
+        emb.mlp[0].weight.copy_(torch.eye(8, 256))  # pass the first 8 frequency features through
+        emb.mlp[0].bias.zero_()
+        emb.mlp[2].weight.copy_(torch.eye(8))
+        emb.mlp[2].bias.zero_()
+    freqs = np.exp(-np.log(10000) * np.arange(128) / 128)
+    want = np.concatenate([np.cos(t.numpy()[:, None] * freqs), np.sin(t.numpy()[:, None] * freqs)], 1)[:, :8]
+    silu = want / (1 + np.exp(-want))
+    np.testing.assert_allclose(emb(t).detach().numpy(), silu, atol=1e-6)
+    x = torch.randn(5, 7)
+    want = x.numpy() / np.sqrt((x.numpy() ** 2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(ucgm.RMSNorm()(x).numpy(), want, rtol=1e-5)
+
+
+def test_dit_init_forward_shapes_and_switches():
+    for switches in (dict(), ucgm.TIT_SWITCHES):
+        model = ucgm.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                         num_classes=5, **switches)
+        out = model(torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 1, 4, 5]))
+        assert out.shape == (4, 3, 8, 8) and out.dtype == torch.float32
+        assert out.abs().max() == 0  # adaLN-Zero: the output layer starts at zero
+        keys = model.state_dict().keys()
+        assert ("blocks.0.mlp.w12.weight" in keys) == bool(switches)
+        assert ("feat_rope.freqs_cos" in keys) == bool(switches)
+        assert model.y_embedder.embedding_table.weight.shape == (6, 32)  # the null label row
+    uncond = ucgm.DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=1)
+    assert not any(k.startswith("y_embedder") for k in uncond.state_dict())
+    assert uncond(torch.randn(2, 3, 8, 8), torch.rand(2), None).shape == (2, 3, 8, 8)
+
+
+def test_patchify_roundtrip_and_flops():
+    model = tiny_dit()
+    x = torch.randn(2, 2, 8, 8)
+    p = 2
+    tokens = x.reshape(2, 2, 4, p, 4, p).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, p * p * 2)  # (N, T, p·p·C)
+    torch.testing.assert_close(model.unpatchify(tokens), x)
+    with torch.device("meta"):
+        assert abs(ucgm.create_model("DiT-XL/2", input_size=32).flops_per_forward() / 1e9 - 237.2) < 0.5
+
+
+def test_grad_checkpoint_gives_same_gradients():
+    x, t, y = torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([1, 3])
+    grads = []
+    for flag in (False, True):
+        model = tiny_dit(grad_checkpoint=flag)
+        model(x, t, y).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bad_labels_and_shapes_are_refused():
+    model = tiny_dit()
+    with pytest.raises(ValueError, match="y: labels"):
+        model(torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="x of shape"):
+        model(torch.randn(2, 2, 6, 6), torch.rand(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="model"):
+        ucgm.create_model("DiT-XXL/2")
+
+
+@cuda
+def test_cuda_bf16_autocast_forward_loss_and_sample():
+    model = tiny_dit().cuda()
+    x, t, y = torch.randn(4, 2, 8, 8, device="cuda"), torch.rand(4, device="cuda"), torch.tensor([0, 1, 2, 3]).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x, t, y)
+        loss = UCGM(lam=1.0, zeta=0.0).loss(model, x, y)
+        sample = UCGM().sample(model, x, steps=4, y=y)
+    torch.testing.assert_close(out.float(), model(x, t, y), atol=5e-2, rtol=5e-2)
+    loss.backward()
+    assert torch.isfinite(loss) and sample.dtype == torch.float32 and torch.isfinite(sample).all()
+
+
+#################################################################################
+#                              UCGM-T: the loss                                 #
+#################################################################################
+
+def batch(n=8, dim=4, seed=0):
+    """A batch (x, y, t, noise) of flat toy data."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, dim, generator=g), torch.randint(0, 3, (n,), generator=g),
+            0.05 + 0.9 * torch.rand(n, generator=g), torch.randn(n, dim, generator=g))
+
+
+def test_lam0_equals_rms_flow_matching():
+    model = tiny_dit()
+    g = torch.Generator().manual_seed(0)
+    x, z, t = torch.randn(6, 2, 8, 8, generator=g), torch.randn(6, 2, 8, 8, generator=g), torch.rand(6, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    got = UCGM(label_drop=0.5).loss(model, x, y, t=t, noise=z)
+    # independently: rectified flow, x_t = t z + (1 - t) x, velocity target z - x, the last 3 labels nulled
+    tt = t[:, None, None, None]
+    pred = model(tt * z + (1 - tt) * x, t, torch.tensor([0, 1, 2, 3, 3, 3]))
+    want = ((pred - (z - x)) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("lam, zeta", [(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (1.0, 0.0), (1.0, 2.0), (0.3, 1.5)])
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow", "EDM"])
+def test_exact_model_has_zero_loss(lam, zeta, transport):
+    x, y, t, z = batch()
+    oracle = PointOracle(transport, x.double())  # each sample's data is its own point
+    trainer = UCGM(transport, lam=lam, zeta=zeta, cosine_loss=True, weighting="cosine", teacher_decay=0.0)
+    assert trainer.loss(oracle, x.double(), y, t=t.double(), noise=z.double()) < 1e-5
+
+
+def lam_target_by_hand(model, x, z, t, y, lam, eps=0.005):
+    """SPEC §3 step 6 for Linear (alpha = t, D = -1, x̂ = x_t - t F) without enhancement."""
+    readout = lambda x_t, r, F: x_t - r[:, None] * F  # noqa: E731
+    at = lambda r: r[:, None] * z + (1 - r[:, None]) * x  # noqa: E731
+    F_t = model(at(t), t, y)
+    if lam == 1.0:
+        g_plus = readout(at(t + eps), t + eps, model(at(t + eps), t + eps, y))
+        g_minus = readout(at(t - eps), t - eps, model(at(t - eps), t - eps, y))
+        delta = (g_plus - g_minus) / (2 * eps)
+    else:
+        r, h = lam * t, (t - lam * t)[:, None]
+        delta = (readout(at(t), t, F_t) - readout(at(r), r, model(at(r), r, y))) / h
+    return F_t, delta, F_t + (t * 4 / torch.sin(t * math.pi / 2))[:, None] * delta.clamp(-1, 1)
+
+
+def test_intermediate_lam_delta_is_the_two_point_difference():
+    model = ToyNet().double()
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
+    trainer = UCGM(lam=0.4, label_drop=0.0)
+    F_t, want, _ = lam_target_by_hand(model, x, z, t, y, 0.4)
+    got = trainer.delta_f(model, x, z, t, y, F_t)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_consistency_loss_matches_hand_computation(lam):
+    model = ToyNet()
+    x, y, t, z = batch()
+    got = UCGM(lam=lam, label_drop=0.0).loss(model, x, y, t=t, noise=z)
+    F_t, _, target = lam_target_by_hand(model, x, z, t, y, lam)
+    want = ((F_t - target.detach()) ** 2).mean(1).sqrt().mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow"])
+def test_lam1_finite_difference_matches_jvp(transport):
+    model = ToyNet().double()
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
+    tr = ucgm.get_transport(transport)
+
+    def g(r):  # the x-readout along the fixed (x, z) pair, written out again
+        rb = r[:, None]
+        x_r = tr.alpha(rb) * z + tr.gamma(rb) * x
+        F_r = model(x_r, r, y)
+        return (tr.alpha(rb) * F_r - tr.alpha_hat(rb) * x_r) / tr.D(rb)
+
+    _, derivative = torch.func.jvp(g, (t,), (torch.ones_like(t),))
+    finite_difference = UCGM(transport, lam=1.0).delta_f(model, x, z, t, y, F_t=None)
+    assert (finite_difference - derivative).abs().max() < 1e-3
+    assert derivative.abs().max() > 0.05  # the comparison is not between two zeros
+
+
+def test_gradients_reach_only_the_F_t_branch():
+    x, y, t, z = batch()
+    trainer = UCGM(lam=1.0, zeta=1.5, teacher_decay=1.0, label_drop=0.25)  # a frozen teacher: same in every call
+    model = ToyNet()
+    trainer.make_teacher(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the online model moves away from its teacher
+    trainer.loss(model, x, y, t=t, noise=z).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+    # the same loss with a target built separately and detached gives the same gradient ...
+    y_dropped, dropped = trainer.drop_labels(y, 3)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    grads = []
+    for detach in (True, False):
+        model.zero_grad()
+        F_t = model(x_t, t, y_dropped)
+        with torch.set_grad_enabled(not detach):
+            target = trainer.target(model, x, z, x_t, t, y_dropped, dropped, F_t if not detach else F_t.detach())
+        ((F_t - target) ** 2).mean(1).sqrt().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(got, grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # ... and not the one where gradient also flows through the target
+    assert max((a - b).abs().max() for a, b in zip(got, grads[1])) > 1e-4
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_enhanced_targets_follow_the_three_row_rules(lam):
+    x, y, t, z = batch(n=10)
+    t[:5] = torch.tensor([0.1, 0.5, 0.8, 0.9, 0.3])  # rows 2 and 3 fall outside enhance_range (0, 0.75)
+    zeta = 0.4 if lam == 0.0 else 1.7
+    trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=0.0, label_drop=0.3)
+    model = ToyNet()
+    y_dropped, dropped = trainer.drop_labels(y, 3)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    F_t = model(x_t, t, y_dropped)
+    got_x, got_z = trainer.enhance(model, x, z, x_t, t, y_dropped, dropped, F_t)
+    with torch.no_grad():  # Linear readouts: x̂ = x_t - t F, ẑ = x_t + (1 - t) F
+        F_other = model(x_t, t, torch.full_like(y, 3) if lam == 0.0 else y_dropped)
+    for i in range(10):
+        ti = float(t[i])
+        pred = [(x_t[i] - ti * F[i], x_t[i] + (1 - ti) * F[i]) for F in (F_t.detach(), F_other)]
+        for k, (data, got) in enumerate([(x[i], got_x[i]), (z[i], got_z[i])]):
+            cond, other = pred[0][k], pred[1][k]
+            if lam == 0.0:  # other = the unconditional prediction
+                want = (data + other) / 2 if i >= 7 else data + zeta * (cond - other) if 0 < ti < 0.75 \
+                    else (data + cond) / 2
+            else:  # other = the teacher's conditional prediction
+                want = data if i >= 7 else data + zeta * (other - data) if 0 < ti < 0.75 else (data + other) / 2
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_huber_cosine_term_and_weighting():
+    model = tiny_dit()
+    g = torch.Generator().manual_seed(3)
+    x, z, t = torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 2, 8, 8, generator=g), torch.rand(4, generator=g)
+    y = torch.tensor([0, 1, 2, 1])
+    got = UCGM(label_drop=0.0, huber_c=0.7, cosine_loss=True, weighting="cosine").loss(model, x, y, t=t, noise=z)
+    tt = t[:, None, None, None]
+    pred = model(tt * z + (1 - tt) * x, t, y).detach().double().numpy()
+    target = (z - x).double().numpy()
+    want = []
+    for i in range(4):
+        huber = math.sqrt(((pred[i] - target[i]) ** 2).mean() + 0.49) - 0.7
+        dots = (pred[i] * target[i]).sum(0) / np.maximum(
+            np.linalg.norm(pred[i], axis=0) * np.linalg.norm(target[i], axis=0), 1e-8)  # per pixel, over channels
+        want.append((huber + (1 - dots).mean()) * math.cos(math.pi * float(t[i]) / 2))
+    assert abs(got.item() - np.mean(want)) < 1e-5
+
+
+@pytest.mark.parametrize("p, n, k", [(0.1, 10, 1), (0.25, 8, 2), (0.1, 32, 3), (0.04, 10, 0), (0.0, 8, 0)])
+def test_label_dropout_takes_the_last_round_pn_rows(p, n, k):
+    seen = []
+
+    class Spy(ToyNet):
+        def forward(self, x, t, y):
+            seen.append(y.clone())
+            return super().forward(x, t, y)
+
+    x, y, t, z = batch(n=n)
+    UCGM(label_drop=p).loss(Spy(), x, y, t=t, noise=z)
+    want = y.clone()
+    want[n - k:] = 3
+    assert torch.equal(seen[0], want) and (seen[0] == 3).sum() == k
+
+
+def test_teacher_ema_warmup_follows_spec():
+    decay = 0.9
+    trainer = UCGM(zeta=0.3, teacher_decay=decay)
+    model = ToyNet()
+    x, y, t, z = batch()
+    expected, m = None, 0.0
+    for step in range(5):
+        trainer.loss(model, x, y, t=t, noise=z)
+        online = [p.detach().clone() for p in model.parameters()]
+        expected = online if expected is None else [m * e + (1 - m) * o for e, o in zip(expected, online)]
+        m = m + (1 - m) * (decay - m) / 2
+        for e, got in zip(expected, trainer.teacher.parameters()):
+            torch.testing.assert_close(got, e)
+        assert trainer.teacher_momentum == pytest.approx(m)
+        if step == 0:
+            assert all(torch.equal(a, b) for a, b in zip(online, trainer.teacher.parameters()))  # m = 0 copies
+        with torch.no_grad():  # stand-in for an optimiser step
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def test_teacher_modes():
+    x, y, t, z = batch()
+    online = UCGM(zeta=0.3, teacher_decay=0.0)  # d = 0: the online model, no copy
+    online.loss(ToyNet(), x, y, t=t, noise=z)
+    assert online.teacher is None
+    frozen, model = UCGM(lam=1.0, zeta=2.0, teacher_decay=1.0), ToyNet()
+    frozen.loss(model, x, y, t=t, noise=z)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    frozen.loss(model, x, y, t=t, noise=z)
+    assert all(torch.equal(a, b) for a, b in zip(start, frozen.teacher.parameters()))
+    assert UCGM(lam=1.0, zeta=0.0, teacher_decay=0.999).needs_teacher is False  # no zeta: no teacher
+    with pytest.raises(ValueError, match="teacher_decay"):
+        UCGM(lam=0.0, zeta=0.5, teacher_decay=1.0)
+
+
+def test_trainer_state_dict_roundtrip(tmp_path):
+    x, y, t, z = batch()
+    trainer, model = UCGM(zeta=0.4, teacher_decay=0.99), ToyNet()
+    for _ in range(3):
+        trainer.loss(model, x, y, t=t, noise=z)
+        with torch.no_grad():
+            model.out.bias.add_(0.3)
+    torch.save(trainer.state_dict(), tmp_path / "ucgm.pt")
+    restored = UCGM(zeta=0.4, teacher_decay=0.99)
+    with pytest.raises(ValueError, match="make_teacher"):
+        restored.load_state_dict(torch.load(tmp_path / "ucgm.pt", weights_only=True))
+    restored.make_teacher(ToyNet(seed=5))
+    restored.load_state_dict(torch.load(tmp_path / "ucgm.pt", weights_only=True))
+    assert restored.teacher_momentum == trainer.teacher_momentum > 0
+    for a, b in zip(trainer.teacher.parameters(), restored.teacher.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(trainer.loss(model, x, y, t=t, noise=z), restored.loss(model, x, y, t=t, noise=z))
+
+
+def test_time_distribution_is_scaled_clamped_beta():
+    torch.manual_seed(0)
+    t = UCGM(time_dist=(0.8, 1.0, 1.0)).sample_time(20000, "cpu").numpy()
+    assert scipy.stats.kstest(t, scipy.stats.beta(0.8, 1.0).cdf).pvalue > 1e-3
+    t = UCGM(time_dist=(2.4, 2.4, 1.5)).sample_time(20000, "cpu").numpy()
+    clamped = 1 - scipy.stats.beta(2.4, 2.4).cdf(1 / 1.5)  # P(1.5·B >= 1)
+    assert abs((t == 1.0).mean() - clamped) < 4 * math.sqrt(clamped * (1 - clamped) / 20000)
+    inner = t[t < 1] / 1.5
+    assert scipy.stats.kstest(inner, lambda v: scipy.stats.beta(2.4, 2.4).cdf(v) / (1 - clamped)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lam=1.5), "lam"), (dict(lam=-0.1), "lam"), (dict(zeta=1.0), "zeta"), (dict(zeta=float("inf"), lam=1.0),
+                                                                                  "zeta"),
+    (dict(weighting="uniform"), "weighting"), (dict(time_dist=(1, 1)), "time_dist"), (dict(label_drop=2), "label_drop"),
+    (dict(enhance_range=(0.8, 0.2)), "enhance_range")])
+def test_bad_trainer_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UCGM(**kwargs)
+
+
+def test_bad_loss_inputs_are_refused():
+    x, y, t, z = batch()
+    with pytest.raises(ValueError, match="noise"):
+        UCGM().loss(ToyNet(), x, y, t=t, noise=z[:, :2])
+    with pytest.raises(ValueError, match="y: labels"):
+        UCGM().loss(tiny_dit(), torch.randn(2, 2, 8, 8), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="t: expected"):
+        UCGM().loss(ToyNet(), x, y, t=t[:3], noise=z)
+
+
+#################################################################################
+#                             UCGM-S: the sampler                               #
+#################################################################################
+
+def test_time_grids_are_exact():
+    linear = UCGM("Linear")
+    step = 0.998 / 3  # u = linspace(0.001, 0.999, 4), t = 1 - u, then the data end
+    want = [0.999, 0.999 - step, 0.999 - 2 * step, 0.001, 0.0]
+    torch.testing.assert_close(linear.time_grid(4), torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(linear.time_grid(4, gaps=(0.0, 0.0)),  # n + 1 points, the last dropped
+                               torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(linear.time_grid(5, order=2, gaps=(0.1, 0.3)),  # (5 + 1) // 2 = 3 points
+                               torch.tensor([0.9, 0.6, 0.3, 0.0], dtype=torch.float64))
+    u = np.linspace(0.001, 0.999, 6)
+    warped = (1 - (1 - u ** 1.17) ** 0.8) ** 1.1
+    np.testing.assert_allclose(linear.time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(1 - warped, 0), rtol=1e-12)
+    np.testing.assert_allclose(UCGM("ReLinear").time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(warped, 1))
+    np.testing.assert_allclose(linear.time_grid(1, gaps=(0.001, 0.3)).numpy(), [0.999, 0.0])
+
+
+@pytest.mark.parametrize("transport", sorted(ucgm.TRANSPORTS))
+def test_one_step_returns_a_point_mass(transport):
+    x0 = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64).repeat(5, 1)
+    noise = torch.randn(5, 3)
+    out = UCGM(transport).sample(PointOracle(transport, x0), noise, steps=1, rho=1.0, gaps=(0.001, 0.3))
+    torch.testing.assert_close(out, x0.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow", "ReLinear"])
+def test_gaussian_data_is_sampled_with_its_mean_and_covariance(transport):
+    """Tolerances: N = 20000 samples give standard errors se(mean_i) = sqrt(S_ii / N) and se(cov_ij) =
+    sqrt((S_ii S_jj + S_ij²) / N); we allow 4 of them plus the discretisation error, which is bounded by the
+    RMS distance to the exact probability-flow solution from the same noise (checked to fall as 1/steps)."""
+    mu, sigma = gaussian_problem()
+    oracle, sampler = GaussianOracle(transport, mu, sigma), UCGM(transport)
+    noise = torch.randn(20000, 3, generator=torch.Generator().manual_seed(0))
+    rms = {}
+    for steps in (64, 128, 256):
+        out = sampler.sample(oracle, noise, steps=steps).double()
+        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
+        rms[steps] = ((out - exact) ** 2).sum(1).mean().sqrt().item()
+    assert rms[64] < 0.06 and 1.8 < rms[64] / rms[128] < 2.2 and 1.8 < rms[128] / rms[256] < 2.2  # first order
+    n, s = len(noise), sigma.diag()
+    assert ((out.mean(0) - mu).abs() < 4 * (s / n).sqrt() + rms[256]).all()
+    se_cov = ((s[:, None] * s[None, :] + sigma ** 2) / n).sqrt()
+    assert ((torch.cov(out.T) - sigma).abs() < 4 * se_cov + 2 * rms[256] * s.max().sqrt()).all()
+
+
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow"])
+def test_extrapolation_reduces_the_error_against_the_exact_ode(transport):
+    mu, sigma = gaussian_problem()
+    oracle, sampler = GaussianOracle(transport, mu, sigma), UCGM(transport)
+    noise = torch.randn(4000, 3, generator=torch.Generator().manual_seed(1))
+    for steps in (8, 12, 16):
+        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
+        err = {kappa: ((sampler.sample(oracle, noise, steps=steps, kappa=kappa).double() - exact) ** 2).mean().sqrt()
+               for kappa in (0.0, 0.5)}
+        assert err[0.5] < 0.8 * err[0.0], (steps, err)
+
+
+def test_second_order_step_matches_hand_computation():
+    mu, sigma = gaussian_problem()
+    oracle, sampler, tr = GaussianOracle("Linear", mu, sigma), UCGM("Linear"), ucgm.TRANSPORTS["Linear"]
+    noise = torch.randn(6, 3, dtype=torch.float64)
+    got = sampler.sample(oracle, noise, steps=3, order=2, gaps=(0.1, 0.2))  # n = 2: times 0.9, 0.2, 0
+    assert sampler.nfe == 3
+    t0, t1 = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
+    F = lambda x, t: oracle(x.float(), t.float().expand(len(x)))  # noqa: E731  (the sampler feeds float32)
+    x_hat, z_hat = tr.readout(F(noise, t0), noise, t0)
+    euler = (1 - t1) * x_hat + t1 * z_hat
+    z_next = tr.readout(F(euler, t1), euler, t1)[1]
+    heun = noise * (1 - t1) / (1 - t0) + (t1 - t0 * (1 - t1) / (1 - t0)) * (z_hat + z_next) / 2
+    torch.testing.assert_close(got, tr.readout(F(heun, t1), heun, t1)[0].float())
+    with pytest.raises(ValueError, match="gaps"):  # gamma(t_0) = 0 would divide by zero
+        sampler.sample(oracle, noise, steps=4, order=2, gaps=(0.0, 0.1))
+
+
+def test_auto_rho_is_recomputed_every_step_with_generator_noise():
+    mu, sigma = gaussian_problem()
+    oracle, sampler, tr = GaussianOracle("Linear", mu, sigma), UCGM("Linear"), ucgm.TRANSPORTS["Linear"]
+    noise = torch.randn(6, 3, dtype=torch.float64)
+    got = sampler.sample(oracle, noise, steps=3, rho="auto", gaps=(0.1, 0.1), generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    times = [0.9, 0.5, 0.1, 0.0]
+    x = noise
+    for t_cur, t_next in zip(times[:-1], times[1:]):
+        t_cur, t_next = torch.tensor(t_cur, dtype=torch.float64), torch.tensor(t_next, dtype=torch.float64)
+        x_hat, z_hat = tr.readout(oracle(x.float(), t_cur.float().expand(6)), x, t_cur)
+        rho = min(abs(t_next - t_cur) * 2 * t_cur / t_next ** 2, 1.0) if t_next > 0 else 1.0
+        eps = torch.randn(6, 3, generator=g, dtype=torch.float64)
+        x = (1 - t_next) * x_hat + t_next * (math.sqrt(1 - rho) * z_hat + math.sqrt(rho) * eps)
+    torch.testing.assert_close(got, x_hat.float())
+    again = sampler.sample(oracle, noise, steps=3, rho="auto", gaps=(0.1, 0.1),
+                           generator=torch.Generator().manual_seed(7))
+    other = sampler.sample(oracle, noise, steps=3, rho=1.0, gaps=(0.1, 0.1), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(got, again) and not torch.allclose(got, other)
+
+
+def test_return_all_gives_the_raw_trajectory():
+    mu, sigma = gaussian_problem()
+    out, trajectory = UCGM().sample(GaussianOracle("Linear", mu, sigma), torch.randn(5, 3), steps=6, kappa=0.5,
+                                    return_all=True)
+    assert trajectory.shape == (6, 5, 3) and torch.equal(trajectory[-1], out)
+
+
+class CountingNet(ToyNet):
+    """ToyNet that counts the rows it evaluates."""
+    rows = 0
+
+    def forward(self, x, t, y):
+        self.rows += len(x)
+        return super().forward(x, t, y)
+
+
+def test_cfg_interval_and_nfe():
+    model, sampler = CountingNet(dim=4), UCGM()
+    noise, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    sampler.sample(model, noise, steps=10, cfg_scale=3.0, cfg_interval=(0.0, 0.5), y=y)
+    inside = int(((sampler.time_grid(10)[:-1] >= 0) & (sampler.time_grid(10)[:-1] <= 0.5)).sum())
+    assert 0 < inside < 10 and sampler.nfe == 10 + inside and model.rows == 5 * sampler.nfe
+    sampler.sample(model, noise, steps=10, y=y)
+    assert sampler.nfe == 10
+
+
+@pytest.mark.parametrize("channels", [None, 2])
+def test_cfg_guides_the_requested_channels(channels):
+    model, sampler = ToyNet(dim=4), UCGM()
+    noise, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    got = sampler.sample(model, noise, steps=1, cfg_scale=2.5, cfg_channels=channels, y=y, gaps=(0.2, 0.3))
+    t = torch.full((5,), 0.8)
+    F_c, F_u = model(noise, t, y).double(), model(noise, t, torch.full_like(y, 3)).double()
+    F = F_u + 2.5 * (F_c - F_u)
+    if channels is not None:
+        F[:, channels:] = F_c[:, channels:]
+    torch.testing.assert_close(got, (noise - 0.8 * F).float())  # Linear x̂ = x_t - t F
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(order=3), "order"), (dict(steps=0), "steps"), (dict(gaps=(0.6, 0.5)), "gaps"), (dict(rho=2.0), "rho"),
+    (dict(gaps=(-0.1, 0.1)), "gaps"), (dict(cfg_scale=2.0), "cfg_scale"), (dict(warp=(1, 0, 1)), "warp")])
+def test_bad_sampler_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UCGM().sample(ToyNet(), torch.randn(2, 4), **{"steps": 4, **kwargs})
