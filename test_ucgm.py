@@ -156,51 +156,44 @@ def test_unknown_transport_is_refused():
 #                                   Network                                     #
 #################################################################################
 
-def released_tit_layout(depth=28, width=1152, patch=1, channels=32, grid=16, num_classes=1000):
-    """Key -> shape of a released UCGM TiT checkpoint, as networks/tit.py of LINs-lab/UCGM builds it."""
-    swiglu_hidden = int(2 / 3 * int(width * 4.0))
+def released_layout(mlp, out_channels, extra, depth=28, width=1152, patch=2, channels=4, grid=16, num_classes=1000):
+    """Key -> shape of a released DiT-family checkpoint; `mlp` maps MLP key names to shapes, `extra` adds keys."""
     layout = {"pos_embed": (1, grid * grid, width), "x_embedder.proj.weight": (width, channels, patch, patch),
               "x_embedder.proj.bias": (width,), "t_embedder.mlp.0.weight": (width, 256),
               "t_embedder.mlp.0.bias": (width,), "t_embedder.mlp.2.weight": (width, width),
               "t_embedder.mlp.2.bias": (width,), "y_embedder.embedding_table.weight": (num_classes + 1, width),
-              "feat_rope.freqs_cos": (grid * grid, width // 16), "feat_rope.freqs_sin": (grid * grid, width // 16),
-              "final_layer.linear.weight": (patch * patch * channels, width),
-              "final_layer.linear.bias": (patch * patch * channels,),
+              "final_layer.linear.weight": (patch * patch * out_channels, width),
+              "final_layer.linear.bias": (patch * patch * out_channels,),
               "final_layer.adaLN_modulation.1.weight": (2 * width, width),
-              "final_layer.adaLN_modulation.1.bias": (2 * width,)}
+              "final_layer.adaLN_modulation.1.bias": (2 * width,), **extra}
     for i in range(depth):
         b = f"blocks.{i}."
         layout.update({b + "attn.qkv.weight": (3 * width, width), b + "attn.qkv.bias": (3 * width,),
                        b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
-                       b + "mlp.w12.weight": (2 * swiglu_hidden, width), b + "mlp.w12.bias": (2 * swiglu_hidden,),
-                       b + "mlp.w3.weight": (width, swiglu_hidden), b + "mlp.w3.bias": (width,),
-                       b + "adaLN_modulation.1.weight": (6 * width, width), b + "adaLN_modulation.1.bias": (6 * width,)})
+                       b + "adaLN_modulation.1.weight": (6 * width, width), b + "adaLN_modulation.1.bias": (6 * width,),
+                       **{b + k: shape for k, shape in mlp.items()}})
     return layout
 
 
-def released_sit_layout(depth=28, width=1152, patch=2, channels=4, grid=16, num_classes=1000):
-    """Key -> shape of a SiT-XL/2 checkpoint (willisma/SiT models.py: timm Mlp, learn_sigma, 1001 labels)."""
-    layout = {"pos_embed": (1, grid * grid, width), "x_embedder.proj.weight": (width, channels, patch, patch),
-              "x_embedder.proj.bias": (width,), "t_embedder.mlp.0.weight": (width, 256),
-              "t_embedder.mlp.0.bias": (width,), "t_embedder.mlp.2.weight": (width, width),
-              "t_embedder.mlp.2.bias": (width,), "y_embedder.embedding_table.weight": (num_classes + 1, width),
-              "final_layer.linear.weight": (patch * patch * 2 * channels, width),
-              "final_layer.linear.bias": (patch * patch * 2 * channels,),
-              "final_layer.adaLN_modulation.1.weight": (2 * width, width),
-              "final_layer.adaLN_modulation.1.bias": (2 * width,)}
-    for i in range(depth):
-        b = f"blocks.{i}."
-        layout.update({b + "attn.qkv.weight": (3 * width, width), b + "attn.qkv.bias": (3 * width,),
-                       b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
-                       b + "mlp.fc1.weight": (4 * width, width), b + "mlp.fc1.bias": (4 * width,),
-                       b + "mlp.fc2.weight": (width, 4 * width), b + "mlp.fc2.bias": (width,),
-                       b + "adaLN_modulation.1.weight": (6 * width, width), b + "adaLN_modulation.1.bias": (6 * width,)})
-    return layout
+def released_tit_xl1_layout(width=1152, channels=32, grid=16):
+    """TiT-XL/1 on VA-VAE latents, as networks/tit.py of LINs-lab/UCGM builds it (SwiGLU, persistent RoPE tables)."""
+    hidden = int(2 / 3 * int(width * 4.0))
+    mlp = {"mlp.w12.weight": (2 * hidden, width), "mlp.w12.bias": (2 * hidden,),
+           "mlp.w3.weight": (width, hidden), "mlp.w3.bias": (width,)}
+    rope = {"feat_rope.freqs_cos": (grid * grid, width // 16), "feat_rope.freqs_sin": (grid * grid, width // 16)}
+    return released_layout(mlp, channels, rope, patch=1, channels=channels, grid=grid)
+
+
+def released_sit_xl2_layout(width=1152, channels=4):
+    """SiT-XL/2 as willisma/SiT models.py builds it (timm Mlp fc1/fc2, learn_sigma doubles the output, 1001 labels)."""
+    mlp = {"mlp.fc1.weight": (4 * width, width), "mlp.fc1.bias": (4 * width,),
+           "mlp.fc2.weight": (width, 4 * width), "mlp.fc2.bias": (width,)}
+    return released_layout(mlp, 2 * channels, {}, patch=2, channels=channels)
 
 
 @pytest.mark.parametrize("name, kwargs, layout, n_keys, n_params", [
-    ("TiT-XL/1", dict(input_size=16, in_channels=32), released_tit_layout(), 294, 675.19),
-    ("DiT-XL/2", dict(input_size=32, in_channels=4, learn_sigma=True), released_sit_layout(), 292, 675.13)])
+    ("TiT-XL/1", dict(input_size=16, in_channels=32), released_tit_xl1_layout(), 294, 675.19),
+    ("DiT-XL/2", dict(input_size=32, in_channels=4, learn_sigma=True), released_sit_xl2_layout(), 292, 675.13)])
 def test_released_layout_loads_strict(name, kwargs, layout, n_keys, n_params):
     with torch.device("meta"):  # shapes only: no 2.7 GB of weights on a CI machine
         model = ucgm.create_model(name, **kwargs)

@@ -618,3 +618,13 @@ class UCGM(nn.Module):
             x_cur = x_next
         x_out = raw[0].float()  # the raw x̂ of the last evaluation, as released
         return (x_out, torch.stack(trajectory)) if return_all else x_out
+
+
+if __name__ == "__main__":  # print the model table: parameters and forward GFLOPs at 256 px
+    for name in MODELS:
+        family = name.split("-")[0]
+        channels, latent = (32, 16) if family == "TiT" else (4, 32)  # VA-VAE f16d32 / SD-VAE f8 latents of 256 px
+        with torch.device("meta"):  # shapes only, so the XL models cost nothing
+            model = create_model(name, input_size=latent, in_channels=channels)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{name:9s} {channels:2d}×{latent}×{latent}  {params:8.2f} M params  {model.flops_per_forward() / 1e9:8.1f} GFLOPs")
