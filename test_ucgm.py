@@ -720,3 +720,133 @@ def test_cfg_guides_the_requested_channels(channels):
 def test_bad_sampler_arguments_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UCGM().sample(ToyNet(), torch.randn(2, 4), **{"steps": 4, **kwargs})
+
+
+#################################################################################
+#                       train.py: data, presets, resume, DDP                    #
+#################################################################################
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import train  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--global-batch-size", "16", "--log-every", "1", "--num-workers", "0", "--sample-every", "1000"]
+
+
+def run_train(out, *flags, torchrun=0, wait=True):
+    """Start train.py (under torchrun with that many processes, if given) on the demo data."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    cmd = launcher + [os.path.join(HERE, "train.py"), "--out", str(out), *TINY, *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
+    straight = run_train(tmp_path / "a", "--max-steps", "6", "--ckpt-every", "1")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run_train(tmp_path / "b", "--max-steps", "6", "--ckpt-every", "1", wait=False)
+    third = tmp_path / "b" / "checkpoints" / "0000003.pt"
+    while not third.exists() and killed.poll() is None:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "train.py ended before it could be killed"
+    for path in (tmp_path / "b" / "checkpoints").glob("*.pt"):  # every checkpoint left is whole
+        assert torch.load(path, weights_only=True)["step"] == int(path.stem) if path.stem != "latest" else True
+    assert torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)["step"] >= 3
+    resumed = run_train(tmp_path / "b", "--max-steps", "6", "--ckpt-every", "1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-6)
+    assert not list((tmp_path / "b" / "checkpoints").glob("*tmp*"))
+    assert (tmp_path / "b" / "samples_0000006.png").exists()
+
+
+def test_two_process_torchrun_trains_and_checkpoints(tmp_path):
+    run = run_train(tmp_path, "--max-steps", "2", "--ckpt-every", "2", torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 2 and set(state) >= {"model", "ema", "opt", "ucgm", "args", "step", "rng"}
+
+
+def test_step_batches_shard_the_global_batch():
+    one = list(train.StepBatches(100, 8, 0, 1, seed=3, start_step=0, max_steps=30))
+    ranks = [list(train.StepBatches(100, 8, r, 2, seed=3, start_step=0, max_steps=30)) for r in range(2)]
+    for step in range(30):
+        assert ranks[0][step] + ranks[1][step] == one[step]  # disjoint slices of one global batch
+    per_epoch = 100 // 8
+    epoch0 = [i for b in one[:per_epoch] for i, _ in b]
+    assert len(set(epoch0)) == len(epoch0)  # no repeats inside an epoch
+    assert [i for i, _ in one[per_epoch]] != [i for i, _ in one[0]]  # reshuffled for the next epoch
+    resumed = list(train.StepBatches(100, 8, 0, 1, seed=3, start_step=17, max_steps=30))
+    assert resumed == one[17:]
+
+
+def test_presets_and_demo_defaults_resolve():
+    args = train.parse_args(["--preset", "fewstep", "--zeta", "1.5", "--data", "somewhere"])
+    assert (args.lam, args.zeta, args.optimizer, args.huber_c, args.teacher_decay, args.grad_clip) == \
+        (1.0, 1.5, "radam", 5.0, 1.0, 0.1)
+    assert args.model == "TiT-XL/1" and args.global_batch_size == 1024
+    demo = train.parse_args(["--lam", "0.5"])
+    assert demo.model == "TiT-T/4" and demo.lam == 0.5 and demo.zeta == 0.0 and demo.max_steps == 1500
+    multistep = train.parse_args(["--preset", "multistep", "--weighting", "none"])
+    assert multistep.zeta == 0.47 and multistep.cosine_loss and multistep.weighting is None
+
+
+def test_latent_dataset_reads_normalised_shards(tmp_path):
+    latents, flipped = torch.randn(6, 4, 2, 2), torch.randn(6, 4, 2, 2)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    ucgm.save_safetensors({"latents": latents[:4], "latents_flip": flipped[:4], "labels": labels[:4]},
+                          tmp_path / "shard_000.safetensors")
+    ucgm.save_safetensors({"latents": latents[4:], "latents_flip": flipped[4:], "labels": labels[4:]},
+                          tmp_path / "shard_001.safetensors")
+    mean, std = torch.randn(1, 4, 1, 1), torch.rand(1, 4, 1, 1) + 0.5
+    torch.save({"mean": mean, "std": std}, tmp_path / "latents_stats.pt")
+    data = train.LatentDataset(str(tmp_path), multiplier=0.5)
+    assert len(data) == 6 and data.num_classes == 6 and (data.channels, data.size) == (4, 2)
+    x, y = data[(5, False)]
+    torch.testing.assert_close(x, (latents[5] - mean[0]) / std[0] * 0.5)
+    x, y = data[(1, True)]
+    torch.testing.assert_close(x, (flipped[1] - mean[0]) / std[0] * 0.5)
+    assert y == 1
+
+
+def test_safetensors_roundtrip_and_truncation(tmp_path):
+    tensors = {"f32": torch.randn(3, 2), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16(),
+               "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "u8": torch.arange(7, dtype=torch.uint8)}
+    path = tmp_path / "t.safetensors"
+    ucgm.save_safetensors(tensors, path)
+    back = ucgm.load_safetensors(path)
+    assert all(torch.equal(tensors[k], back[k]) and tensors[k].dtype == back[k].dtype for k in tensors)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-5])
+    with pytest.raises(ValueError, match="outside the file"):
+        ucgm.load_safetensors(tmp_path / "cut.safetensors")
+    (tmp_path / "head.safetensors").write_bytes(data[:20])
+    with pytest.raises(ValueError, match="truncated"):
+        ucgm.load_safetensors(tmp_path / "head.safetensors")
+
+
+def test_numerics_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = run_train(tmp_path, "--max-steps", "20", "--ckpt-every", "1", "--lr", "1e30", "--max-bad-steps", "3")
+    assert run.returncode != 0 and "consecutive non-finite" in run.stderr
+    state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    with open(tmp_path / "log.jsonl") as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["skipped"] == 2 and last["loss"] is None and state["step"] == 1  # step 1 was the last good one
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

@@ -8,12 +8,18 @@ Every equation cites ../shared/SPEC.md (SPEC §n) and, where it has one, the pap
 """
 
 import copy
+import json
 import math
+import os
+import struct
+import warnings
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 HALF_PI = math.pi / 2
@@ -341,7 +347,8 @@ class DiT(nn.Module):
         attention = 2 * tokens * tokens * self.pos_embed.shape[-1] * len(self.blocks)  # QK^T and AV
         return 2 * (tokens * per_token + per_sample + attention)
 
-SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+# width, depth, heads; T (tiny) is no paper size but the CPU demo of train.py
+SIZES = {"T": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 TIT_SWITCHES = dict(rmsnorm=True, qk_norm=True, swiglu=True, rope=True)
 MODELS = {f"{family}-{size}/{patch}": dict(hidden_size=width, depth=depth, num_heads=heads, patch_size=patch,
                                           **(TIT_SWITCHES if family == "TiT" else {}))
@@ -619,6 +626,111 @@ class UCGM(nn.Module):
         x_out = raw[0].float()  # the raw x̂ of the last evaluation, as released
         return (x_out, torch.stack(trajectory)) if return_all else x_out
 
+
+# SPEC §4 presets of UCGM-S for multi-step (lam <= 0.5) and few-step (lam > 0.5) models
+SAMPLER_PRESETS = {"multistep": dict(steps=40, rho=0.0, kappa=0.5, warp=(1.17, 0.8, 1.1), gaps=(0.001, 0.001)),
+                   "fewstep": dict(steps=2, rho=1.0, kappa=0.0, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.3))}
+
+
+#################################################################################
+#                     File I/O: safetensors and atomic writes (SPEC §6)         #
+#################################################################################
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+                      "I32": torch.int32, "U8": torch.uint8}
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside path, then rename it over path: readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_safetensors(tensors, path):
+    """Write a dict of tensors as safetensors (8-byte little-endian header size, JSON header, raw data), atomically."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset, blobs = {}, 0, []
+    for key, tensor in tensors.items():
+        if tensor.dtype not in names:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected one of {list(names)}")
+        blob = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # pad so the data starts 8-byte aligned
+
+    def write(f):
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+    atomic_write(path, write)
+
+
+def load_safetensors(path):
+    """Read a safetensors file by memory map into a dict of (read-only, zero-copy) tensors."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8 or struct.unpack("<Q", prefix)[0] > size - 8:
+            raise ValueError(f"{path}: truncated safetensors file (header size beyond the {size}-byte file)")
+        header_size = struct.unpack("<Q", prefix)[0]
+        header = json.loads(f.read(header_size))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size) if size > 8 + header_size else None
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        count = math.prod(info["shape"]) * torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= start <= end <= size - 8 - header_size or end - start != count:
+            raise ValueError(f"{path}: tensor {key!r} points outside the file or has the wrong size")
+        with warnings.catch_warnings():  # the memory map is read-only; we never write through it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(data[start:end]) if count else torch.empty(0, dtype=torch.uint8)
+        tensors[key] = raw.view(dtype).reshape(info["shape"])
+    return tensors
+
+
+def load_stats(path, channels):
+    """Per-channel mean and std (C, 1, 1) from a latents_stats .pt or .safetensors file; (0, 1) if there is none."""
+    if not os.path.exists(path) and os.path.exists(path.replace(".pt", ".safetensors")):
+        path = path.replace(".pt", ".safetensors")
+    if not os.path.exists(path):
+        return torch.zeros(channels, 1, 1), torch.ones(channels, 1, 1)
+    stats = load_safetensors(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
+    if "mean" not in stats or "std" not in stats or stats["mean"].numel() != channels:
+        raise ValueError(f"{path}: expected 'mean' and 'std' with {channels} values each")
+    return stats["mean"].float().reshape(channels, 1, 1), stats["std"].float().reshape(channels, 1, 1)
+
+
+def to_uint8(images, dit_rounding=False):
+    """Images in [-1, 1] -> uint8 by clamp((x + 1)·127.5, 0, 255), truncated as ADM does; DiT adds 0.5 first."""
+    pixels = (images.float() + 1) * 127.5 + (0.5 if dit_rounding else 0.0)
+    return pixels.clamp(0, 255).to(torch.uint8)
+
+
+def save_image_grid(images, per_row, path):
+    """Save images in [-1, 1] (N, 3, H, W) as one PNG grid, atomically."""
+    pixels = to_uint8(images).cpu()
+    n, c, h, w = pixels.shape
+    rows = -(-n // per_row)
+    grid = torch.zeros(c, rows * h, per_row * w, dtype=torch.uint8)
+    for i in range(n):
+        grid[:, (i // per_row) * h:(i // per_row + 1) * h, (i % per_row) * w:(i % per_row + 1) * w] = pixels[i]
+    atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
 if __name__ == "__main__":  # print the model table: parameters and forward GFLOPs at 256 px
     for name in MODELS:

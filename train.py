@@ -1,0 +1,381 @@
+"""
+Train a UCGM model (UCGM-T, paper Alg. 1) with torchrun DDP.
+
+  torchrun --nproc_per_node=8 train.py --data latents/in1k256_vavae --model TiT-XL/1 --preset multistep
+  torchrun --standalone --nproc_per_node=1 train.py --lam 0.5     # the built-in digits demo, on a CPU
+"""
+
+import argparse
+import contextlib
+import copy
+import glob
+import inspect
+import json
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import ucgm
+
+#################################################################################
+#                       Presets and defaults (SPEC §3.1)                        #
+#################################################################################
+
+# the defaults of every flag a preset may set; an explicit flag beats a preset, a preset beats the demo
+BASE = dict(transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1, huber_c=0.0,
+            cosine_loss=False, weighting="cosine", time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
+            model="TiT-XL/1", global_batch_size=1024, max_steps=1_000_000, optimizer="adamw", lr=2e-4,
+            betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, log_every=100, ckpt_every=20_000, sample_every=20_000)
+PRESETS = {
+    "multistep": dict(lam=0.0, zeta=0.47, cosine_loss=True, weighting="cosine", huber_c=0.0, time_dist=(1.0, 1.0, 1.0),
+                      teacher_decay=0.999, optimizer="adamw", lr=2e-4, betas=(0.9, 0.95)),
+    "fewstep": dict(lam=1.0, zeta=2.0, cosine_loss=False, weighting="cosine", huber_c=5.0, time_dist=(0.8, 1.0, 1.0),
+                    teacher_decay=1.0, optimizer="radam", lr=1e-4, betas=(0.9, 0.999), grad_clip=0.1)}
+# the digits demo without --data: a 1.3M-parameter TiT on 32×32 pixels, ~0.35 s a step on 2 CPU cores
+DEMO = dict(model="TiT-T/4", global_batch_size=64, max_steps=1500, lr=1e-3, log_every=50, ckpt_every=500,
+            sample_every=500)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
+
+
+#################################################################################
+#                                    Data                                       #
+#################################################################################
+
+def render_digits(count=20_000, size=32, seed=0):
+    """Class-conditional RGB digits drawn with Pillow's built-in font: random colours, offset, scale (uint8 NCHW)."""
+    images, labels = np.empty((count, size, size, 3), np.uint8), np.arange(count) % 10
+    fonts = {s: ImageFont.load_default(size=s) for s in range(20, 31)}
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        background = rng.integers(0, 256, 3)
+        ink = (background + rng.integers(96, 160, 3)) % 256  # far from the background in every channel
+        image = Image.new("RGB", (size, size), tuple(int(v) for v in background))
+        center, ink = size / 2 + rng.uniform(-size / 10, size / 10, 2), tuple(int(v) for v in ink)
+        ImageDraw.Draw(image).text(tuple(center), str(labels[i]), fill=ink, font=fonts[int(rng.integers(20, 31))],
+                                   anchor="mm", stroke_width=1, stroke_fill=ink)  # bold strokes
+        images[i] = np.asarray(image)
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """The built-in demo: 10 classes of 3×32×32 images in [-1, 1] (no flips: a mirrored digit is no digit)."""
+    num_classes, channels, size = 10, 3, 32
+
+    def __init__(self, seed=0):
+        self.images, self.labels = render_digits(seed=seed)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        index, _ = item
+        return self.images[index].float() / 127.5 - 1, self.labels[index]
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Latent shards of SPEC §6 (safetensors: latents, latents_flip, labels), memory-mapped and normalised."""
+
+    def __init__(self, folder, multiplier=1.0, stats=None):
+        paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        paths = [p for p in paths if not os.path.basename(p).startswith("latents_stats")]
+        if not paths:
+            raise ValueError(f"--data {folder}: expected latent shards (*.safetensors), found none")
+        self.shards = [ucgm.load_safetensors(p) for p in paths]
+        self.offsets = np.cumsum([0] + [len(s["labels"]) for s in self.shards])
+        self.channels, self.size = self.shards[0]["latents"].shape[1], self.shards[0]["latents"].shape[2]
+        self.num_classes = int(max(int(s["labels"].max()) for s in self.shards)) + 1
+        self.mean, self.std = ucgm.load_stats(stats or os.path.join(folder, "latents_stats.pt"), self.channels)
+        self.multiplier = multiplier
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, item):
+        index, flip = item
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        data, row = self.shards[shard], index - self.offsets[shard]
+        latent = data["latents_flip" if flip else "latents"][row].float()
+        return (latent - self.mean) / self.std * self.multiplier, data["labels"][row].long()
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """DistributedSampler semantics by step: epoch e is a permutation seeded by (seed, e); each rank takes its slice.
+
+    Batch `step` is a pure function of (seed, step, rank), so a resumed run reads exactly what it would have read."""
+
+    def __init__(self, size, global_batch, rank, world, seed, start_step, max_steps):
+        if size < global_batch:
+            raise ValueError(f"--global-batch-size {global_batch} exceeds the {size} examples of the dataset")
+        self.size, self.global_batch, self.rank, self.world = size, global_batch, rank, world
+        self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
+
+    def __len__(self):
+        return self.max_steps - self.start_step
+
+    def __iter__(self):
+        per_epoch, local = self.size // self.global_batch, self.global_batch // self.world
+        for step in range(self.start_step, self.max_steps):
+            epoch, position = divmod(step, per_epoch)
+            if step == self.start_step or position == 0:
+                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                flips = torch.rand(self.size, generator=torch.Generator().manual_seed(self.seed * 100_019 + epoch)) < 0.5
+            first = position * self.global_batch + self.rank * local
+            yield [(int(order[i]), bool(flips[order[i]])) for i in range(first, first + local)]
+
+
+#################################################################################
+#                       Checkpoints, logs and sample grids                      #
+#################################################################################
+
+def save_checkpoint(state, folder, step, keep):
+    """Write {step:07d}.pt atomically and point latest.pt at it; keep only multiples of `keep` besides the latest."""
+    path = os.path.join(folder, f"{step:07d}.pt")
+    ucgm.atomic_write(path, lambda f: torch.save(state, f))
+    link = os.path.join(folder, "latest.pt.tmplink")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(link)
+    os.link(path, link)
+    os.replace(link, os.path.join(folder, "latest.pt"))  # atomic: latest.pt is always a whole checkpoint
+    for old in glob.glob(os.path.join(folder, "[0-9]" * 7 + ".pt")):
+        old_step = int(os.path.basename(old)[:7])
+        if old_step != step and old_step % keep:
+            os.remove(old)
+
+
+def load_weights(path, key):
+    """A state dict from our checkpoints, the released UCGM ones (`key` = model or ema) or a bare state dict."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get(key, state) if isinstance(state, dict) else state
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def append_log(path, record, keep_through=None):
+    """Append one JSON line to log.jsonl; with keep_through, first drop the lines of later steps (after a resume)."""
+    if keep_through is not None and os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.endswith("\n")]  # a line cut by a kill has no newline
+        kept = [line for line in lines if json.loads(line)["step"] <= keep_through]
+        ucgm.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    if record is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+def main(args):
+    """Train until --max-steps; resumable at any point from the newest checkpoint."""
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~3x faster fp32 work, bf16 does the rest
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if args.global_batch_size % (world * args.grad_accum):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must divide by processes × --grad-accum "
+                         f"= {world * args.grad_accum}")
+    checkpoints = os.path.join(args.out, "checkpoints")
+    if rank == 0:
+        os.makedirs(checkpoints, exist_ok=True)
+        for stale in glob.glob(os.path.join(checkpoints, "*.tmp*")):  # left by a run killed while saving
+            os.remove(stale)
+        ucgm.atomic_write(os.path.join(args.out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+        print(json.dumps(vars(args)))
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
+    data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats) if args.data else DigitsDataset(args.seed)
+    model = ucgm.create_model(args.model, input_size=data.size, in_channels=data.channels,
+                              num_classes=data.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
+    trainer = ucgm.UCGM(args.transport, args.lam, args.zeta, args.enhance_range, args.label_drop, args.huber_c,
+                        args.cosine_loss, args.weighting, args.time_dist, args.teacher_decay).to(device)
+    if args.init:
+        model.load_state_dict(load_weights(args.init, "model"))
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer_class = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[args.optimizer]
+    fused = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(optimizer_class).parameters else {}
+    opt = optimizer_class(model.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, **fused)
+    if args.teacher:
+        trainer.make_teacher(model)
+        trainer.teacher.load_state_dict(load_weights(args.teacher, "ema"))
+
+    start_step, skipped = 0, 0
+    resume = os.path.join(checkpoints, "latest.pt") if args.resume == "auto" else args.resume
+    if resume and os.path.exists(resume):
+        state = torch.load(resume, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        if any(k.startswith("teacher.") for k in state["ucgm"]):
+            trainer.make_teacher(model)
+        trainer.load_state_dict(state["ucgm"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_step, skipped = state["step"], state["skipped"]
+        if rank == 0:
+            print(f"resumed from {resume} at step {start_step}")
+    elif args.resume not in (None, "auto"):
+        raise ValueError(f"--resume {args.resume}: no such checkpoint")
+    if rank == 0:
+        append_log(os.path.join(args.out, "log.jsonl"), None, keep_through=start_step)
+
+    net = torch.compile(model) if args.compile else model  # fuses the elementwise work of every block
+    net = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else net
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=StepBatches(len(data), args.global_batch_size, rank, world, args.seed, start_step,
+                                        args.max_steps), num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")
+    sample_noise = torch.randn(80, data.channels, data.size, data.size, generator=torch.Generator().manual_seed(0))
+    sample_labels = torch.arange(80) // 8 % data.num_classes  # eight per class, a row each
+    flops = model.flops_per_forward() * args.global_batch_size * (3 + (args.lam > 0) + (args.lam == 1) + (args.zeta != 0))
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+
+    def sample_grid(step):
+        preset = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"]
+        with torch.no_grad(), autocast:
+            images = trainer.sample(ema, sample_noise.to(device), y=sample_labels.to(device), **preset)
+        if images.shape[1] == 3:  # latents need an autoencoder to be seen (--vae)
+            ucgm.save_image_grid(images, 8, os.path.join(args.out, f"samples_{step:07d}.png"))
+
+    def checkpoint(step):
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "ucgm": trainer.state_dict(), "args": vars(args), "step": step, "skipped": skipped,
+                 "rng": {"torch": torch.get_rng_state()},
+                 "data_position": dict(zip(("epoch", "batch"), divmod(step, len(data) // args.global_batch_size)))}
+        save_checkpoint(state, checkpoints, step, args.ckpt_every)
+
+    model.train()
+    bad_in_a_row, window_loss, window_steps, window_start = 0, torch.zeros((), device=device), 0, time.time()
+    window_first = start_step + 1
+    bar = tqdm(total=args.max_steps, initial=start_step, disable=rank != 0, dynamic_ncols=True)
+    for step, batch in enumerate(loader, start=start_step + 1):
+        seed = np.random.SeedSequence([args.seed, rank, step]).generate_state(1)[0]
+        torch.manual_seed(int(seed))  # t, noise and label noise of this step: a function of (seed, rank, step)
+        x, y = (v.to(device, non_blocking=True) for v in batch)
+        step_loss = torch.zeros((), device=device)
+        for micro, (xm, ym) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
+            last = micro == args.grad_accum - 1
+            with (contextlib.nullcontext() if last or not distributed else net.no_sync()), autocast:
+                loss = trainer.loss(net, xm, ym) / args.grad_accum
+            loss.backward()
+            step_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        bad = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()
+        if distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank must skip together
+        if bad.item():  # the guard's one host sync a step: a bool, read after the backward has queued
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            if bad_in_a_row >= args.max_bad_steps:
+                raise RuntimeError(f"stopping: {bad_in_a_row} consecutive non-finite losses or gradients at step "
+                                   f"{step}; the last good checkpoint is kept in {checkpoints}")
+        else:
+            opt.step()
+            decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
+            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+            bad_in_a_row, window_loss, window_steps = 0, window_loss + step_loss, window_steps + 1
+        opt.zero_grad(set_to_none=True)
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            if distributed:
+                dist.all_reduce(window_loss)
+            elapsed, steps_done = time.time() - window_start, step - window_first + 1
+            record = {"step": step, "loss": window_loss.item() / world / window_steps if window_steps else None,
+                      "grad_norm": grad_norm.item(), "lr": opt.param_groups[0]["lr"],
+                      "img_per_s": steps_done * args.global_batch_size / elapsed,
+                      "skipped": skipped, "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                                                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30}
+            if peak:
+                record["mfu"] = flops * steps_done / elapsed / world / peak
+            if rank == 0:
+                append_log(os.path.join(args.out, "log.jsonl"), record)
+                bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", steps_s=f"{steps_done / elapsed:.2f}",
+                                img_s=f"{record['img_per_s']:.0f}")
+            window_loss, window_steps, window_start, window_first = torch.zeros((), device=device), 0, time.time(), step + 1
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.max_steps) and not bad_in_a_row:
+            checkpoint(step)
+        if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
+            sample_grid(step)
+        if distributed and step % args.ckpt_every == 0:
+            dist.barrier()
+    bar.close()
+    if distributed:
+        dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    """Flags grouped by topic; preset-controlled ones default to None and are resolved by resolve()."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("method (UCGM-T, SPEC §3)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="paper recipe; explicit flags override it")
+    g.add_argument("--transport", choices=sorted(ucgm.TRANSPORTS), help="transport (Linear)")
+    g.add_argument("--lam", type=float, help="consistency ratio λ: 0 multi-step .. 1 few-step (0)")
+    g.add_argument("--zeta", type=float, help="enhanced-target strength ζ; λ = 0 needs ζ < 1 (0)")
+    g.add_argument("--enhance-range", type=float, nargs=2, help="open t interval where ζ acts (0 0.75)")
+    g.add_argument("--label-drop", type=float, help="fraction of labels nulled for guidance (0.1)")
+    g.add_argument("--huber-c", type=float, help="pseudo-Huber constant c; 0 is an RMS loss (0)")
+    g.add_argument("--cosine-loss", action=argparse.BooleanOptionalAction, help="add 1 - cosine similarity (off)")
+    g.add_argument("--weighting", choices=["cosine", "none"], help="loss weight cos(πt/2) or none (cosine)")
+    g.add_argument("--time-dist", type=float, nargs=3, help="t = clamp(s·Beta(θ1, θ2)): θ1 θ2 s (1 1 1)")
+    g.add_argument("--teacher-decay", type=float, help="teacher: 0 online, (0,1) EMA, 1 frozen (0.999)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", choices=sorted(ucgm.MODELS), metavar="NAME",
+                   help="network, {DiT,TiT}-{T,S,B,L,XL}/{1,2,4} (TiT-XL/1; demo TiT-T/4)")
+    g.add_argument("--data", help="folder of latent shards (SPEC §6); without it, the built-in digits demo")
+    g.add_argument("--latent-multiplier", type=float, default=1.0, help="scale after normalising (0.18215 SD-VAE)")
+    g.add_argument("--latent-stats", help="mean/std file (default: DATA/latents_stats.pt if present)")
+    g.add_argument("--vae", choices=["identity"], default="identity", help="autoencoder for sample grids")
+    g.add_argument("--out", default="runs/demo", help="output folder: checkpoints/, log.jsonl, samples (runs/demo)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--global-batch-size", type=int, help="images per step over all processes (1024; demo 64)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (1)")
+    g.add_argument("--max-steps", type=int, help="training steps (1e6; demo 1500)")
+    g.add_argument("--optimizer", choices=["adamw", "radam"], help="optimiser (adamw)")
+    g.add_argument("--lr", type=float, help="learning rate (2e-4; demo 1e-3)")
+    g.add_argument("--betas", type=float, nargs=2, help="Adam betas (0.9 0.95)")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (0)")
+    g.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 = off (0)")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights for sampling (0.9999)")
+    g.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row (10)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast on CUDA (bf16)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing: less memory, +1 forward")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loading processes per rank (2)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, t and noise (0)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-every", type=int, help="steps between log.jsonl lines (100; demo 50)")
+    g.add_argument("--ckpt-every", type=int, help="keep a checkpoint every this many steps (20000; demo 500)")
+    g.add_argument("--sample-every", type=int, help="steps between EMA sample grids (20000; demo 500)")
+    g.add_argument("--resume", default="auto", help="'auto' (newest in OUT/checkpoints), a path, or 'none'")
+    g.add_argument("--init", help="start weights: our checkpoint, a released UCGM one, or a state dict")
+    g.add_argument("--teacher", help="weights of the frozen teacher (teacher-decay 1), e.g. a multi-step model")
+    return resolve(p.parse_args(argv))
+
+
+def resolve(args):
+    """Fill unset flags: explicit flag > --preset > demo (no --data) > BASE."""
+    for key, value in BASE.items():
+        if getattr(args, key) is None:
+            layers = [PRESETS.get(args.preset, {}), {} if args.data else DEMO, BASE]
+            setattr(args, key, next(layer[key] for layer in layers if key in layer))
+    args.weighting = None if args.weighting == "none" else args.weighting
+    args.resume = None if args.resume == "none" else args.resume
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
