@@ -184,7 +184,7 @@ def main(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~3x faster fp32 work, bf16 does the rest
         torch.backends.cudnn.allow_tf32 = True
-    else:
+    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores among the processes of this machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if args.global_batch_size % (world * args.grad_accum):
         raise ValueError(f"--global-batch-size {args.global_batch_size} must divide by processes × --grad-accum "
@@ -244,6 +244,7 @@ def main(args):
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
 
     def sample_grid(step):
+        """EMA samples with the UCGM-S preset of the model, eight per class, as OUT/samples_{step}.png."""
         preset = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"]
         with torch.no_grad(), autocast:
             images = trainer.sample(ema, sample_noise.to(device), y=sample_labels.to(device), **preset)
@@ -251,6 +252,7 @@ def main(args):
             ucgm.save_image_grid(images, 8, os.path.join(args.out, f"samples_{step:07d}.png"))
 
     def checkpoint(step):
+        """Save everything that moves, so that a resumed run repeats this one exactly."""
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "ucgm": trainer.state_dict(), "args": vars(args), "step": step, "skipped": skipped,
                  "rng": {"torch": torch.get_rng_state()},
