@@ -55,9 +55,9 @@ def render_digits(count=20_000, size=32, seed=0):
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         background = rng.integers(0, 256, 3)
-        ink = (background + rng.integers(96, 160, 3)) % 256  # far from the background in every channel
+        ink = tuple(int(v) for v in (background + rng.integers(96, 160, 3)) % 256)  # far from the background
         image = Image.new("RGB", (size, size), tuple(int(v) for v in background))
-        center, ink = size / 2 + rng.uniform(-size / 10, size / 10, 2), tuple(int(v) for v in ink)
+        center = size / 2 + rng.uniform(-size / 10, size / 10, 2)
         ImageDraw.Draw(image).text(tuple(center), str(labels[i]), fill=ink, font=fonts[int(rng.integers(20, 31))],
                                    anchor="mm", stroke_width=1, stroke_fill=ink)  # bold strokes
         images[i] = np.asarray(image)
