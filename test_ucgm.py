@@ -7,6 +7,7 @@ import pytest
 import scipy.stats
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import ucgm
 from ucgm import UCGM
@@ -850,3 +851,470 @@ def test_numerics_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         last = [json.loads(line) for line in f][-1]
     assert last["skipped"] == 2 and last["loss"] is None and state["step"] == 1  # step 1 was the last good one
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def bad_train_input(tmp_path, *flags):
+    """train.py's one-line error for flags that must be refused before any training."""
+    with pytest.raises(ValueError) as error:
+        train.main(train.parse_args(["--out", str(tmp_path / "out"), *TINY, "--max-steps", "1", *flags]))
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_bad_train_input_is_refused_with_one_clear_line(tmp_path):
+    run = run_train(tmp_path / "run", "--data", str(tmp_path / "missing"))
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == \
+        [f"train.py: error: --data {tmp_path / 'missing'}: expected a folder of latent shards (*.safetensors), found none"]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, size in enumerate((4, 2)):
+        ucgm.save_safetensors({"latents": torch.randn(4, 4, size, size), "latents_flip": torch.randn(4, 4, size, size),
+                               "labels": torch.arange(4)}, shards / f"latents_{i:05d}.safetensors")
+    assert "latents of shapes" in bad_train_input(tmp_path, "--data", str(shards))
+    (shards / "latents_00001.safetensors").unlink()
+    assert "patch size does not divide" in bad_train_input(tmp_path, "--data", str(shards), "--model", "TiT-T/4",
+                                                           "--latent-stats", "none")
+    other = ucgm.create_model("DiT-T/2", input_size=32, in_channels=3, num_classes=10)
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
+    assert "--init" in bad_train_input(tmp_path, "--init", str(tmp_path / "other.pt"), "--model", "TiT-T/4")
+    assert "must divide" in bad_train_input(tmp_path, "--grad-accum", "3")
+
+
+#################################################################################
+#                  Autoencoders, extract_latents.py (SPEC §5, §6)               #
+#################################################################################
+
+import extract_latents  # noqa: E402
+from PIL import Image  # noqa: E402
+
+SMALL_SDVAE = dict(channels=4, ch_mult=(1, 2, 4, 4), ch=32)  # SD-VAE's layout at a quarter of its width
+
+
+def diffusers_sdvae_keys():
+    """The weight names of diffusers' AutoencoderKL with SD-VAE's config, written out from its module tree."""
+    resnet = ["norm1", "conv1", "norm2", "conv2"]
+    attention = ["group_norm", "to_q", "to_k", "to_v", "to_out.0"]
+    names = ["encoder.conv_in", "encoder.conv_norm_out", "encoder.conv_out", "decoder.conv_in",
+             "decoder.conv_norm_out", "decoder.conv_out", "quant_conv", "post_quant_conv"]
+    for part in ("encoder", "decoder"):
+        names += [f"{part}.mid_block.resnets.{i}.{m}" for i in range(2) for m in resnet]
+        names += [f"{part}.mid_block.attentions.0.{m}" for m in attention]
+    for i in range(4):
+        names += [f"encoder.down_blocks.{i}.resnets.{j}.{m}" for j in range(2) for m in resnet]
+        names += [f"decoder.up_blocks.{i}.resnets.{j}.{m}" for j in range(3) for m in resnet]
+        names += [f"encoder.down_blocks.{i}.downsamplers.0.conv"] if i < 3 else []
+        names += [f"decoder.up_blocks.{i}.upsamplers.0.conv"] if i < 3 else []
+    names += [f"encoder.down_blocks.{i}.resnets.0.conv_shortcut" for i in (1, 2)]  # 128->256, 256->512
+    names += [f"decoder.up_blocks.{i}.resnets.0.conv_shortcut" for i in (2, 3)]  # 512->256, 256->128
+    return {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("name, latent_shape", [("sdvae", (4, 8, 8)), ("vavae", (32, 4, 4))])
+def test_autoencoder_shapes_and_size(name, latent_shape):
+    torch.manual_seed(0)
+    vae = ucgm.AutoencoderKL(**ucgm.AUTOENCODERS[name]).eval()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        latents = vae.encode(images)
+        assert latents.shape == (2, *latent_shape) and vae.decode(latents).shape == images.shape
+    if name == "sdvae":  # the public sd-vae-ft-* files hold 83,653,863 parameters in 248 tensors
+        assert sum(p.numel() for p in vae.parameters()) == 83_653_863 and len(vae.state_dict()) == 248
+    identity = ucgm.create_autoencoder("identity")
+    assert identity.encode(images) is images and identity.decode(images) is images
+
+
+def test_autoencoder_attention_and_posterior_match_ldm_formulas():
+    torch.manual_seed(0)
+    vae = ucgm.AutoencoderKL(**SMALL_SDVAE).eval()
+    block, x = vae.encoder.mid.attn_1, torch.randn(2, 128, 3, 5)
+    h = block.norm(x)
+    q, k, v = (conv(h).reshape(2, 128, 15) for conv in (block.q, block.k, block.v))
+    weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) / math.sqrt(128), dim=2)  # (N, query, key)
+    by_hand = x + block.proj_out(torch.bmm(v, weights.transpose(1, 2)).reshape(2, 128, 3, 5))
+    torch.testing.assert_close(block(x), by_hand, rtol=1e-4, atol=1e-5)
+    images, noise = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, 4, 4)
+    moments = vae.quant_conv(vae.encoder(images))
+    mean, logvar = moments[:, :4], moments[:, 4:]
+    torch.testing.assert_close(vae.encode(images), mean)
+    torch.testing.assert_close(vae.encode(images, noise), mean + torch.exp(logvar / 2) * noise)
+    down = vae.encoder.down[0].downsample  # stride-2 conv on the input padded right and bottom by one zero
+    padded = torch.zeros(2, 32, 33, 33)
+    padded[:, :, :32, :32] = x32 = torch.randn(2, 32, 32, 32)
+    torch.testing.assert_close(down(x32), F.conv2d(padded, down.conv.weight, down.conv.bias, stride=2))
+
+
+def test_diffusers_and_ldm_files_load_the_same_weights(tmp_path):
+    torch.manual_seed(0)
+    vae = ucgm.AutoencoderKL(**SMALL_SDVAE)
+    ldm = vae.state_dict()
+    names = {k: ucgm.diffusers_name(k, 4) for k in ldm}
+    assert set(names.values()) == diffusers_sdvae_keys()  # every name maps, and onto diffusers' exact set
+    diffusers = {names[k]: v.squeeze() if "attentions" in names[k] and v.dim() == 4 else v for k, v in ldm.items()}
+    old = {k.replace(".to_q.", ".query.").replace(".to_out.0.", ".proj_attn."): v for k, v in diffusers.items()}
+    files = {"diffusion_pytorch_model.safetensors": None, "diffusion_pytorch_model.bin": diffusers,
+             "old_diffusers.bin": old, "ldm.ckpt": {"state_dict": {f"first_stage_model.{k}": v for k, v in ldm.items()}},
+             "vavae_style.pt": {"state_dict": {**ldm, "loss.logvar": torch.zeros(()), "linear_proj.weight": torch.ones(1)}}}
+    ucgm.save_safetensors(diffusers, tmp_path / "diffusion_pytorch_model.safetensors")
+    for name, state in files.items():
+        if state is not None:
+            torch.save(state, tmp_path / name)
+        loaded = ucgm.load_autoencoder_weights(ucgm.AutoencoderKL(**SMALL_SDVAE), str(tmp_path / name)).state_dict()
+        assert all(torch.equal(loaded[k], ldm[k]) for k in ldm), name
+    del diffusers["decoder.up_blocks.1.resnets.2.conv1.weight"]
+    torch.save(diffusers, tmp_path / "broken.bin")
+    with pytest.raises(ValueError, match=r"missing key 'decoder.up.2.block.2.conv1.weight'"):
+        ucgm.load_autoencoder_weights(ucgm.AutoencoderKL(**SMALL_SDVAE), str(tmp_path / "broken.bin"))
+    with pytest.raises(ValueError, match=r"key 'encoder.conv_out.weight' has shape \(8, 128, 3, 3\), expected"):
+        ucgm.load_autoencoder_weights(ucgm.AutoencoderKL(channels=8, ch_mult=(1, 2, 4, 4), ch=32),
+                                      str(tmp_path / "ldm.ckpt"))
+    with pytest.raises(ValueError, match="needs --vae-path"):
+        ucgm.create_autoencoder("vavae")
+
+
+def test_safetensors_bytes_match_the_safetensors_package(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    tensors = {"a": torch.randn(3, 2), "b": torch.arange(4, dtype=torch.int32), "c": torch.randn(5).bfloat16()}
+    ucgm.save_safetensors(tensors, tmp_path / "ours.safetensors")
+    st.save_file(tensors, str(tmp_path / "theirs.safetensors"))
+    theirs_read_by_us = ucgm.load_safetensors(tmp_path / "theirs.safetensors")
+    ours_read_by_them = st.load_file(str(tmp_path / "ours.safetensors"))
+    assert all(torch.equal(theirs_read_by_us[k], tensors[k]) and torch.equal(ours_read_by_them[k], tensors[k])
+               for k in tensors)
+
+
+def test_adm_center_crop_halves_with_box_then_crops():
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)  # H, W
+    cropped = np.asarray(extract_latents.center_crop(Image.fromarray(pixels), 32))
+    box = pixels.reshape(32, 2, 48, 2, 3).astype(np.float64).mean((1, 3))  # one BOX halving: 2×2 means
+    np.testing.assert_allclose(cropped, box[:, 8:40], atol=1)  # short side already 32: centre columns 8..39
+    assert extract_latents.center_crop(Image.fromarray(pixels[:50, :70]), 32).size == (32, 32)
+
+
+def image_folder(root):
+    """Three classes of small images, with a grayscale PNG, a CMYK JPEG, a truncated PNG and a non-image."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("ant", "bee", "cat")):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            size = (int(rng.integers(32, 70)), int(rng.integers(32, 70)))
+            Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), "L").save(root / "bee" / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (40, 48, 4), dtype=np.uint8), "CMYK").save(root / "cat" / "cmyk.jpg")
+    whole = (root / "ant" / "0.png").read_bytes()
+    (root / "ant" / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    (root / "cat" / "notes.txt").write_text("not an image")
+
+
+def test_extract_latents_writes_the_shards_train_reads(tmp_path):
+    image_folder(tmp_path / "images")
+    torch.manual_seed(0)
+    vae = ucgm.AutoencoderKL(**ucgm.AUTOENCODERS["vavae"]).eval()
+    ucgm.save_safetensors({k: v.half() for k, v in vae.state_dict().items()}, tmp_path / "vavae.safetensors")
+    vae = ucgm.create_autoencoder("vavae", str(tmp_path / "vavae.safetensors"))  # its float16-rounded weights
+    flags = ["--images", str(tmp_path / "images"), "--vae", "vavae", "--vae-path", str(tmp_path / "vavae.safetensors"),
+             "--image-size", "32", "--shard-size", "8", "--batch-size", "3", "--num-workers", "0", "--seed", "5"]
+    with pytest.warns(UserWarning, match="truncated.png"):
+        extract_latents.main(extract_latents.parse_args([*flags, "--out", str(tmp_path / "one")]))
+    paths, labels, classes = extract_latents.list_images(str(tmp_path / "images"))
+    assert classes == ["ant", "bee", "cat"] and len(paths) == 21 and labels == [0] * 7 + [1] * 7 + [2] * 7
+    shards = sorted((tmp_path / "one").glob("latents_*.safetensors"))
+    assert [s.name for s in shards] == ["latents_00000.safetensors", "latents_00001.safetensors",
+                                        "latents_00002.safetensors"]
+    data = [ucgm.load_safetensors(s) for s in shards]
+    read = [i for i, p in enumerate(paths) if not p.endswith("truncated.png")]
+    assert torch.cat([d["labels"] for d in data]).tolist() == [labels[i] for i in read]
+    assert json.loads((tmp_path / "one" / "classes.json").read_text()) == classes
+
+    index = paths.index(str(tmp_path / "images" / "cat" / "cmyk.jpg"))  # the flip uses the second noise draw
+    with Image.open(paths[index]) as image:
+        pixels = np.asarray(extract_latents.center_crop(image.convert("RGB"), 32))
+    flipped = torch.from_numpy(pixels[:, ::-1].copy()).permute(2, 0, 1).float()[None] / 127.5 - 1
+    noise = torch.randn(2, 32, 2, 2, generator=torch.Generator().manual_seed(5 * 2**32 + index))
+    with torch.no_grad():
+        expected = vae.encode(flipped, noise[1:])
+    row = read.index(index)
+    torch.testing.assert_close(data[row // 8]["latents_flip"][row % 8][None], expected, rtol=1e-4, atol=1e-4)
+
+    latents = torch.cat([d["latents"] for d in data]).double().numpy()
+    stats = torch.load(tmp_path / "one" / "latents_stats.pt", weights_only=True)
+    np.testing.assert_allclose(stats["mean"].flatten(), latents.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["std"].flatten(), latents.transpose(1, 0, 2, 3).reshape(32, -1).std(1, ddof=1),
+                               rtol=1e-5)
+    dataset = train.LatentDataset(str(tmp_path / "one"))
+    assert len(dataset) == 20 and dataset.num_classes == 3 and (dataset.channels, dataset.size) == (32, 2)
+
+    before = [s.stat().st_mtime_ns for s in shards]  # a restarted run skips the finished shards
+    extract_latents.main(extract_latents.parse_args([*flags, "--out", str(tmp_path / "one")]))
+    assert [s.stat().st_mtime_ns for s in shards] == before
+    with pytest.raises(ValueError, match="another configuration"):
+        extract_latents.main(extract_latents.parse_args([*flags[:-2], "--seed", "6", "--out", str(tmp_path / "one")]))
+
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(HERE, "extract_latents.py"), *flags, "--out", str(tmp_path / "two")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in [s.name for s in shards] + ["latents_stats.pt", "classes.json"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+    run = run_train(tmp_path / "run", "--data", str(tmp_path / "one"), "--model", "TiT-T/1", "--max-steps", "1",
+                    "--sample-every", "1", "--vae", "vavae", "--vae-path", str(tmp_path / "vavae.safetensors"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    with Image.open(tmp_path / "run" / "samples_0000001.png") as grid:  # 80 decoded 32-px samples, 8 a row
+        assert grid.size == (8 * 32, 10 * 32)
+
+
+#################################################################################
+#                         sample.py (SPEC §4, §6)                               #
+#################################################################################
+
+import sample  # noqa: E402
+
+
+def tiny_checkpoint(path, lam=0.0):
+    """Our checkpoint format for a TiT-T/4 on 3×16×16 pixels with 10 classes."""
+    torch.manual_seed(0)
+    model = ucgm.create_model("TiT-T/4", input_size=16, in_channels=3, num_classes=10)
+    with torch.no_grad():  # leave the zero-initialised output, so that samples depend on the weights
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    args = vars(train.parse_args(["--lam", str(lam)]))
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": args, "step": 1,
+                "latent_stats": {"mean": torch.zeros(3, 1, 1), "std": torch.ones(3, 1, 1)}}, path)
+    return model
+
+
+def run_sample(out, *flags, torchrun=0, wait=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    cmd = launcher + [os.path.join(HERE, "sample.py"), "--out", str(out), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sample_py_is_the_same_for_any_process_count_and_after_a_kill(tmp_path):
+    tiny_checkpoint(tmp_path / "ck.pt")
+    flags = ["--ckpt", str(tmp_path / "ck.pt"), "--num-samples", "30", "--batch-size", "4", "--steps", "3",
+             "--rho", "0.5"]  # stochastic steps: their noise must also be fixed per shard
+    sample.main(sample.parse_args([*flags, "--out", str(tmp_path / "one")]))
+    one = np.load(tmp_path / "one" / "samples.npz")
+    assert one["arr_0"].shape == (30, 16, 16, 3) and one["arr_0"].dtype == np.uint8
+    assert one["arr_1"].tolist() == [i % 10 for i in range(30)]  # balanced: three of each class
+    assert len(np.unique(one["arr_0"].reshape(30, -1), axis=0)) == 30
+    two = run_sample(tmp_path / "two", *flags, torchrun=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "two" / "samples.npz")["arr_0"], one["arr_0"])
+
+    killed = run_sample(tmp_path / "killed", *flags, wait=False)
+    third = tmp_path / "killed" / "shards" / "000002.safetensors"
+    while not third.exists() and killed.poll() is None:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "sample.py ended before it could be killed"
+    assert not (tmp_path / "killed" / "samples.npz").exists()
+    resumed = run_sample(tmp_path / "killed", *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    back = np.load(tmp_path / "killed" / "samples.npz")
+    assert np.array_equal(back["arr_0"], one["arr_0"]) and np.array_equal(back["arr_1"], one["arr_1"])
+    assert not list((tmp_path / "killed").rglob("*.tmp*"))
+
+
+def test_sample_py_reads_released_checkpoints_and_bare_state_dicts(tmp_path):
+    model = tiny_checkpoint(tmp_path / "ours.pt")
+    released = {"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "unigen": {},
+                "config": {"model": {"type": "TiT-T/4"}, "transport": {"type": "TrigFlow", "consistc_ratio": 1.0},
+                           "data": {"latent_multiplier": 1.0}}}
+    torch.save(released, tmp_path / "released.pt")
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "released.pt"), "--num-samples", "4",
+                                   "--class", "7", "--out", str(tmp_path / "released")]))
+    config = json.loads((tmp_path / "released" / "sample.json").read_text())
+    assert config["transport"] == "TrigFlow" and config["sampler"]["steps"] == 2  # lam = 1: the few-step preset
+    assert np.load(tmp_path / "released" / "samples.npz")["arr_1"].tolist() == [7] * 4
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    assert sample.infer_model(model.state_dict()) == ("TiT-T/4", dict(input_size=16, in_channels=3,
+                                                                       learn_sigma=False, num_classes=10))
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "bare.pt"), "--num-samples", "2", "--steps", "2",
+                                   "--transport", "Linear", "--out", str(tmp_path / "bare")]))
+    bare = np.load(tmp_path / "bare" / "samples.npz")["arr_0"]
+    ours = ucgm.UCGM("Linear").sample(model, torch.stack([torch.randn(3, 16, 16, generator=torch.Generator()
+                                      .manual_seed(i)) for i in range(2)]), steps=2, kappa=0.5, warp=(1.17, 0.8, 1.1),
+                                      y=torch.tensor([0, 1]))
+    np.testing.assert_allclose(bare, ucgm.to_uint8(ours).permute(0, 2, 3, 1).numpy(), atol=1)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--model", "DiT-T/4"], "as --model DiT-T/4"),
+    (["--class", "10"], r"--class 10: expected a class id in \[0, 9\]"),
+    (["--vae", "sdvae", "--vae-path", "nowhere.bin"], "--vae-path nowhere.bin: no such file"),
+    (["--ckpt", "nowhere.pt"], "--ckpt nowhere.pt: no such file")])
+def test_sample_py_bad_input_is_refused(tmp_path, flags, match):
+    tiny_checkpoint(tmp_path / "ck.pt")
+    with pytest.raises(ValueError, match=match):
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path / "ck.pt"), "--num-samples", "2", "--out",
+                                       str(tmp_path / "out"), *flags]))
+
+
+def test_sample_py_refuses_a_folder_of_another_configuration(tmp_path):
+    tiny_checkpoint(tmp_path / "ck.pt")
+    flags = ["--ckpt", str(tmp_path / "ck.pt"), "--num-samples", "2", "--steps", "2", "--out", str(tmp_path / "out")]
+    sample.main(sample.parse_args(flags))
+    with pytest.raises(ValueError, match="another configuration"):
+        sample.main(sample.parse_args([*flags, "--seed", "1"]))
+    run = run_sample(tmp_path / "x", "--ckpt", str(tmp_path / "ck.pt"), "--num-samples", "0")
+    assert run.returncode != 0 and "--num-samples" in run.stderr.strip().splitlines()[-1]
+
+
+#################################################################################
+#                             fid.py (SPEC §7)                                  #
+#################################################################################
+
+import fid  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """Random FID-Inception weights in the torchvision / torch-fidelity layout, with realistic BatchNorm stats."""
+    torch.manual_seed(0)
+    state = {}
+    for key, value in fid.FIDInception().state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.endswith(("running_var", "bn.weight")):
+            state[key] = torch.rand_like(value) + 0.5
+        elif key.endswith(("running_mean", "bn.bias")):
+            state[key] = 0.1 * torch.randn_like(value)
+        else:  # He-scaled convolutions keep the activations of order one through the 94 layers
+            state[key] = torch.randn_like(value) * (2 / value[0].numel()) ** 0.5
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    return str(path)
+
+
+def random_images(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 5))
+    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    var1, var2, shift = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5), rng.normal(size=5)
+    closed = shift @ shift + ((np.sqrt(var1) - np.sqrt(var2)) ** 2).sum()  # diagonal covariances
+    assert fid.frechet_distance(shift, np.diag(var1), np.zeros(5), np.diag(var2)) == pytest.approx(closed, rel=1e-9)
+    b = rng.normal(size=(50, 5)) * 2 + 1
+    mu2, sigma2 = b.mean(0), np.cov(b, rowvar=False)
+    assert fid.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(fid.frechet_distance(mu2, sigma2, mu, sigma))
+    singular1, singular2 = np.diag([1.0, 0, 0]), np.diag([4.0, 0, 0])  # rank one: sqrtm needs the eps offset
+    assert fid.frechet_distance(np.zeros(3), singular1, np.zeros(3), singular2) == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="different dimensions"):
+        fid.frechet_distance(mu, sigma, mu[:4], sigma[:4, :4])
+
+
+def test_tf1_bilinear_resize_matches_a_numpy_loop():
+    x = np.random.default_rng(0).uniform(0, 255, (1, 2, 13, 20)).astype(np.float32)
+    out = np.empty((1, 2, 299, 299))
+    for i in range(299):  # source = out_index · in/out, no half-pixel offset; the upper neighbour clamps
+        sy = i * 13 / 299
+        y0, wy = int(sy), sy - int(sy)
+        y1 = min(y0 + 1, 12)
+        for j in range(299):
+            sx = j * 20 / 299
+            x0, wx = int(sx), sx - int(sx)
+            x1 = min(x0 + 1, 19)
+            top = x[..., y0, x0] * (1 - wx) + x[..., y0, x1] * wx
+            bottom = x[..., y1, x0] * (1 - wx) + x[..., y1, x1] * wx
+            out[..., i, j] = top * (1 - wy) + bottom * wy
+    np.testing.assert_allclose(fid.resize_tf1(torch.from_numpy(x)).numpy(), out, atol=2e-3)
+    same = torch.rand(1, 3, 299, 299)
+    torch.testing.assert_close(fid.resize_tf1(same), same)
+
+
+def test_inception_weight_layouts_give_identical_features(inception_file, tmp_path):
+    model = fid.load_inception(inception_file)
+    state = model.state_dict()  # torchvision's inception_v3(num_classes=1008, aux_logits=False) layout
+    assert len(state) == 566 and sum(p.numel() for p in model.parameters()) == 23_850_960
+    wrapper = {}
+    for key, value in torch.load(inception_file, weights_only=True).items():
+        block = next((b for b, name in fid.PYTORCH_FID_BLOCKS.items() if key.startswith(name)), None)
+        if block is not None:  # pytorch-fid's InceptionV3 wrapper: blocks.i.j, no classifier
+            wrapper[block + key.split(".", 1)[1]] = value
+    assert len(wrapper) == 566 - 94 - 2  # no num_batches_tracked (94 BatchNorms), no fc
+    torch.save(wrapper, tmp_path / "pytorch_fid_wrapper.pth")
+    images = random_images(3, 40)
+    ours = fid.extract_features(model, images, progress=False)
+    theirs = fid.extract_features(fid.load_inception(str(tmp_path / "pytorch_fid_wrapper.pth")), images, progress=False)
+    assert np.array_equal(ours["pool"], theirs["pool"]) and np.array_equal(ours["spatial"], theirs["spatial"])
+    assert ours["pool"].shape == (3, 2048) and ours["spatial"].shape == (3, 7 * 17 * 17)
+    assert ours["logits"].shape == (3, 1008) and theirs["logits"] is None
+    assert ours["pool"].std(0).mean() > 1e-3  # the random network still tells images apart
+    torch.save({"blocks.0.0.conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth: key 'Conv2d_1a_3x3.conv.weight' has shape"):
+        fid.load_inception(str(tmp_path / "bad.pth"))
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        fid.load_inception(None)
+
+
+def test_inception_score_and_precision_recall_limits():
+    assert fid.inception_score(np.zeros((100, 1008)))[0] == pytest.approx(1.0)
+    confident = np.full((100, 1008), -1e4)
+    confident[np.arange(100), np.arange(100) % 2] = 0  # two equally used classes, each certain: IS = 2
+    assert fid.inception_score(confident)[0] == pytest.approx(2.0)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 16))
+    assert fid.precision_recall(a, a) == (1.0, 1.0)
+    assert fid.precision_recall(a, a + 100) == (0.0, 0.0)
+    radii = fid.manifold_radii(a).numpy()  # against the brute-force 3rd-nearest-neighbour distance
+    d = ((a[:, None] - a[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(radii, np.sort(d, axis=1)[:, 3], rtol=1e-4)
+
+
+def test_folder_npz_and_metrics_end_to_end(inception_file, tmp_path):
+    model = fid.load_inception(inception_file)
+    images = random_images(6, 32, seed=1)
+    (tmp_path / "folder").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "folder" / f"{i:03d}.png")
+    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=np.arange(6))
+    from_folder = fid.extract_features(model, str(tmp_path / "folder"), batch_size=4, progress=False)
+    from_npz = fid.extract_features(model, str(tmp_path / "samples.npz"), batch_size=4, progress=False)
+    assert all(np.array_equal(from_folder[k], from_npz[k]) for k in from_folder)
+    np.savez(tmp_path / "ref.npz", arr_0=images)  # an ADM-style batch with images only
+    metrics = fid.compute_metrics(str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), model)
+    assert abs(metrics["fid"]) < 1e-3 and abs(metrics["sfid"]) < 1e-3
+    assert metrics["precision"] == metrics["recall"] == 1.0 and metrics["inception_score"] >= 1.0
+    fid.main(fid.parse_args(["--save-stats", str(tmp_path / "folder"), str(tmp_path / "stats.npz"),
+                             "--inception-weights", inception_file]))
+    with np.load(tmp_path / "stats.npz") as stats:
+        np.testing.assert_allclose(stats["mu"], from_npz["pool"].mean(0))
+        assert stats["sigma"].shape == (2048, 2048) and stats["pool"].shape == (6, 2048)
+    again = fid.compute_metrics(images, str(tmp_path / "stats.npz"), model)
+    assert again["fid"] == pytest.approx(metrics["fid"], abs=1e-6)
+
+
+def test_fid_bad_input_is_refused(inception_file, tmp_path):
+    model = fid.load_inception(inception_file)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        fid.extract_features(model, random_images(2).astype(np.float32), progress=False)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        fid.extract_features(model, random_images(2)[..., :1], progress=False)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fid.extract_features(model, random_images(1), progress=False)
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="corrupt.npz: not a readable .npz"):
+        fid.extract_features(model, str(tmp_path / "corrupt.npz"), progress=False)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match="different dimensions"):
+        fid.compute_metrics(random_images(2), str(tmp_path / "ref.npz"), model)
+
+
+def test_features_match_torch_fidelity_when_installed(inception_file):
+    extractor = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    theirs = extractor.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=inception_file)
+    images = torch.from_numpy(random_images(2, 48)).permute(0, 3, 1, 2)
+    ours = fid.load_inception(inception_file)(images)
+    pool, logits = theirs(images)
+    torch.testing.assert_close(ours["pool"], pool, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours["logits"], logits, rtol=1e-4, atol=1e-4)

@@ -51,14 +51,14 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for
 def render_digits(count=20_000, size=32, seed=0):
     """Class-conditional RGB digits drawn with Pillow's built-in font: random colours, offset, scale (uint8 NCHW)."""
     images, labels = np.empty((count, size, size, 3), np.uint8), np.arange(count) % 10
-    fonts = {s: ImageFont.load_default(size=s) for s in range(20, 31)}
+    fonts = {s: ImageFont.load_default(size=s) for s in range(24, 33)}
     for i in range(count):
         rng = np.random.default_rng([seed, i])
-        background = rng.integers(0, 256, 3)
-        ink = tuple(int(v) for v in (background + rng.integers(96, 160, 3)) % 256)  # far from the background
-        image = Image.new("RGB", (size, size), tuple(int(v) for v in background))
-        center = size / 2 + rng.uniform(-size / 10, size / 10, 2)
-        ImageDraw.Draw(image).text(tuple(center), str(labels[i]), fill=ink, font=fonts[int(rng.integers(20, 31))],
+        background = tuple(int(v) for v in rng.integers(144, 256, 3))  # light random colour
+        ink = tuple(int(v) for v in rng.integers(0, 112, 3))  # dark random colour: the class mean shows the digit
+        image = Image.new("RGB", (size, size), background)
+        center = size / 2 + rng.uniform(-size / 16, size / 16, 2)  # up to 2 px off centre
+        ImageDraw.Draw(image).text(tuple(center), str(labels[i]), fill=ink, font=fonts[int(rng.integers(24, 33))],
                                    anchor="mm", stroke_width=1, stroke_fill=ink)  # bold strokes
         images[i] = np.asarray(image)
     return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
@@ -78,6 +78,8 @@ class DigitsDataset(torch.utils.data.Dataset):
         index, _ = item
         return self.images[index].float() / 127.5 - 1, self.labels[index]
 
+    mean, std, multiplier = torch.zeros(3, 1, 1), torch.ones(3, 1, 1), 1.0  # pixels are not normalised
+
 
 class LatentDataset(torch.utils.data.Dataset):
     """Latent shards of SPEC §6 (safetensors: latents, latents_flip, labels), memory-mapped and normalised."""
@@ -86,12 +88,21 @@ class LatentDataset(torch.utils.data.Dataset):
         paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
         paths = [p for p in paths if not os.path.basename(p).startswith("latents_stats")]
         if not paths:
-            raise ValueError(f"--data {folder}: expected latent shards (*.safetensors), found none")
+            raise ValueError(f"--data {folder}: expected a folder of latent shards (*.safetensors), found none")
         self.shards = [ucgm.load_safetensors(p) for p in paths]
+        for path, shard in zip(paths, self.shards):
+            shapes = [tuple(shard[k].shape[1:]) for k in ("latents", "latents_flip")]
+            if shapes[0] != shapes[1] or shapes[0] != tuple(self.shards[0]["latents"].shape[1:]):
+                raise ValueError(f"--data {path}: latents of shapes {shapes}, expected "
+                                 f"{tuple(self.shards[0]['latents'].shape[1:])} as in {paths[0]}")
         self.offsets = np.cumsum([0] + [len(s["labels"]) for s in self.shards])
         self.channels, self.size = self.shards[0]["latents"].shape[1], self.shards[0]["latents"].shape[2]
         self.num_classes = int(max(int(s["labels"].max()) for s in self.shards)) + 1
-        self.mean, self.std = ucgm.load_stats(stats or os.path.join(folder, "latents_stats.pt"), self.channels)
+        if stats not in (None, "none") and not os.path.isfile(stats):
+            raise ValueError(f"--latent-stats {stats}: no such file")
+        found = [p for p in (os.path.join(folder, f"latents_stats.{e}") for e in ("pt", "safetensors")) if os.path.exists(p)]
+        stats = stats or (found[0] if found else "none")
+        self.mean, self.std = ucgm.load_stats(None if stats == "none" else stats, self.channels)
         self.multiplier = multiplier
 
     def __len__(self):
@@ -149,11 +160,14 @@ def save_checkpoint(state, folder, step, keep):
             os.remove(old)
 
 
-def load_weights(path, key):
-    """A state dict from our checkpoints, the released UCGM ones (`key` = model or ema) or a bare state dict."""
+def load_weights(module, path, key, flag):
+    """Load `key` (model or ema) of our checkpoints or the released UCGM ones, or a bare state dict, strictly."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get(key, state) if isinstance(state, dict) else state
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    module.load_state_dict(ucgm.checked_state_dict(module.state_dict(), state, f"{flag} {path}", strict=True))
 
 
 def append_log(path, record, keep_through=None):
@@ -174,18 +188,8 @@ def append_log(path, record, keep_through=None):
 
 def main(args):
     """Train until --max-steps; resumable at any point from the newest checkpoint."""
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~3x faster fp32 work, bf16 does the rest
-        torch.backends.cudnn.allow_tf32 = True
-    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores among the processes of this machine
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    rank, world, device = ucgm.setup_distributed()
+    distributed = dist.is_initialized()
     if args.global_batch_size % (world * args.grad_accum):
         raise ValueError(f"--global-batch-size {args.global_batch_size} must divide by processes × --grad-accum "
                          f"= {world * args.grad_accum}")
@@ -199,19 +203,24 @@ def main(args):
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats) if args.data else DigitsDataset(args.seed)
+    if data.size % ucgm.MODELS[args.model]["patch_size"]:
+        raise ValueError(f"--model {args.model}: its patch size does not divide the {data.size}×{data.size} latents")
     model = ucgm.create_model(args.model, input_size=data.size, in_channels=data.channels,
                               num_classes=data.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
     trainer = ucgm.UCGM(args.transport, args.lam, args.zeta, args.enhance_range, args.label_drop, args.huber_c,
                         args.cosine_loss, args.weighting, args.time_dist, args.teacher_decay).to(device)
     if args.init:
-        model.load_state_dict(load_weights(args.init, "model"))
+        load_weights(model, args.init, "model", "--init")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device)
+    if autoencoder.channels != data.channels:
+        raise ValueError(f"--vae {args.vae} decodes {autoencoder.channels}-channel latents, the data has {data.channels}")
     optimizer_class = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[args.optimizer]
     fused = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(optimizer_class).parameters else {}
     opt = optimizer_class(model.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, **fused)
     if args.teacher:
         trainer.make_teacher(model)
-        trainer.teacher.load_state_dict(load_weights(args.teacher, "ema"))
+        load_weights(trainer.teacher, args.teacher, "ema", "--teacher")
 
     start_step, skipped = 0, 0
     resume = os.path.join(checkpoints, "latest.pt") if args.resume == "auto" else args.resume
@@ -233,7 +242,7 @@ def main(args):
         append_log(os.path.join(args.out, "log.jsonl"), None, keep_through=start_step)
 
     net = torch.compile(model) if args.compile else model  # fuses the elementwise work of every block
-    net = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else net
+    net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if distributed else net
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=StepBatches(len(data), args.global_batch_size, rank, world, args.seed, start_step,
                                         args.max_steps), num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -248,13 +257,15 @@ def main(args):
         preset = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"]
         with torch.no_grad(), autocast:
             images = trainer.sample(ema, sample_noise.to(device), y=sample_labels.to(device), **preset)
-        if images.shape[1] == 3:  # latents need an autoencoder to be seen (--vae)
-            ucgm.save_image_grid(images, 8, os.path.join(args.out, f"samples_{step:07d}.png"))
+            latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
+            images = torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # 16 at a time bounds memory
+        ucgm.save_image_grid(images, 8, os.path.join(args.out, f"samples_{step:07d}.png"))
 
     def checkpoint(step):
         """Save everything that moves, so that a resumed run repeats this one exactly."""
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "ucgm": trainer.state_dict(), "args": vars(args), "step": step, "skipped": skipped,
+                 "ucgm": trainer.state_dict(), "args": vars(args),
+                 "latent_stats": {"mean": data.mean, "std": data.std}, "step": step, "skipped": skipped,
                  "rng": {"torch": torch.get_rng_state()},
                  "data_position": dict(zip(("epoch", "batch"), divmod(step, len(data) // args.global_batch_size)))}
         save_checkpoint(state, checkpoints, step, args.ckpt_every)
@@ -338,8 +349,10 @@ def parse_args(argv=None):
                    help="network, {DiT,TiT}-{T,S,B,L,XL}/{1,2,4} (TiT-XL/1; demo TiT-T/4)")
     g.add_argument("--data", help="folder of latent shards (SPEC §6); without it, the built-in digits demo")
     g.add_argument("--latent-multiplier", type=float, default=1.0, help="scale after normalising (0.18215 SD-VAE)")
-    g.add_argument("--latent-stats", help="mean/std file (default: DATA/latents_stats.pt if present)")
-    g.add_argument("--vae", choices=["identity"], default="identity", help="autoencoder for sample grids")
+    g.add_argument("--latent-stats", help="mean/std file, or 'none' (default: DATA/latents_stats.pt if present)")
+    g.add_argument("--vae", choices=["identity", *ucgm.AUTOENCODERS], default="identity",
+                   help="autoencoder that decodes the sample grids (SPEC §5)")
+    g.add_argument("--vae-path", help="its local weight file (LDM, diffusers or VA-VAE layout)")
     g.add_argument("--out", default="runs/demo", help="output folder: checkpoints/, log.jsonl, samples (runs/demo)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch-size", type=int, help="images per step over all processes (1024; demo 64)")
@@ -380,4 +393,7 @@ def resolve(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except ValueError as error:  # bad input: one clear line, no traceback
+        raise SystemExit(f"train.py: error: {error}")

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import re
 import struct
 import warnings
 from functools import partial
@@ -633,6 +634,226 @@ SAMPLER_PRESETS = {"multistep": dict(steps=40, rho=0.0, kappa=0.5, warp=(1.17, 0
 
 
 #################################################################################
+#                  The autoencoder: LDM AutoencoderKL (SPEC §5)                 #
+#################################################################################
+
+def group_norm(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """(GroupNorm -> SiLU -> conv3×3) twice, plus a 1×1 shortcut when the width changes."""
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H·W positions, with 1×1-conv projections."""
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (proj(h).reshape(N, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √C) v, (N, 1, H·W, C)
+        return x + self.proj_out(h.transpose(2, 3).reshape(N, C, H, W))
+
+
+class Resample(nn.Module):
+    """×2 nearest upsampling then conv3×3, or conv3×3 with stride 2 after padding right and bottom by one."""
+    def __init__(self, channels, up):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Level(nn.Module):
+    """One resolution: ResNet blocks, each followed by attention at attention levels, then a resampling
+    stored as `downsample` or `upsample` (the LDM weight names)."""
+    def __init__(self, cin, cout, num_blocks, attention, resample=None):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout) for i in range(num_blocks))
+        self.attn = nn.ModuleList(AttnBlock(cout) for _ in range(num_blocks if attention else 0))
+        self.resample = resample
+        if resample:
+            self.add_module(resample, Resample(cout, up=resample == "upsample"))
+
+    def forward(self, h):
+        for i, block in enumerate(self.block):
+            h = block(h)
+            h = self.attn[i](h) if self.attn else h
+        return getattr(self, self.resample)(h) if self.resample else h
+
+
+class Middle(nn.Module):
+    """ResNet block -> attention -> ResNet block at the lowest resolution."""
+    def __init__(self, channels):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), \
+            ResnetBlock(channels, channels)
+
+    def forward(self, h):
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    """Image (N, 3, H, W) -> posterior moments (N, 2C, H/f, W/f), f = 2^(levels - 1)."""
+    def __init__(self, channels, ch_mult, attn_levels, ch=128, num_blocks=2):
+        super().__init__()
+        widths = [ch * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.down = nn.ModuleList(Level(([ch] + widths)[i], w, num_blocks, i in attn_levels,
+                                        "downsample" if i < len(widths) - 1 else None) for i, w in enumerate(widths))
+        self.mid = Middle(widths[-1])
+        self.norm_out, self.conv_out = group_norm(widths[-1]), nn.Conv2d(widths[-1], 2 * channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    """Latents (N, C, h, w) -> image (N, 3, f·h, f·w); `up[i]` works at the resolution of `down[i]`."""
+    def __init__(self, channels, ch_mult, attn_levels, ch=128, num_blocks=2):
+        super().__init__()
+        widths = [ch * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(channels, widths[-1], 3, padding=1)
+        self.mid = Middle(widths[-1])
+        self.up = nn.ModuleList(Level((widths + [widths[-1]])[i + 1], w, num_blocks + 1, i in attn_levels,
+                                      "upsample" if i > 0 else None) for i, w in enumerate(widths))
+        self.norm_out, self.conv_out = group_norm(widths[0]), nn.Conv2d(widths[0], 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """The LDM KL autoencoder of SD-VAE and VA-VAE; images in [-1, 1] <-> latents (SPEC §5)."""
+    def __init__(self, channels, ch_mult, attn_levels=(), sample_posterior=False, ch=128):
+        super().__init__()
+        self.channels, self.factor, self.sample_posterior = channels, 2 ** (len(ch_mult) - 1), sample_posterior
+        self.encoder = Encoder(channels, ch_mult, attn_levels, ch)
+        self.decoder = Decoder(channels, ch_mult, attn_levels, ch)
+        self.quant_conv = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.post_quant_conv = nn.Conv2d(channels, channels, 1)
+
+    def encode(self, images, noise=None):
+        """The posterior mean, or the posterior sample mean + std · noise when noise (N, C, h, w) is given."""
+        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        if noise is None:
+            return mean
+        return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise  # LDM's clamp of the log-variance
+
+    def decode(self, latents):
+        return self.decoder(self.post_quant_conv(latents))
+
+
+class PixelSpace(nn.Module):
+    """The identity autoencoder: the latents are the pixels."""
+    channels, factor, sample_posterior = 3, 1, False
+
+    def encode(self, images, noise=None):
+        return images
+
+    def decode(self, latents):
+        return latents
+
+
+# SPEC §5: SD-VAE (sd-vae-ft-ema / -mse, encoded by the posterior mean) and VA-VAE (LightningDiT's f16d32,
+# with attention at the 16×16 level of 256-px images and encoded by a posterior sample, as its models were trained)
+AUTOENCODERS = {"sdvae": dict(channels=4, ch_mult=(1, 2, 4, 4)),
+                "vavae": dict(channels=32, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,), sample_posterior=True)}
+# the same weights under diffusers' names: (LDM pattern, diffusers replacement) applied in order
+DIFFUSERS_NAMES = [(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
+                   (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
+                   (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+                   (r"^encoder\.down\.(\d+)\.attn\.", r"encoder.down_blocks.\1.attentions."),
+                   (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+                   (r"\.nin_shortcut\.", ".conv_shortcut."), (r"\.norm_out\.", ".conv_norm_out."),
+                   (r"\.norm\.", ".group_norm."), (r"\.q\.", ".to_q."), (r"\.k\.", ".to_k."), (r"\.v\.", ".to_v."),
+                   (r"\.proj_out\.", ".to_out.0.")]
+OLD_DIFFUSERS_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def diffusers_name(key, levels):
+    """The diffusers name of an LDM weight name; the decoder's levels are numbered from the bottom there."""
+    up = re.match(r"^decoder\.up\.(\d+)\.(block|attn|upsample)\.(.*)$", key)
+    if up:
+        kind = {"block": "resnets", "attn": "attentions", "upsample": "upsamplers.0"}[up[2]]
+        key = f"decoder.up_blocks.{levels - 1 - int(up[1])}.{kind}.{up[3]}"
+    for pattern, replacement in DIFFUSERS_NAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def load_autoencoder_weights(model, path):
+    """Load an LDM-layout, diffusers-layout (.bin/.safetensors) or VA-VAE .pt file; name the first bad key."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--vae-path {path}: no such file")
+    state = load_safetensors(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                                    weights_only=True)
+    state = state.get("state_dict", state)  # LDM and VA-VAE files nest the weights
+    state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}  # a whole LDM/SD checkpoint
+    expected = model.state_dict()
+    if any(".down_blocks." in k or ".mid_block." in k for k in state):  # the diffusers layout: rename to LDM
+        to_ldm, renamed = {diffusers_name(k, len(model.decoder.up)): k for k in expected}, {}
+        for key, value in state.items():
+            for old, new in OLD_DIFFUSERS_NAMES.items():
+                key = key.replace(old, new)
+            key = to_ldm.get(key, key)
+            if key in expected and value.dim() == 2 and expected[key].dim() == 4:
+                value = value[:, :, None, None]  # diffusers' attention Linear (C, C) -> 1×1 conv (C, C, 1, 1)
+            renamed[key] = value
+        state = renamed
+    model.load_state_dict(checked_state_dict(expected, state, f"--vae-path {path}"))  # loss/DINOv2 extras dropped
+    return model
+
+
+def checked_state_dict(expected, state, where, strict=False):
+    """The entries of state that match the state dict `expected`; a missing or misshapen key (or, if strict, an
+    extra one) is a one-line ValueError naming it."""
+    for key, value in expected.items():
+        if key not in state:
+            raise ValueError(f"{where}: missing key {key!r} (weights of another architecture?)")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ValueError(f"{where}: key {key!r} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
+    extra = [key for key in state if key not in expected]
+    if strict and extra:
+        raise ValueError(f"{where}: unexpected key {extra[0]!r} (weights of another architecture?)")
+    return {key: state[key] for key in expected}
+
+
+def create_autoencoder(name, path=None):
+    """`identity`, or an AutoencoderKL of AUTOENCODERS loaded from a local weight file (nothing is downloaded)."""
+    if name == "identity":
+        return PixelSpace()
+    if name not in AUTOENCODERS:
+        raise ValueError(f"--vae {name}: expected one of {['identity', *AUTOENCODERS]}")
+    if path is None:
+        raise ValueError(f"--vae {name} needs --vae-path (a local weight file)")
+    return load_autoencoder_weights(AutoencoderKL(**AUTOENCODERS[name]), path).eval()
+
+
+#################################################################################
 #                     File I/O: safetensors and atomic writes (SPEC §6)         #
 #################################################################################
 
@@ -705,15 +926,35 @@ def load_safetensors(path):
 
 
 def load_stats(path, channels):
-    """Per-channel mean and std (C, 1, 1) from a latents_stats .pt or .safetensors file; (0, 1) if there is none."""
-    if not os.path.exists(path) and os.path.exists(path.replace(".pt", ".safetensors")):
-        path = path.replace(".pt", ".safetensors")
-    if not os.path.exists(path):
+    """Per-channel mean and std (C, 1, 1) from a latents_stats .pt or .safetensors file; (0, 1) for None."""
+    if path is None:
         return torch.zeros(channels, 1, 1), torch.ones(channels, 1, 1)
     stats = load_safetensors(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
     if "mean" not in stats or "std" not in stats or stats["mean"].numel() != channels:
         raise ValueError(f"{path}: expected 'mean' and 'std' with {channels} values each")
     return stats["mean"].float().reshape(channels, 1, 1), stats["std"].float().reshape(channels, 1, 1)
+
+
+def setup_distributed():
+    """Join torchrun's process group if there is one (NCCL on CUDA, gloo on CPU); return (rank, world, device)."""
+    distributed = "RANK" in os.environ
+    if distributed:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~3x faster fp32 work, bf16 does the rest
+        torch.backends.cudnn.allow_tf32 = True
+    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores among the processes of this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return rank, world, device
+
+
+def denormalise(latents, mean, std, multiplier):
+    """Undo the latent normalisation (latent - mean) / std · multiplier of SPEC §6: what the autoencoder decodes."""
+    return latents / multiplier * std + mean
 
 
 def to_uint8(images, dit_rounding=False):

@@ -1,0 +1,197 @@
+"""
+Encode an ImageNet-style folder into the latent shards that train.py reads (SPEC §5, §6).
+
+  torchrun --nproc_per_node=8 extract_latents.py --images /data/imagenet/train --vae vavae \\
+      --vae-path vavae-imagenet256-f16d32-dinov2.pt --image-size 256 --out latents/in1k256_vavae
+
+Shard k holds images [k·S, (k+1)·S) of the sorted file list (S = --shard-size) and process r encodes shards
+r, r + W, r + 2W, ... in order, so the output does not depend on the number of processes. Finished shards
+are skipped when a run is restarted. An unreadable image is skipped with a warning.
+"""
+
+import argparse
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import ucgm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def list_images(root):
+    """(paths, labels, class names): sorted class folders give labels 0..K-1; a flat folder is one class."""
+    if not os.path.isdir(root):
+        raise ValueError(f"--images {root}: not a folder")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    folders = [os.path.join(root, c) for c in classes] if classes else [root]
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        for dirpath, _, names in sorted(os.walk(folder)):
+            found = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+            paths += [os.path.join(dirpath, n) for n in found]
+            labels += [label] * len(found)
+    if not paths:
+        raise ValueError(f"--images {root}: expected image files ({', '.join(IMAGE_EXTENSIONS)}), found none")
+    return paths, labels, classes or [os.path.basename(os.path.normpath(root))]
+
+
+def center_crop(image, size):
+    """ADM's centre crop: halve with BOX while the short side is >= 2·size, BICUBIC to a short side of size, crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(index, image in [-1, 1] (3, size, size)) per file; an unreadable file gives (index, None) and a warning."""
+
+    def __init__(self, paths, indices, size):
+        self.paths, self.indices, self.size = paths, indices, size
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        index = self.indices[i]
+        try:
+            with Image.open(self.paths[index]) as image:
+                pixels = np.asarray(center_crop(image.convert("RGB"), self.size))
+        except Exception as error:  # a truncated or corrupt file must not kill a 1.28M-image run
+            warnings.warn(f"skipping unreadable image {self.paths[index]}: {error}")
+            return index, None
+        return index, torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def keep_readable(items):
+    """Collate (index, image) pairs, dropping the unreadable ones; also return how many were dropped."""
+    good = [(i, x) for i, x in items if x is not None]
+    images = torch.stack([x for _, x in good]) if good else None
+    return torch.tensor([i for i, _ in good], dtype=torch.long), images, len(items) - len(good)
+
+
+def encode(autoencoder, images, indices, seed, autocast):
+    """Latents of the images and of their horizontal flips; a posterior sample draws its noise from (seed, index)."""
+    batch = torch.cat([images, images.flip(-1)])
+    noise = None
+    if autoencoder.sample_posterior:
+        shape = (2, autoencoder.channels, images.shape[-2] // autoencoder.factor, images.shape[-1] // autoencoder.factor)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + int(i)))
+                             for i in indices])  # (N, 2, C, h, w): one draw for the image, one for its flip
+        noise = noise.transpose(0, 1).reshape(-1, *shape[1:]).to(images.device)
+    with torch.no_grad(), autocast:
+        latents = autoencoder.encode(batch, noise).float()
+    return latents.chunk(2)
+
+
+def shard_path(out, k):
+    return os.path.join(out, f"latents_{k:05d}.safetensors")
+
+
+def main(args):
+    rank, world, device = ucgm.setup_distributed()
+    paths, labels, classes = list_images(args.images)
+    autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device)
+    if args.image_size % autoencoder.factor:
+        raise ValueError(f"--image-size {args.image_size}: must divide by the {args.vae} factor {autoencoder.factor}")
+    config = {"images": os.path.abspath(args.images), "count": len(paths), "vae": args.vae,
+              "image_size": args.image_size, "shard_size": args.shard_size, "seed": args.seed}
+    config_path = os.path.join(args.out, "extract.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            if json.load(f) != config:
+                raise ValueError(f"--out {args.out}: holds shards of another configuration ({config_path}); "
+                                 f"use a new --out")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        ucgm.atomic_write(config_path, lambda f: f.write(json.dumps(config, indent=2).encode()))
+        ucgm.atomic_write(os.path.join(args.out, "classes.json"), lambda f: f.write(json.dumps(classes).encode()))
+    if dist.is_initialized():
+        dist.barrier()
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    num_shards = math.ceil(len(paths) / args.shard_size)
+    todo = [k for k in range(rank, num_shards, world) if not os.path.exists(shard_path(args.out, k))]
+    bar = tqdm(total=sum(min(args.shard_size, len(paths) - k * args.shard_size) for k in todo),
+               disable=rank != 0, unit="img", desc="encoding")
+    skipped = 0
+    for k in todo:
+        files = ImageFiles(paths, range(k * args.shard_size, min((k + 1) * args.shard_size, len(paths))),
+                           args.image_size)
+        loader = torch.utils.data.DataLoader(files, args.batch_size, num_workers=args.num_workers,
+                                             collate_fn=keep_readable)
+        shard = {"latents": [], "latents_flip": [], "labels": []}
+        for indices, images, dropped in loader:
+            skipped += dropped
+            bar.update(len(indices) + dropped)
+            if images is None:
+                continue
+            latents, latents_flip = encode(autoencoder, images.to(device), indices, args.seed, autocast)
+            shard["latents"].append(latents.cpu())
+            shard["latents_flip"].append(latents_flip.cpu())
+            shard["labels"].append(torch.tensor([labels[i] for i in indices]))
+        if shard["labels"]:
+            ucgm.save_safetensors({key: torch.cat(value) for key, value in shard.items()}, shard_path(args.out, k))
+    bar.close()
+
+    total_skipped = torch.tensor(skipped)
+    if dist.is_initialized():
+        dist.all_reduce(total_skipped)
+        dist.barrier()
+    if rank == 0:
+        mean, std = latent_stats(args.out, num_shards, args.stats_images)
+        ucgm.atomic_write(os.path.join(args.out, "latents_stats.pt"), lambda f: torch.save({"mean": mean, "std": std}, f))
+        print(f"{args.out}: {len(paths)} images in {num_shards} shards; {int(total_skipped)} unreadable images "
+              f"skipped in this run; latent mean {mean.flatten()[:4].tolist()}..., std {std.flatten()[:4].tolist()}...")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def latent_stats(out, num_shards, max_images):
+    """Per-channel mean and std (1, C, 1, 1) of the latents of the first max_images images, as released."""
+    chunks, count = [], 0
+    for k in range(num_shards):
+        if count >= max_images:
+            break
+        if os.path.exists(shard_path(out, k)):  # a shard of unreadable images only is never written
+            latents = ucgm.load_safetensors(shard_path(out, k))["latents"][:max_images - count]
+            chunks.append(latents.double())
+            count += len(latents)
+    latents = torch.cat(chunks)
+    return latents.mean((0, 2, 3), keepdim=True).float(), latents.std((0, 2, 3), keepdim=True).float()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="an ImageFolder (one folder per class) or a flat folder")
+    p.add_argument("--out", required=True, help="the output folder of latent shards")
+    p.add_argument("--vae", default="vavae", choices=["identity", *ucgm.AUTOENCODERS], help="the autoencoder (SPEC §5)")
+    p.add_argument("--vae-path", help="its local weight file (LDM, diffusers or VA-VAE layout)")
+    p.add_argument("--image-size", type=int, default=256, help="ADM centre crop to this many pixels")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (and their flips)")
+    p.add_argument("--stats-images", type=int, default=10_000, help="images for the per-channel mean/std")
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (VA-VAE)")
+    args = p.parse_args(argv)
+    for flag in ("image_size", "shard_size", "batch_size", "stats_images"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ValueError as error:
+        raise SystemExit(f"extract_latents.py: error: {error}")
