@@ -106,15 +106,8 @@ def main(args):
         raise ValueError(f"--image-size {args.image_size}: must divide by the {args.vae} factor {autoencoder.factor}")
     config = {"images": os.path.abspath(args.images), "count": len(paths), "vae": args.vae,
               "image_size": args.image_size, "shard_size": args.shard_size, "seed": args.seed}
-    config_path = os.path.join(args.out, "extract.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            if json.load(f) != config:
-                raise ValueError(f"--out {args.out}: holds shards of another configuration ({config_path}); "
-                                 f"use a new --out")
+    ucgm.claim_folder(args.out, "extract.json", config, write=rank == 0)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        ucgm.atomic_write(config_path, lambda f: f.write(json.dumps(config, indent=2).encode()))
         ucgm.atomic_write(os.path.join(args.out, "classes.json"), lambda f: f.write(json.dumps(classes).encode()))
     if dist.is_initialized():
         dist.barrier()
@@ -191,7 +184,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ValueError as error:
-        raise SystemExit(f"extract_latents.py: error: {error}")
+    ucgm.run_script(main, parse_args)

@@ -413,7 +413,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ValueError as error:
-        raise SystemExit(f"fid.py: error: {error}")
+    ucgm.run_script(main, parse_args)

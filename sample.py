@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import fid
 import ucgm
 
 
@@ -115,15 +116,9 @@ def main(args):
     config = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, model=name, transport=transport, vae=vae,
                   multiplier=multiplier, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
                   class_id=args.class_id, sampler={k: list(v) if isinstance(v, tuple) else v for k, v in sampler.items()})
-    config_path = os.path.join(args.out, "sample.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            if json.load(f) != config:
-                raise ValueError(f"--out {args.out}: holds shards of another configuration ({config_path}); "
-                                 f"use a new --out")
+    ucgm.claim_folder(args.out, "sample.json", config, write=rank == 0)
     if rank == 0:
         os.makedirs(os.path.join(args.out, "shards"), exist_ok=True)
-        ucgm.atomic_write(config_path, lambda f: f.write(json.dumps(config, indent=2).encode()))
         print(json.dumps(config))
     if dist.is_initialized():
         dist.barrier()
@@ -167,6 +162,11 @@ def merge(args, num_shards):
     ucgm.save_image_grid(first, 8, os.path.join(args.out, "samples.png"))
     print(f"{path}: {len(images)} samples of {images.shape[1]}×{images.shape[2]}, "
           f"{len(np.unique(labels))} classes")
+    if args.fid_ref:  # FID, IS, sFID, precision and recall right away, through fid.py's API
+        inception = fid.load_inception(args.inception_weights, "cuda" if torch.cuda.is_available() else "cpu")
+        metrics = fid.compute_metrics(images, args.fid_ref, inception)
+        print(json.dumps(metrics, indent=2))
+        ucgm.atomic_write(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(metrics).encode()))
 
 
 def parse_args(argv=None):
@@ -199,17 +199,18 @@ def parse_args(argv=None):
     g.add_argument("--vae-path", help="its local weight file")
     g.add_argument("--latent-stats", help="mean/std file or latent folder, or 'none' (default: the checkpoint's)")
     g.add_argument("--latent-multiplier", type=float, help="(default: the checkpoint's; 0.18215 for SD-VAE)")
+    g.add_argument("--fid-ref", help="reference .npz (ADM batch or fid.py --save-stats): compute the metrics")
+    g.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth, for --fid-ref")
     g.add_argument("--out", default="samples", help="output folder: samples.npz, samples.png, shards/")
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or args.decode_batch < 1:
         p.error("--num-samples, --batch-size and --decode-batch must be >= 1")
+    if args.fid_ref and not args.inception_weights:
+        p.error("--fid-ref needs --inception-weights")
     if args.rho is not None and args.rho != "auto":
         args.rho = float(args.rho)
     return args
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ValueError as error:  # bad input: one clear line, no traceback
-        raise SystemExit(f"sample.py: error: {error}")
+    ucgm.run_script(main, parse_args)

@@ -32,15 +32,17 @@ import ucgm
 BASE = dict(transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1, huber_c=0.0,
             cosine_loss=False, weighting="cosine", time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
             model="TiT-XL/1", global_batch_size=1024, max_steps=1_000_000, optimizer="adamw", lr=2e-4,
-            betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, log_every=100, ckpt_every=20_000, sample_every=20_000)
+            betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, log_every=100, ckpt_every=20_000, sample_every=20_000,
+            sample_cfg=1.0)
 PRESETS = {
     "multistep": dict(lam=0.0, zeta=0.47, cosine_loss=True, weighting="cosine", huber_c=0.0, time_dist=(1.0, 1.0, 1.0),
                       teacher_decay=0.999, optimizer="adamw", lr=2e-4, betas=(0.9, 0.95)),
     "fewstep": dict(lam=1.0, zeta=2.0, cosine_loss=False, weighting="cosine", huber_c=5.0, time_dist=(0.8, 1.0, 1.0),
                     teacher_decay=1.0, optimizer="radam", lr=1e-4, betas=(0.9, 0.999), grad_clip=0.1)}
-# the digits demo without --data: a 1.3M-parameter TiT on 32×32 pixels, ~0.35 s a step on 2 CPU cores
-DEMO = dict(model="TiT-T/4", global_batch_size=64, max_steps=1500, lr=1e-3, log_every=50, ckpt_every=500,
-            sample_every=500)
+# the digits demo without --data: a 1.3M-parameter TiT on 32×32 pixels, ~0.33 s a step on 2 CPU cores; unweighted
+# loss (the cos(πt/2) weight starves the high-noise steps that decide the digit) and guided grids
+DEMO = dict(model="TiT-T/4", global_batch_size=64, max_steps=1500, lr=2e-3, weighting="none", log_every=50,
+            ckpt_every=500, sample_every=500, sample_cfg=3.5)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
 
 
@@ -114,6 +116,22 @@ class LatentDataset(torch.utils.data.Dataset):
         data, row = self.shards[shard], index - self.offsets[shard]
         latent = data["latents_flip" if flip else "latents"][row].float()
         return (latent - self.mean) / self.std * self.multiplier, data["labels"][row].long()
+
+
+class SyntheticLatents(torch.utils.data.Dataset):
+    """--bench data: Gaussian latents of a given shape with 1000 classes, one batch's worth, made on the fly."""
+    num_classes, mean, std, multiplier = 1000, 0.0, 1.0, 1.0
+
+    def __init__(self, channels, size, length):
+        self.channels, self.size, self.length = channels, size, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, item):
+        index, _ = item
+        generator = torch.Generator().manual_seed(index)
+        return torch.randn(self.channels, self.size, self.size, generator=generator), torch.tensor(index % 1000)
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -194,7 +212,8 @@ def main(args):
         raise ValueError(f"--global-batch-size {args.global_batch_size} must divide by processes × --grad-accum "
                          f"= {world * args.grad_accum}")
     checkpoints = os.path.join(args.out, "checkpoints")
-    if rank == 0:
+    writer = rank == 0 and not args.bench  # a benchmark writes nothing
+    if writer:
         os.makedirs(checkpoints, exist_ok=True)
         for stale in glob.glob(os.path.join(checkpoints, "*.tmp*")):  # left by a run killed while saving
             os.remove(stale)
@@ -202,7 +221,12 @@ def main(args):
         print(json.dumps(vars(args)))
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats) if args.data else DigitsDataset(args.seed)
+    if args.bench:
+        data = SyntheticLatents(*args.bench_shape, length=args.global_batch_size)
+    elif args.data:
+        data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats)
+    else:
+        data = DigitsDataset(args.seed)
     if data.size % ucgm.MODELS[args.model]["patch_size"]:
         raise ValueError(f"--model {args.model}: its patch size does not divide the {data.size}×{data.size} latents")
     model = ucgm.create_model(args.model, input_size=data.size, in_channels=data.channels,
@@ -212,8 +236,8 @@ def main(args):
     if args.init:
         load_weights(model, args.init, "model", "--init")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device)
-    if autoencoder.channels != data.channels:
+    autoencoder = None if args.bench else ucgm.create_autoencoder(args.vae, args.vae_path).to(device)  # for grids
+    if autoencoder is not None and autoencoder.channels != data.channels:
         raise ValueError(f"--vae {args.vae} decodes {autoencoder.channels}-channel latents, the data has {data.channels}")
     optimizer_class = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[args.optimizer]
     fused = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(optimizer_class).parameters else {}
@@ -224,7 +248,7 @@ def main(args):
 
     start_step, skipped = 0, 0
     resume = os.path.join(checkpoints, "latest.pt") if args.resume == "auto" else args.resume
-    if resume and os.path.exists(resume):
+    if resume and os.path.exists(resume) and not args.bench:
         state = torch.load(resume, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -238,7 +262,7 @@ def main(args):
             print(f"resumed from {resume} at step {start_step}")
     elif args.resume not in (None, "auto"):
         raise ValueError(f"--resume {args.resume}: no such checkpoint")
-    if rank == 0:
+    if writer:
         append_log(os.path.join(args.out, "log.jsonl"), None, keep_through=start_step)
 
     net = torch.compile(model) if args.compile else model  # fuses the elementwise work of every block
@@ -256,7 +280,8 @@ def main(args):
         """EMA samples with the UCGM-S preset of the model, eight per class, as OUT/samples_{step}.png."""
         preset = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"]
         with torch.no_grad(), autocast:
-            images = trainer.sample(ema, sample_noise.to(device), y=sample_labels.to(device), **preset)
+            images = trainer.sample(ema, sample_noise.to(device), y=sample_labels.to(device), cfg_scale=args.sample_cfg,
+                                    **preset)
             latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
             images = torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # 16 at a time bounds memory
         ucgm.save_image_grid(images, 8, os.path.join(args.out, f"samples_{step:07d}.png"))
@@ -301,6 +326,9 @@ def main(args):
             bad_in_a_row, window_loss, window_steps = 0, window_loss + step_loss, window_steps + 1
         opt.zero_grad(set_to_none=True)
         bar.update(1)
+        if args.bench and step == min(3, args.max_steps - 1):  # time from here: compilation and warm-up are done
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            bench_start, bench_first = time.time(), step + 1
 
         if step % args.log_every == 0 or step == args.max_steps:
             if distributed:
@@ -313,18 +341,26 @@ def main(args):
                                                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30}
             if peak:
                 record["mfu"] = flops * steps_done / elapsed / world / peak
-            if rank == 0:
+            if writer:
                 append_log(os.path.join(args.out, "log.jsonl"), record)
                 bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", steps_s=f"{steps_done / elapsed:.2f}",
                                 img_s=f"{record['img_per_s']:.0f}")
             window_loss, window_steps, window_start, window_first = torch.zeros((), device=device), 0, time.time(), step + 1
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.max_steps) and not bad_in_a_row:
+        if writer and (step % args.ckpt_every == 0 or step == args.max_steps) and not bad_in_a_row:
             checkpoint(step)
-        if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
+        if writer and (step % args.sample_every == 0 or step == args.max_steps):
             sample_grid(step)
         if distributed and step % args.ckpt_every == 0:
             dist.barrier()
     bar.close()
+    if args.bench and rank == 0:
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        seconds = (time.time() - bench_start) / (args.max_steps - bench_first + 1)
+        memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else record["peak_mem_gb"]
+        print(f"bench {args.model} on {data.channels}×{data.size}×{data.size}, batch {args.global_batch_size // world}"
+              f"/process, lam {args.lam}, {args.precision if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}: "
+              f"{args.global_batch_size / seconds:.1f} img/s, {1000 * seconds:.1f} ms/step, peak memory {memory:.2f} GB"
+              + (f", MFU {flops / seconds / world / peak:.1%}" if peak else ""))
     if distributed:
         dist.destroy_process_group()
 
@@ -341,7 +377,7 @@ def parse_args(argv=None):
     g.add_argument("--label-drop", type=float, help="fraction of labels nulled for guidance (0.1)")
     g.add_argument("--huber-c", type=float, help="pseudo-Huber constant c; 0 is an RMS loss (0)")
     g.add_argument("--cosine-loss", action=argparse.BooleanOptionalAction, help="add 1 - cosine similarity (off)")
-    g.add_argument("--weighting", choices=["cosine", "none"], help="loss weight cos(πt/2) or none (cosine)")
+    g.add_argument("--weighting", choices=["cosine", "none"], help="loss weight cos(πt/2) or none (cosine; demo none)")
     g.add_argument("--time-dist", type=float, nargs=3, help="t = clamp(s·Beta(θ1, θ2)): θ1 θ2 s (1 1 1)")
     g.add_argument("--teacher-decay", type=float, help="teacher: 0 online, (0,1) EMA, 1 frozen (0.999)")
     g = p.add_argument_group("model and data")
@@ -359,7 +395,7 @@ def parse_args(argv=None):
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (1)")
     g.add_argument("--max-steps", type=int, help="training steps (1e6; demo 1500)")
     g.add_argument("--optimizer", choices=["adamw", "radam"], help="optimiser (adamw)")
-    g.add_argument("--lr", type=float, help="learning rate (2e-4; demo 1e-3)")
+    g.add_argument("--lr", type=float, help="learning rate (2e-4; demo 2e-3)")
     g.add_argument("--betas", type=float, nargs=2, help="Adam betas (0.9 0.95)")
     g.add_argument("--weight-decay", type=float, help="decoupled weight decay (0)")
     g.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 = off (0)")
@@ -371,10 +407,14 @@ def parse_args(argv=None):
     g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing: less memory, +1 forward")
     g.add_argument("--num-workers", type=int, default=2, help="data-loading processes per rank (2)")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, t and noise (0)")
+    g.add_argument("--bench", type=int, metavar="N", help="time N steps on synthetic data; write nothing")
+    g.add_argument("--bench-shape", type=int, nargs=2, default=(32, 16), metavar=("C", "SIZE"),
+                   help="latent channels and size of the --bench data (32 16: VA-VAE at 256 px)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, help="steps between log.jsonl lines (100; demo 50)")
     g.add_argument("--ckpt-every", type=int, help="keep a checkpoint every this many steps (20000; demo 500)")
     g.add_argument("--sample-every", type=int, help="steps between EMA sample grids (20000; demo 500)")
+    g.add_argument("--sample-cfg", type=float, help="guidance scale of the sample grids (1; demo 3)")
     g.add_argument("--resume", default="auto", help="'auto' (newest in OUT/checkpoints), a path, or 'none'")
     g.add_argument("--init", help="start weights: our checkpoint, a released UCGM one, or a state dict")
     g.add_argument("--teacher", help="weights of the frozen teacher (teacher-decay 1), e.g. a multi-step model")
@@ -389,11 +429,10 @@ def resolve(args):
             setattr(args, key, next(layer[key] for layer in layers if key in layer))
     args.weighting = None if args.weighting == "none" else args.weighting
     args.resume = None if args.resume == "none" else args.resume
+    if args.bench:
+        args.max_steps = args.log_every = args.bench
     return args
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ValueError as error:  # bad input: one clear line, no traceback
-        raise SystemExit(f"train.py: error: {error}")
+    ucgm.run_script(main, parse_args)

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import struct
+import sys
 import warnings
 from functools import partial
 
@@ -933,6 +934,26 @@ def load_stats(path, channels):
     if "mean" not in stats or "std" not in stats or stats["mean"].numel() != channels:
         raise ValueError(f"{path}: expected 'mean' and 'std' with {channels} values each")
     return stats["mean"].float().reshape(channels, 1, 1), stats["std"].float().reshape(channels, 1, 1)
+
+
+def claim_folder(folder, name, config, write):
+    """Refuse an --out folder holding the work of another configuration (recorded in FOLDER/name); record ours."""
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f) != config:
+                raise ValueError(f"--out {folder}: holds the output of another configuration ({path}); use a new --out")
+    if write:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps(config, indent=2).encode()))
+
+
+def run_script(main, parse_args):
+    """Run a script; bad input (a ValueError) ends it with one clear line instead of a traceback."""
+    try:
+        main(parse_args())
+    except ValueError as error:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {error}")
 
 
 def setup_distributed():
