@@ -781,6 +781,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
 def test_two_process_torchrun_trains_and_checkpoints(tmp_path):
     run = run_train(tmp_path, "--max-steps", "2", "--ckpt-every", "2", torchrun=2)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "weights identical on all 2 ranks: True" in run.stdout
     state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 2 and set(state) >= {"model", "ema", "opt", "ucgm", "args", "step", "rng"}
 

@@ -361,7 +361,13 @@ def main(args):
               f"/process, lam {args.lam}, {args.precision if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}: "
               f"{args.global_batch_size / seconds:.1f} img/s, {1000 * seconds:.1f} ms/step, peak memory {memory:.2f} GB"
               + (f", MFU {flops / seconds / world / peak:.1%}" if peak else ""))
-    if distributed:
+    if distributed:  # DDP keeps the replicas equal: check it once at the end with a checksum of the weights
+        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+        low, high = total.clone(), total.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            print(f"weights identical on all {world} ranks: {bool(low == high)}")
         dist.destroy_process_group()
 
 
