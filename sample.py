@@ -102,7 +102,8 @@ def main(args):
     transport = args.transport or defaults.get("transport", "Linear")
     sampler = resolve_sampler(args, defaults.get("lam", 0.0))
     vae = args.vae or defaults.get("vae", "identity")
-    autoencoder = ucgm.create_autoencoder(vae, args.vae_path or defaults.get("vae_path")).to(device).eval()
+    vae_path = args.vae_path or (defaults.get("vae_path") if vae == defaults.get("vae") else None)
+    autoencoder = ucgm.create_autoencoder(vae, vae_path).to(device).eval()
     if autoencoder.channels != model.in_channels:
         raise ValueError(f"--vae {vae} decodes {autoencoder.channels}-channel latents, the model makes {model.in_channels}")
     mean, std = (s.to(device) for s in latent_stats(args, defaults, model.in_channels))

@@ -943,6 +943,12 @@ def test_autoencoder_attention_and_posterior_match_ldm_formulas():
     padded = torch.zeros(2, 32, 33, 33)
     padded[:, :, :32, :32] = x32 = torch.randn(2, 32, 32, 32)
     torch.testing.assert_close(down(x32), F.conv2d(padded, down.conv.weight, down.conv.bias, stride=2))
+    up = vae.decoder.up[1].upsample  # each pixel copied to a 2×2 block, then a 3×3 conv
+    x64 = torch.randn(2, 64, 8, 8)
+    doubled = x64.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    torch.testing.assert_close(up(x64), F.conv2d(doubled, up.conv.weight, up.conv.bias, padding=1))
+    latents, mean, std = torch.randn(2, 4, 3, 3), torch.randn(4, 1, 1), torch.rand(4, 1, 1) + 0.5
+    torch.testing.assert_close(ucgm.denormalise((latents - mean) / std * 0.18215, mean, std, 0.18215), latents)
 
 
 def test_diffusers_and_ldm_files_load_the_same_weights(tmp_path):

@@ -704,8 +704,9 @@ class Middle(nn.Module):
     """ResNet block -> attention -> ResNet block at the lowest resolution."""
     def __init__(self, channels):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), \
-            ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
 
     def forward(self, h):
         return self.block_2(self.attn_1(self.block_1(h)))
