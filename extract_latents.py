@@ -10,7 +10,6 @@ are skipped when a run is restarted. An unreadable image is skipped with a warni
 """
 
 import argparse
-import json
 import math
 import os
 import warnings
@@ -108,7 +107,7 @@ def main(args):
               "image_size": args.image_size, "shard_size": args.shard_size, "seed": args.seed}
     ucgm.claim_folder(args.out, "extract.json", config, write=rank == 0)
     if rank == 0:
-        ucgm.atomic_write(os.path.join(args.out, "classes.json"), lambda f: f.write(json.dumps(classes).encode()))
+        ucgm.write_json(os.path.join(args.out, "classes.json"), classes)
     if dist.is_initialized():
         dist.barrier()
 

@@ -398,7 +398,7 @@ def main(args):
     metrics = compute_metrics(*args.sources, inception, args.batch_size)
     print(json.dumps(metrics, indent=2))
     if args.out:
-        ucgm.atomic_write(args.out, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        ucgm.write_json(args.out, metrics)
 
 
 def parse_args(argv=None):

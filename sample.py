@@ -40,9 +40,7 @@ def read_checkpoint(path, weights):
         config = ckpt["config"]
         defaults = dict(model=config["model"]["type"], transport=config["transport"]["type"],
                         lam=config["transport"]["consistc_ratio"], latent_multiplier=config["data"]["latent_multiplier"])
-    state = ckpt.get(weights, ckpt.get("ema", ckpt))
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    return state, defaults
+    return ucgm.weights_of(ckpt, weights if weights in ckpt else "ema"), defaults
 
 
 def infer_model(state, name=None):
@@ -77,9 +75,8 @@ def latent_stats(args, defaults, channels):
     if args.latent_stats == "none":
         return ucgm.load_stats(None, channels)
     if args.latent_stats:
-        path = args.latent_stats
-        path = os.path.join(path, "latents_stats.pt") if os.path.isdir(path) else path
-        if not os.path.isfile(path):
+        path = ucgm.stats_file(args.latent_stats) if os.path.isdir(args.latent_stats) else args.latent_stats
+        if not path or not os.path.isfile(path):
             raise ValueError(f"--latent-stats {args.latent_stats}: no stats file there")
         return ucgm.load_stats(path, channels)
     stats = defaults.get("latent_stats")
@@ -167,7 +164,7 @@ def merge(args, num_shards):
         inception = fid.load_inception(args.inception_weights, "cuda" if torch.cuda.is_available() else "cpu")
         metrics = fid.compute_metrics(images, args.fid_ref, inception)
         print(json.dumps(metrics, indent=2))
-        ucgm.atomic_write(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(metrics).encode()))
+        ucgm.write_json(os.path.join(args.out, "metrics.json"), metrics)
 
 
 def parse_args(argv=None):

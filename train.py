@@ -102,8 +102,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.num_classes = int(max(int(s["labels"].max()) for s in self.shards)) + 1
         if stats not in (None, "none") and not os.path.isfile(stats):
             raise ValueError(f"--latent-stats {stats}: no such file")
-        found = [p for p in (os.path.join(folder, f"latents_stats.{e}") for e in ("pt", "safetensors")) if os.path.exists(p)]
-        stats = stats or (found[0] if found else "none")
+        stats = stats or ucgm.stats_file(folder) or "none"
         self.mean, self.std = ucgm.load_stats(None if stats == "none" else stats, self.channels)
         self.multiplier = multiplier
 
@@ -182,9 +181,7 @@ def load_weights(module, path, key, flag):
     """Load `key` (model or ema) of our checkpoints or the released UCGM ones, or a bare state dict, strictly."""
     if not os.path.isfile(path):
         raise ValueError(f"{flag} {path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get(key, state) if isinstance(state, dict) else state
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = ucgm.weights_of(torch.load(path, map_location="cpu", weights_only=True), key)
     module.load_state_dict(ucgm.checked_state_dict(module.state_dict(), state, f"{flag} {path}", strict=True))
 
 
@@ -217,7 +214,7 @@ def main(args):
         os.makedirs(checkpoints, exist_ok=True)
         for stale in glob.glob(os.path.join(checkpoints, "*.tmp*")):  # left by a run killed while saving
             os.remove(stale)
-        ucgm.atomic_write(os.path.join(args.out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+        ucgm.write_json(os.path.join(args.out, "args.json"), vars(args))
         print(json.dumps(vars(args)))
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
@@ -357,8 +354,9 @@ def main(args):
         torch.cuda.synchronize() if device.type == "cuda" else None
         seconds = (time.time() - bench_start) / (args.max_steps - bench_first + 1)
         memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else record["peak_mem_gb"]
+        precision = (args.precision if device.type == "cuda" else "fp32") + (", compiled" if args.compile else "")
         print(f"bench {args.model} on {data.channels}×{data.size}×{data.size}, batch {args.global_batch_size // world}"
-              f"/process, lam {args.lam}, {args.precision if device.type == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}: "
+              f"/process, lam {args.lam}, {precision}: "
               f"{args.global_batch_size / seconds:.1f} img/s, {1000 * seconds:.1f} ms/step, peak memory {memory:.2f} GB"
               + (f", MFU {flops / seconds / world / peak:.1%}" if peak else ""))
     if distributed:  # DDP keeps the replicas equal: check it once at the end with a checksum of the weights
@@ -420,7 +418,7 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, help="steps between log.jsonl lines (100; demo 50)")
     g.add_argument("--ckpt-every", type=int, help="keep a checkpoint every this many steps (20000; demo 500)")
     g.add_argument("--sample-every", type=int, help="steps between EMA sample grids (20000; demo 500)")
-    g.add_argument("--sample-cfg", type=float, help="guidance scale of the sample grids (1; demo 3)")
+    g.add_argument("--sample-cfg", type=float, help="guidance scale of the sample grids (1; demo 3.5)")
     g.add_argument("--resume", default="auto", help="'auto' (newest in OUT/checkpoints), a path, or 'none'")
     g.add_argument("--init", help="start weights: our checkpoint, a released UCGM one, or a state dict")
     g.add_argument("--teacher", help="weights of the frozen teacher (teacher-decay 1), e.g. a multi-step model")

@@ -937,6 +937,24 @@ def load_stats(path, channels):
     return stats["mean"].float().reshape(channels, 1, 1), stats["std"].float().reshape(channels, 1, 1)
 
 
+def write_json(path, value):
+    """Write a JSON file atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
+
+
+def stats_file(folder):
+    """The latents_stats.pt (or .safetensors) file of a latent folder, or None."""
+    paths = [os.path.join(folder, f"latents_stats.{ext}") for ext in ("pt", "safetensors")]
+    return next((path for path in paths if os.path.exists(path)), None)
+
+
+def weights_of(checkpoint, key):
+    """The `key` weights (model or ema) of our or a released UCGM checkpoint, or a bare state dict as is, without
+    the prefixes that DDP and torch.compile add."""
+    state = checkpoint.get(key, checkpoint)
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
 def claim_folder(folder, name, config, write):
     """Refuse an --out folder holding the work of another configuration (recorded in FOLDER/name); record ours."""
     path = os.path.join(folder, name)
@@ -946,7 +964,7 @@ def claim_folder(folder, name, config, write):
                 raise ValueError(f"--out {folder}: holds the output of another configuration ({path}); use a new --out")
     if write:
         os.makedirs(folder, exist_ok=True)
-        atomic_write(path, lambda f: f.write(json.dumps(config, indent=2).encode()))
+        write_json(path, config)
 
 
 def run_script(main, parse_args):
