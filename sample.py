@@ -24,54 +24,27 @@ import fid
 import ucgm
 
 
-def read_checkpoint(path, weights):
-    """(state dict, defaults): our checkpoints, released UCGM ones (`config`) or a bare state dict."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--ckpt {path}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    defaults = {}
-    if "args" in ckpt:  # ours
-        args = ckpt["args"]
-        defaults = dict(model=args["model"], transport=args["transport"], lam=args["lam"],
-                        latent_multiplier=args["latent_multiplier"], vae=args["vae"], vae_path=args.get("vae_path"))
-        if "latent_stats" in ckpt:
-            defaults["latent_stats"] = ckpt["latent_stats"]
-    elif "config" in ckpt:  # released UCGM: the training config rides along
-        config = ckpt["config"]
-        defaults = dict(model=config["model"]["type"], transport=config["transport"]["type"],
-                        lam=config["transport"]["consistc_ratio"], latent_multiplier=config["data"]["latent_multiplier"])
-    return ucgm.weights_of(ckpt, weights if weights in ckpt else "ema"), defaults
+# defaults of the settings that neither a flag nor the checkpoint set, besides the UCGM-S preset of the model
+DEFAULTS = dict(order=1, cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=None, transport="Linear", vae="identity",
+                latent_multiplier=1.0)
 
 
-def infer_model(state, name=None):
-    """(model name, create_model kwargs): the data shape from the weights, the name given or matched by shape."""
-    width, channels, patch, _ = state["x_embedder.proj.weight"].shape
-    grid = math.isqrt(state["pos_embed"].shape[1])
-    table = state.get("y_embedder.embedding_table.weight")
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    if name is None:
-        family = "TiT" if "blocks.0.mlp.w12.weight" in state else "DiT"
-        matches = [n for n, c in ucgm.MODELS.items() if n.startswith(family)
-                   and (c["hidden_size"], c["depth"], c["patch_size"]) == (width, depth, patch)]
-        if not matches:
-            raise ValueError(f"--ckpt: width {width}, depth {depth}, patch {patch} match no model; give --model")
-        name = matches[0]
-    out_channels = state["final_layer.linear.weight"].shape[0] // patch ** 2
-    return name, dict(input_size=grid * patch, in_channels=channels, learn_sigma=out_channels == 2 * channels,
-                      num_classes=table.shape[0] - 1 if table is not None else 1)
+def resolve(args, settings):
+    """{setting: (value, source)}: an explicit flag, else the checkpoint's (its released `sample` section), else the
+    UCGM-S preset for the checkpoint's lam (few-step if lam > 0.5), else DEFAULTS."""
+    preset = ucgm.SAMPLER_PRESETS["fewstep" if settings.get("lam", 0.0) > 0.5 else "multistep"]
+    layers = [("flag", vars(args)), ("checkpoint", {**settings, **settings.get("sampler", {})}),
+              ("preset", preset), ("default", DEFAULTS)]
+    resolved = {}
+    for key in (*preset, *DEFAULTS):
+        source, value = next((source, layer[key]) for source, layer in layers
+                             if layer.get(key) is not None or source == "default")
+        resolved[key] = (tuple(value) if isinstance(value, list) else value, source)
+    return resolved
 
 
-def resolve_sampler(args, lam):
-    """Sampler arguments: explicit flags > the preset for the model's lam (few-step if lam > 0.5) (SPEC §4)."""
-    preset = ucgm.SAMPLER_PRESETS["fewstep" if lam > 0.5 else "multistep"]
-    explicit = {key: getattr(args, key) for key in preset if getattr(args, key) is not None}
-    sampler = dict(preset, **explicit, order=args.order, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
-                   cfg_channels=args.cfg_channels)
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in sampler.items()}
-
-
-def latent_stats(args, defaults, channels):
-    """(mean, std) of the latent normalisation: --latent-stats (file or latent folder), else the checkpoint's."""
+def latent_stats(args, settings, channels):
+    """(mean, std) of the latent normalisation: --latent-stats (file, latent folder or none), else the checkpoint's."""
     if args.latent_stats == "none":
         return ucgm.load_stats(None, channels)
     if args.latent_stats:
@@ -79,7 +52,10 @@ def latent_stats(args, defaults, channels):
         if not path or not os.path.isfile(path):
             raise ValueError(f"--latent-stats {args.latent_stats}: no stats file there")
         return ucgm.load_stats(path, channels)
-    stats = defaults.get("latent_stats")
+    if settings.get("latent_norm"):  # a released model trained on normalised latents: its stats are a separate file
+        raise ValueError(f"--ckpt {args.ckpt}: the model was trained on normalised latents (data.latent_norm); give "
+                         f"--latent-stats (the released pipeline reads {settings['released_stats']})")
+    stats = settings.get("latent_stats")
     return (stats["mean"].reshape(channels, 1, 1), stats["std"].reshape(channels, 1, 1)) if stats \
         else ucgm.load_stats(None, channels)
 
@@ -90,21 +66,16 @@ def shard_path(out, k):
 
 def main(args):
     rank, world, device = ucgm.setup_distributed()
-    state, defaults = read_checkpoint(args.ckpt, args.weights)
-    name, kwargs = infer_model(state, args.model or defaults.get("model"))
-    model = ucgm.create_model(name, **kwargs)
-    where = f"--ckpt {args.ckpt} (as --model {name})"
-    model.load_state_dict(ucgm.checked_state_dict(model.state_dict(), state, where, strict=True))
+    model, name, settings = ucgm.load_network(args.ckpt, args.weights, args.model)
     model = model.to(device).eval().requires_grad_(False)
-    transport = args.transport or defaults.get("transport", "Linear")
-    sampler = resolve_sampler(args, defaults.get("lam", 0.0))
-    vae = args.vae or defaults.get("vae", "identity")
-    vae_path = args.vae_path or (defaults.get("vae_path") if vae == defaults.get("vae") else None)
+    resolved = resolve(args, settings)
+    sampler = {key: value for key, (value, _) in resolved.items()}
+    transport, vae, multiplier = (sampler.pop(key) for key in ("transport", "vae", "latent_multiplier"))
+    vae_path = args.vae_path or (settings.get("vae_path") if vae == settings.get("vae") else None)
     autoencoder = ucgm.create_autoencoder(vae, vae_path).to(device).eval()
     if autoencoder.channels != model.in_channels:
         raise ValueError(f"--vae {vae} decodes {autoencoder.channels}-channel latents, the model makes {model.in_channels}")
-    mean, std = (s.to(device) for s in latent_stats(args, defaults, model.in_channels))
-    multiplier = args.latent_multiplier or defaults.get("latent_multiplier", 1.0)
+    mean, std = (s.to(device) for s in latent_stats(args, settings, model.in_channels))
     num_classes = model.num_classes if model.y_embedder is not None else 0
     if args.class_id is not None and not 0 <= args.class_id < max(num_classes, 1):
         raise ValueError(f"--class {args.class_id}: expected a class id in [0, {num_classes - 1}]")
@@ -117,7 +88,9 @@ def main(args):
     ucgm.claim_folder(args.out, "sample.json", config, write=rank == 0)
     if rank == 0:
         os.makedirs(os.path.join(args.out, "shards"), exist_ok=True)
-        print(json.dumps(config))
+        print(f"{args.ckpt}: {name}, transport {transport}")
+        for key, (value, source) in resolved.items():
+            print(f"  {key} = {value} ({source})")
     if dist.is_initialized():
         dist.barrier()
 
@@ -177,16 +150,16 @@ def parse_args(argv=None):
     g.add_argument("--transport", choices=sorted(ucgm.TRANSPORTS), help="(default: the checkpoint's, else Linear)")
     g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="network precision on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
-    g = p.add_argument_group("UCGM-S (SPEC §4); defaults: the preset for the checkpoint's lam")
+    g = p.add_argument_group("UCGM-S; defaults: the released checkpoint's settings, else the preset for its lam")
     g.add_argument("--steps", type=int, help="sampling steps (40 multi-step / 2 few-step)")
     g.add_argument("--rho", help="stochasticity in [0, 1] or 'auto' (0 / 1)")
     g.add_argument("--kappa", type=float, help="extrapolation ratio (0.5 / 0)")
-    g.add_argument("--order", type=int, choices=[1, 2], default=1, help="1 Euler, 2 Heun-like (1)")
+    g.add_argument("--order", type=int, choices=[1, 2], help="1 Euler, 2 Heun-like (1)")
     g.add_argument("--warp", type=float, nargs=3, help="time warp a b c (1.17 0.8 1.1 / 1 1 1)")
     g.add_argument("--gaps", type=float, nargs=2, help="time-grid gaps g0 g1 (0.001 0.001 / 0.001 0.3)")
-    g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    g.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), help="guide only for t in [lo, hi]")
-    g.add_argument("--cfg-channels", type=int, help="guide only the first k latent channels (all)")
+    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
+    g.add_argument("--cfg-interval", type=float, nargs=2, help="guide only for t in [lo, hi] (0 1)")
+    g.add_argument("--cfg-channels", type=int, help="guide only the first k latent channels (all; LightningDiT 3)")
     g = p.add_argument_group("samples and decoding")
     g.add_argument("--num-samples", type=int, default=50_000, help="how many (50000)")
     g.add_argument("--class", dest="class_id", type=int, help="one class for all samples (default: balanced)")

@@ -192,8 +192,16 @@ def released_sit_xl2_layout(width=1152, channels=4):
     return released_layout(mlp, 2 * channels, {}, patch=2, channels=channels)
 
 
+def released_lightningdit_xl1_layout(width=1152, depth=28):
+    """LightningDiT-XL/1 as hustvl/LightningDiT models/lightningdit.py builds it for its release: TiT's SwiGLU and
+    persistent RoPE tables, a learnable RMSNorm weight in norm1, norm2 and norm_final, and qk-norm off."""
+    norms = {f"blocks.{i}.{norm}.weight": (width,) for i in range(depth) for norm in ("norm1", "norm2")}
+    return {**released_tit_xl1_layout(width), **norms, "final_layer.norm_final.weight": (width,)}
+
+
 @pytest.mark.parametrize("name, kwargs, layout, n_keys, n_params", [
     ("TiT-XL/1", dict(input_size=16, in_channels=32), released_tit_xl1_layout(), 294, 675.19),
+    ("LightningDiT-XL/1", dict(input_size=16, in_channels=32), released_lightningdit_xl1_layout(), 351, 675.26),
     ("DiT-XL/2", dict(input_size=32, in_channels=4, learn_sigma=True), released_sit_xl2_layout(), 292, 675.13)])
 def test_released_layout_loads_strict(name, kwargs, layout, n_keys, n_params):
     with torch.device("meta"):  # shapes only: no 2.7 GB of weights on a CI machine
@@ -202,6 +210,8 @@ def test_released_layout_loads_strict(name, kwargs, layout, n_keys, n_params):
     assert len(layout) == n_keys
     model.load_state_dict(state, strict=True, assign=True)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == n_params
+    assert ucgm.infer_model(state) == (name, dict(kwargs, learn_sigma=kwargs.get("learn_sigma", False),
+                                                  num_classes=1000))  # the family is told from the keys
 
 
 def test_state_dict_roundtrip_gives_same_outputs():
@@ -253,11 +263,11 @@ def test_timestep_embedding_and_rmsnorm_match_formulas():
     np.testing.assert_allclose(emb(t).detach().numpy(), silu, atol=1e-6)
     x = torch.randn(5, 7)
     want = x.numpy() / np.sqrt((x.numpy() ** 2).mean(-1, keepdims=True) + 1e-6)
-    np.testing.assert_allclose(ucgm.RMSNorm()(x).numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose(ucgm.RMSNorm(x.shape[-1])(x).numpy(), want, rtol=1e-5)
 
 
 def test_dit_init_forward_shapes_and_switches():
-    for switches in (dict(), ucgm.TIT_SWITCHES):
+    for switches in ucgm.FAMILIES.values():
         model = ucgm.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
                          num_classes=5, **switches)
         out = model(torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 1, 4, 5]))
@@ -1144,7 +1154,7 @@ def test_sample_py_reads_released_checkpoints_and_bare_state_dicts(tmp_path):
     assert config["transport"] == "TrigFlow" and config["sampler"]["steps"] == 2  # lam = 1: the few-step preset
     assert np.load(tmp_path / "released" / "samples.npz")["arr_1"].tolist() == [7] * 4
     torch.save(model.state_dict(), tmp_path / "bare.pt")
-    assert sample.infer_model(model.state_dict()) == ("TiT-T/4", dict(input_size=16, in_channels=3,
+    assert ucgm.infer_model(model.state_dict()) == ("TiT-T/4", dict(input_size=16, in_channels=3,
                                                                        learn_sigma=False, num_classes=10))
     sample.main(sample.parse_args(["--ckpt", str(tmp_path / "bare.pt"), "--num-samples", "2", "--steps", "2",
                                    "--transport", "Linear", "--out", str(tmp_path / "bare")]))
@@ -1349,6 +1359,138 @@ def test_bench_times_synthetic_steps_and_writes_nothing(tmp_path):
     line = run.stdout.strip().splitlines()[-1]
     assert line.startswith("bench TiT-T/2 on 4×8×8, batch 4/process, lam 1.0") and "img/s" in line and "ms/step" in line
     assert not (tmp_path / "bench").exists()
+
+
+#################################################################################
+#        Released models: configs, LightningDiT, REPA, E2E-VAE, tuning           #
+#################################################################################
+
+import argparse  # noqa: E402
+
+# configs/sampling_multi_steps/in1k256_lightningdit_xl_vavae_relinear.yaml of LINs-lab/UCGM, as a released
+# checkpoint's `config` holds it (the model made tiny)
+LIGHTNINGDIT_CONFIG = {"data": {"image_size": 256, "latent_norm": True, "latent_multiplier": 1.0},
+                       "vae": {"type": "vavae_f16d32"}, "model": {"type": "LightningDiT-T/4", "in_chans": 3},
+                       "transport": {"type": "ReLinear"},
+                       "sample": {"ckpt": "0000000.pt", "type": "UNI", "cfg_scale": 6.7, "cfg_interval": [0.125, 1.0],
+                                  "sampling_steps": 50, "stochast_ratio": 0.0, "extrapol_ratio": 0.5,
+                                  "sampling_order": 1, "time_dist_ctrl": [1.17, 0.8, 1.1],
+                                  "rfba_gap_steps": [0.001, 0.001], "per_batch_size": 125, "fid_sample_num": 50000}}
+# configs/training_few_steps/in1k256_tit_xl_vavae.yaml (FID 1.42 at 2 steps), the model made tiny
+FEWSTEP_CONFIG = {"data": {"image_size": 256, "latent_norm": True, "latent_multiplier": 1.0},
+                  "vae": {"type": "vavae_f16d32"}, "model": {"type": "TiT-T/4", "in_chans": 3},
+                  "transport": {"type": "Linear", "consistc_ratio": 1.0, "enhanced_ratio": 2.0, "scaled_cbl_eps": 5.0},
+                  "sample": {"cfg_scale": 0.0, "cfg_interval": [0.0, 0.75], "sampling_steps": 2, "stochast_ratio": 1.0,
+                             "extrapol_ratio": 0.0, "sampling_order": 1, "time_dist_ctrl": [1.0, 1.0, 1.0],
+                             "rfba_gap_steps": [0.001, 0.3]}}
+
+
+def perturbed(model, seed=0):
+    """The model with its zero-initialised layers made non-zero, so that outputs depend on every weight."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def test_affine_rmsnorm_matches_numpy():
+    norm, x = ucgm.RMSNorm(6, affine=True), torch.randn(4, 3, 6, dtype=torch.float64)
+    assert torch.equal(norm.weight, torch.ones(6))  # initialised to ones, as released
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-1, 2, 6))
+    want = x.numpy() / np.sqrt((x.numpy() ** 2).mean(-1, keepdims=True) + 1e-6) * np.linspace(-1, 2, 6)
+    np.testing.assert_allclose(norm(x).detach().numpy(), want, rtol=1e-6)
+    model = ucgm.create_model("LightningDiT-T/4", input_size=16, in_channels=3, num_classes=10)
+    keys = model.state_dict().keys()
+    assert "blocks.0.norm1.weight" in keys and "final_layer.norm_final.weight" in keys
+    assert not any("q_norm" in k or "k_norm" in k for k in keys)  # qk-norm off, as released
+
+
+@pytest.mark.parametrize("config, flags, want", [
+    (LIGHTNINGDIT_CONFIG, [], dict(steps=50, rho=0.0, kappa=0.5, warp=(1.17, 0.8, 1.1), gaps=(0.001, 0.001), order=1,
+                                   cfg_scale=6.7, cfg_interval=(0.125, 1.0), cfg_channels=3, transport="ReLinear",
+                                   vae="vavae", latent_multiplier=1.0)),
+    (FEWSTEP_CONFIG, [], dict(steps=2, rho=1.0, kappa=0.0, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.3), order=1,
+                              cfg_scale=1.0, cfg_interval=(0.0, 0.75), cfg_channels=None, transport="Linear",
+                              vae="vavae", latent_multiplier=1.0)),
+    (LIGHTNINGDIT_CONFIG, ["--steps", "8", "--cfg-scale", "2", "--cfg-channels", "32", "--transport", "Linear"],
+     dict(steps=8, cfg_scale=2.0, cfg_channels=32, transport="Linear", kappa=0.5))])
+def test_released_config_sets_the_sampler_defaults(tmp_path, config, flags, want):
+    family = config["model"]["type"].split("-")[0]
+    model = perturbed(ucgm.create_model(config["model"]["type"], input_size=16, in_channels=3, num_classes=10))
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "unigen": {}, "config": config},
+               tmp_path / "released.pt")
+    args = sample.parse_args(["--ckpt", str(tmp_path / "released.pt"), *flags])
+    _, name, settings = ucgm.load_network(args.ckpt)
+    resolved = sample.resolve(args, settings)
+    assert name == config["model"]["type"] and {k: resolved[k][0] for k in want} == want
+    assert all(resolved[k][1] == ("flag" if f"--{k.replace('_', '-')}" in flags else "checkpoint") for k in want
+               if k != "cfg_channels" or family == "LightningDiT")  # cfg 0.0 (no guidance) became our 1.0 above
+    base = ["--ckpt", str(tmp_path / "released.pt"), "--vae", "identity", "--num-samples", "2", "--steps", "1"]
+    with pytest.raises(ValueError, match=r"normalised latents .*buffers/vaes/stat/vavae_f16d32_256.pt"):
+        sample.main(sample.parse_args([*base, "--out", str(tmp_path / "a")]))
+    sample.main(sample.parse_args([*base, "--latent-stats", "none", "--out", str(tmp_path / "b")]))
+    assert np.load(tmp_path / "b" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("model_type, vae_type, match", [
+    ("DDT-XL/2", "sdvae_ema_f8c4", "model 'DDT-XL/2', which is not supported"),
+    ("EDM2-S", "edm2_sdvae_f8c4", "model 'EDM2-S', which is not supported"),
+    ("TiT-T/4", "dcae_f32c32", "autoencoder 'dcae_f32c32', which is not supported")])
+def test_unsupported_released_models_are_named(tmp_path, model_type, vae_type, match):
+    config = {**FEWSTEP_CONFIG, "model": {"type": model_type}, "vae": {"type": vae_type}}
+    torch.save({"model": {}, "ema": {}, "config": config}, tmp_path / "released.pt")
+    run = run_sample(tmp_path / "out", "--ckpt", str(tmp_path / "released.pt"))
+    assert run.returncode != 0 and match in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_repa_extras_are_dropped_and_other_keys_stay_strict(tmp_path, capsys):
+    model = perturbed(ucgm.create_model("DiT-T/4", input_size=16, in_channels=3, num_classes=10, learn_sigma=True))
+    extras = {"projectors.0.0.weight": torch.zeros(8, 128), "projectors.0.0.bias": torch.zeros(8),
+              "bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3)}
+    torch.save({"model": {}, "ema": {**model.state_dict(), **extras}, "args": argparse.Namespace(lr=1e-4), "steps": 4},
+               tmp_path / "repa_e.pt")  # REPA-E's checkpoint layout, its args a Namespace
+    loaded, name, settings = ucgm.load_network(str(tmp_path / "repa_e.pt"))
+    assert name == "DiT-T/4" and loaded.out_channels == 6 and settings == {}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    out = capsys.readouterr().out
+    assert "dropping the 2 weights projectors.*" in out and "dropping the 2 weights bn.*" in out
+    torch.save({**model.state_dict(), "decoder_blocks.0.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="unexpected key 'decoder_blocks.0.weight'"):
+        ucgm.load_network(str(tmp_path / "other.pt"))
+
+
+def test_e2e_vaes_share_the_architectures_and_are_encoded_by_the_mean(tmp_path):
+    for e2e, base in (("e2evavae", "vavae"), ("e2esdvae", "sdvae")):
+        assert {**ucgm.AUTOENCODERS[e2e], "sample_posterior": True} == {**ucgm.AUTOENCODERS[base], "sample_posterior": True}
+        assert not ucgm.AUTOENCODERS[e2e].get("sample_posterior", False)
+    torch.manual_seed(0)
+    state = ucgm.AutoencoderKL(**SMALL_SDVAE).state_dict()
+    torch.save(state, tmp_path / "e2evae_f8d4.ckpt")  # REPA-E's save_vae_weights.py: a bare LDM-named state dict
+    loaded = ucgm.load_autoencoder_weights(ucgm.AutoencoderKL(**SMALL_SDVAE), str(tmp_path / "e2evae_f8d4.ckpt"))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
+def test_train_py_tunes_released_layouts_into_a_few_step_model(tmp_path):
+    sit = perturbed(ucgm.create_model("DiT-T/4", input_size=32, in_channels=3, num_classes=10, learn_sigma=True))
+    lightning = perturbed(ucgm.create_model("LightningDiT-T/4", input_size=32, in_channels=3, num_classes=10), 1)
+    torch.save({"ema": {**sit.state_dict(), "projectors.0.0.weight": torch.zeros(8, 128)}}, tmp_path / "repa.pt")
+    torch.save(lightning.state_dict(), tmp_path / "lightningdit.pt")  # a bare EMA state dict
+    for name, model, transport in (("repa", sit, "Linear"), ("lightningdit", lightning, "ReLinear")):
+        ckpt = str(tmp_path / f"{name}.pt")
+        run = run_train(tmp_path / name, "--init", ckpt, "--teacher", ckpt, "--preset", "fewstep", "--zeta", "3",
+                        "--max-steps", "3", "--sample-every", "3", "--ema-decay", "0.99")
+        assert run.returncode == 0, run.stderr[-3000:]
+        state = torch.load(tmp_path / name / "checkpoints" / "latest.pt", weights_only=True)
+        assert (state["args"]["model"], state["args"]["transport"]) == (ucgm.infer_model(model.state_dict())[0],
+                                                                       transport)
+        teacher = {k.removeprefix("teacher."): v for k, v in state["ucgm"].items() if k.startswith("teacher.")}
+        assert all(torch.equal(teacher[k], v) for k, v in model.state_dict().items())  # frozen at the start weights
+        assert not torch.equal(state["model"]["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
+        assert all(math.isfinite(loss) for _, loss in losses(tmp_path / name))
+        assert (tmp_path / name / "samples_0000003.png").exists()
 
 
 #################################################################################

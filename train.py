@@ -177,14 +177,6 @@ def save_checkpoint(state, folder, step, keep):
             os.remove(old)
 
 
-def load_weights(module, path, key, flag):
-    """Load `key` (model or ema) of our checkpoints or the released UCGM ones, or a bare state dict, strictly."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{flag} {path}: no such file")
-    state = ucgm.weights_of(torch.load(path, map_location="cpu", weights_only=True), key)
-    module.load_state_dict(ucgm.checked_state_dict(module.state_dict(), state, f"{flag} {path}", strict=True))
-
-
 def append_log(path, record, keep_through=None):
     """Append one JSON line to log.jsonl; with keep_through, first drop the lines of later steps (after a resume)."""
     if keep_through is not None and os.path.exists(path):
@@ -208,6 +200,9 @@ def main(args):
     if args.global_batch_size % (world * args.grad_accum):
         raise ValueError(f"--global-batch-size {args.global_batch_size} must divide by processes × --grad-accum "
                          f"= {world * args.grad_accum}")
+    init = ucgm.load_network(args.init, args.init_weights, args.model, "--init") if args.init else None
+    if init:  # unless given, the architecture and the transport are those of the start weights
+        args.model, args.transport = init[1], args.transport or init[2].get("transport", "Linear")
     checkpoints = os.path.join(args.out, "checkpoints")
     writer = rank == 0 and not args.bench  # a benchmark writes nothing
     if writer:
@@ -224,14 +219,20 @@ def main(args):
         data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats)
     else:
         data = DigitsDataset(args.seed)
-    if data.size % ucgm.MODELS[args.model]["patch_size"]:
+    if init:
+        model = init[0].to(device)
+        model.grad_checkpoint = args.grad_checkpoint
+        if (model.in_channels, model.input_size) != (data.channels, data.size) or model.num_classes < data.num_classes:
+            raise ValueError(f"--init {args.init}: the weights are for {model.num_classes} classes of {model.in_channels}"
+                             f"×{model.input_size}×{model.input_size} latents, the data has {data.num_classes} classes "
+                             f"of {data.channels}×{data.size}×{data.size}")
+    elif data.size % ucgm.MODELS[args.model]["patch_size"]:
         raise ValueError(f"--model {args.model}: its patch size does not divide the {data.size}×{data.size} latents")
-    model = ucgm.create_model(args.model, input_size=data.size, in_channels=data.channels,
-                              num_classes=data.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
+    else:
+        model = ucgm.create_model(args.model, input_size=data.size, in_channels=data.channels,
+                                  num_classes=data.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
     trainer = ucgm.UCGM(args.transport, args.lam, args.zeta, args.enhance_range, args.label_drop, args.huber_c,
                         args.cosine_loss, args.weighting, args.time_dist, args.teacher_decay).to(device)
-    if args.init:
-        load_weights(model, args.init, "model", "--init")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     autoencoder = None if args.bench else ucgm.create_autoencoder(args.vae, args.vae_path).to(device)  # for grids
     if autoencoder is not None and autoencoder.channels != data.channels:
@@ -240,8 +241,13 @@ def main(args):
     fused = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(optimizer_class).parameters else {}
     opt = optimizer_class(model.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, **fused)
     if args.teacher:
+        if not trainer.needs_teacher:
+            raise ValueError(f"--teacher {args.teacher}: this run has no teacher (it needs --zeta != 0 and "
+                             f"--teacher-decay > 0)")
         trainer.make_teacher(model)
-        load_weights(trainer.teacher, args.teacher, "ema", "--teacher")
+        state, _ = ucgm.read_checkpoint(args.teacher, "ema", "--teacher")
+        where = f"--teacher {args.teacher} (for --model {args.model})"
+        trainer.teacher.load_state_dict(ucgm.checked_state_dict(trainer.teacher.state_dict(), state, where, strict=True))
 
     start_step, skipped = 0, 0
     resume = os.path.join(checkpoints, "latest.pt") if args.resume == "auto" else args.resume
@@ -420,7 +426,10 @@ def parse_args(argv=None):
     g.add_argument("--sample-every", type=int, help="steps between EMA sample grids (20000; demo 500)")
     g.add_argument("--sample-cfg", type=float, help="guidance scale of the sample grids (1; demo 3.5)")
     g.add_argument("--resume", default="auto", help="'auto' (newest in OUT/checkpoints), a path, or 'none'")
-    g.add_argument("--init", help="start weights: our checkpoint, a released UCGM one, or a state dict")
+    g.add_argument("--init", help="start weights, and unless given --model and --transport: any checkpoint "
+                   "sample.py reads (ours, released UCGM, SiT, REPA, REPA-E, LightningDiT)")
+    g.add_argument("--init-weights", choices=["ema", "model"], default="ema",
+                   help="which weights of an --init checkpoint that holds both (ema)")
     g.add_argument("--teacher", help="weights of the frozen teacher (teacher-decay 1), e.g. a multi-step model")
     return resolve(p.parse_args(argv))
 
@@ -428,7 +437,7 @@ def parse_args(argv=None):
 def resolve(args):
     """Fill unset flags: explicit flag > --preset > demo (no --data) > BASE."""
     for key, value in BASE.items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (args.init and key in ("model", "transport")):  # --init's, in main
             layers = [PRESETS.get(args.preset, {}), {} if args.data else DEMO, BASE]
             setattr(args, key, next(layer[key] for layer in layers if key in layer))
     args.weighting = None if args.weighting == "none" else args.weighting

@@ -7,6 +7,7 @@ Read top-down: transports -> network (DiT / TiT) -> trainer -> sampler.
 Every equation cites ../shared/SPEC.md (SPEC §n) and, where it has one, the paper.
 """
 
+import argparse
 import copy
 import json
 import math
@@ -113,14 +114,16 @@ def get_transport(name):
 #################################################################################
 
 class RMSNorm(nn.Module):
-    """Affine-free RMSNorm over the last dimension, computed in float32."""
-    def __init__(self, eps=1e-6):
+    """RMSNorm over the last dimension, computed in float32; affine (a learnable `weight`) in LightningDiT."""
+    def __init__(self, dim, affine=False, eps=1e-6):
         super().__init__()
         self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return x * self.weight if self.weight is not None else x
 
 
 def modulate(x, shift, scale):
@@ -163,12 +166,12 @@ class Rope2D(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention through F.scaled_dot_product_attention, with optional QK-RMSNorm."""
-    def __init__(self, dim, num_heads, qk_norm):
+    def __init__(self, dim, num_heads, qk_norm=None):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = RMSNorm() if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm() if qk_norm else nn.Identity()
+        self.q_norm = qk_norm(dim // num_heads) if qk_norm else nn.Identity()  # per head
+        self.k_norm = qk_norm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope=None):
@@ -241,11 +244,10 @@ class PatchEmbed(nn.Module):
 
 class Block(nn.Module):
     """Transformer block with adaLN-Zero conditioning."""
-    def __init__(self, dim, num_heads, mlp_ratio, rmsnorm, qk_norm, swiglu):
+    def __init__(self, dim, num_heads, mlp_ratio, norm, qk_norm, swiglu):
         super().__init__()
-        self.norm1 = RMSNorm() if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.norm2 = RMSNorm() if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qk_norm)
+        self.norm1, self.norm2 = norm(dim), norm(dim)
+        self.attn = Attention(dim, num_heads, norm if qk_norm else None)
         hidden = int(dim * mlp_ratio)
         self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -258,9 +260,9 @@ class Block(nn.Module):
 
 class FinalLayer(nn.Module):
     """adaLN-modulated norm and a linear map from tokens to patches."""
-    def __init__(self, dim, patch_size, out_channels, rmsnorm):
+    def __init__(self, dim, patch_size, out_channels, norm):
         super().__init__()
-        self.norm_final = RMSNorm() if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm_final = norm(dim)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
@@ -270,10 +272,11 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """DiT / SiT, or TiT with rmsnorm, qk_norm, swiglu and rope on; forward(x, t, y) returns F."""
+    """DiT / SiT, or TiT with rmsnorm, qk_norm, swiglu and rope on (LightningDiT: also affine_norm, without qk_norm);
+    forward(x, t, y) returns F."""
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000, learn_sigma=False, rmsnorm=False, qk_norm=False, swiglu=False,
-                 rope=False, grad_checkpoint=False):
+                 rope=False, affine_norm=False, grad_checkpoint=False):
         super().__init__()
         if input_size % patch_size or hidden_size % num_heads:
             raise ValueError(f"DiT: input_size {input_size} must be divisible by patch_size {patch_size} "
@@ -288,9 +291,13 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 1 else None
         self.pos_embed = nn.Parameter(sincos_2d(hidden_size, grid).float().unsqueeze(0), requires_grad=False)
         self.feat_rope = Rope2D(hidden_size // num_heads, grid) if rope else None
-        self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, rmsnorm, qk_norm, swiglu)
+        if affine_norm and not rmsnorm:
+            raise ValueError("DiT: affine_norm (LightningDiT's RMSNorm weights) needs rmsnorm=True")
+        norm = partial(RMSNorm, affine=affine_norm) if rmsnorm else \
+            partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
+        self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, norm, qk_norm, swiglu)
                                      for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, rmsnorm)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -351,10 +358,14 @@ class DiT(nn.Module):
 
 # width, depth, heads; T (tiny) is no paper size but the CPU demo of train.py
 SIZES = {"T": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
-TIT_SWITCHES = dict(rmsnorm=True, qk_norm=True, swiglu=True, rope=True)
+# the switches of each family: DiT / SiT have none; LightningDiT (hustvl/LightningDiT, as released) is TiT with
+# learnable RMSNorm weights and without qk-norm
+FAMILIES = {"DiT": {}, "TiT": dict(rmsnorm=True, qk_norm=True, swiglu=True, rope=True),
+            "LightningDiT": dict(rmsnorm=True, affine_norm=True, swiglu=True, rope=True)}
 MODELS = {f"{family}-{size}/{patch}": dict(hidden_size=width, depth=depth, num_heads=heads, patch_size=patch,
-                                          **(TIT_SWITCHES if family == "TiT" else {}))
-          for family in ("DiT", "TiT") for size, (width, depth, heads) in SIZES.items() for patch in (1, 2, 4)}
+                                          **switches)
+          for family, switches in FAMILIES.items() for size, (width, depth, heads) in SIZES.items()
+          for patch in (1, 2, 4)}
 
 
 def create_model(name, **kwargs):
@@ -782,8 +793,14 @@ class PixelSpace(nn.Module):
 
 # SPEC §5: SD-VAE (sd-vae-ft-ema / -mse, encoded by the posterior mean) and VA-VAE (LightningDiT's f16d32,
 # with attention at the 16×16 level of 256-px images and encoded by a posterior sample, as its models were trained)
+# REPA-E's end-to-end tuned E2E-VAEs (e2e-vavae, e2e-sdvae) share these architectures and are encoded by the mean
 AUTOENCODERS = {"sdvae": dict(channels=4, ch_mult=(1, 2, 4, 4)),
-                "vavae": dict(channels=32, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,), sample_posterior=True)}
+                "vavae": dict(channels=32, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,), sample_posterior=True),
+                "e2esdvae": dict(channels=4, ch_mult=(1, 2, 4, 4)),
+                "e2evavae": dict(channels=32, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,))}
+# the released UCGM configs' `vae.type` names of these autoencoders
+RELEASED_AUTOENCODERS = {"sdvae_ema_f8c4": "sdvae", "vavae_f16d32": "vavae", "e2evae_f8d4": "e2esdvae",
+                         "e2evavae_f16d32": "e2evavae"}
 # the same weights under diffusers' names: (LDM pattern, diffusers replacement) applied in order
 DIFFUSERS_NAMES = [(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
                    (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
@@ -949,10 +966,106 @@ def stats_file(folder):
 
 
 def weights_of(checkpoint, key):
-    """The `key` weights (model or ema) of our or a released UCGM checkpoint, or a bare state dict as is, without
-    the prefixes that DDP and torch.compile add."""
-    state = checkpoint.get(key, checkpoint)
+    """The `key` weights (model or ema) of a checkpoint that holds them, else the checkpoint itself as a bare state
+    dict, without the prefixes that DDP and torch.compile add."""
+    state = next((checkpoint[k] for k in (key, "ema", "model") if isinstance(checkpoint.get(k), dict)), checkpoint)
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+# a released UCGM config's `sample` section (the settings behind its published FID) under our argument names
+RELEASED_SAMPLER_NAMES = {"sampling_steps": "steps", "stochast_ratio": "rho", "extrapol_ratio": "kappa",
+                          "sampling_order": "order", "time_dist_ctrl": "warp", "rfba_gap_steps": "gaps",
+                          "cfg_scale": "cfg_scale", "cfg_interval": "cfg_interval"}
+# what the weights of each family imply (README, "Reproducing the paper"): LightningDiT was trained on the ReLinear
+# path, and its released results guide only the first 3 of its 32 latent channels
+FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3))}
+# weights in REPA / REPA-E checkpoints that neither sampling nor UCGM training uses
+REPA_EXTRAS = {"projectors.": "REPA's feature-alignment heads", "bn.": "REPA-E's latent BatchNorm statistics"}
+
+
+def family_of(state):
+    """DiT (also SiT, REPA, REPA-E), TiT or LightningDiT, told from the weight names."""
+    if "blocks.0.norm1.weight" in state:  # only LightningDiT's RMSNorm has a weight
+        return "LightningDiT"
+    return "TiT" if "blocks.0.mlp.w12.weight" in state else "DiT"
+
+
+def released_settings(config, where):
+    """Model, transport, lam, latent handling and sampler defaults of a released UCGM training config."""
+    model = re.sub(r"^SiT-", "DiT-", config["model"]["type"])  # UCGM's SiT is our DiT family
+    if model not in MODELS:
+        raise ValueError(f"{where}: its config names model {config['model']['type']!r}, which is not supported here "
+                         f"(DiT/SiT, TiT and LightningDiT are; DDT, EDM2 and U-Nets are not)")
+    vae = config.get("vae", {}).get("type")
+    if vae is not None and vae not in RELEASED_AUTOENCODERS:
+        raise ValueError(f"{where}: its config names autoencoder {vae!r}, which is not supported here "
+                         f"(supported: {', '.join(RELEASED_AUTOENCODERS)})")
+    data, sample, family = config.get("data", {}), config.get("sample", {}), FAMILY_SETTINGS[model.split("-")[0]]
+    sampler = {ours: sample[theirs] for theirs, ours in RELEASED_SAMPLER_NAMES.items() if theirs in sample}
+    if "cfg_scale" in sampler and sampler["cfg_scale"] <= 0:  # the released evaluation guides only when > 0
+        sampler["cfg_scale"] = 1.0
+    return dict(family, model=model, transport=config["transport"]["type"],
+                lam=config["transport"].get("consistc_ratio", 0.0), sampler={**family.get("sampler", {}), **sampler},
+                latent_multiplier=data.get("latent_multiplier", 1.0), latent_norm=data.get("latent_norm", False),
+                vae=RELEASED_AUTOENCODERS.get(vae),
+                released_stats=f"buffers/vaes/stat/{vae}_{data.get('image_size')}.pt")  # its eval.py's stats file
+
+
+def read_checkpoint(path, weights, flag):
+    """(state dict, settings) of our checkpoints, released UCGM ones (with their `config`) or the weights of SiT,
+    REPA, REPA-E and LightningDiT; settings say how the model was trained and is meant to be sampled."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
+    torch.serialization.add_safe_globals([argparse.Namespace])  # REPA and REPA-E save their flags as a Namespace
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    where = f"{flag} {path}"
+    state = weights_of(checkpoint, weights)
+    for prefix, what in REPA_EXTRAS.items():
+        extra = [key for key in state if key.startswith(prefix)]
+        if extra:
+            print(f"{where}: dropping the {len(extra)} weights {prefix}* ({what}), unused here")
+            state = {key: value for key, value in state.items() if not key.startswith(prefix)}
+    if isinstance(checkpoint.get("args"), dict):  # ours: the resolved train.py flags and the latent statistics
+        args = checkpoint["args"]
+        settings = dict(model=args["model"], transport=args["transport"], lam=args["lam"],
+                        latent_multiplier=args["latent_multiplier"], vae=args["vae"], vae_path=args.get("vae_path"),
+                        latent_stats=checkpoint.get("latent_stats"))
+    elif "config" in checkpoint:
+        settings = released_settings(checkpoint["config"], where)
+    else:
+        settings = dict(FAMILY_SETTINGS[family_of(state)])
+    return state, settings
+
+
+def infer_model(state, name=None, where="--ckpt"):
+    """(model name, create_model kwargs): the data shape from the weights, the name given or matched by shape."""
+    width, channels, patch, _ = state["x_embedder.proj.weight"].shape
+    grid = math.isqrt(state["pos_embed"].shape[1])
+    table = state.get("y_embedder.embedding_table.weight")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    if name is None:
+        family = family_of(state)
+        matches = [n for n, c in MODELS.items() if n.split("-")[0] == family
+                   and (c["hidden_size"], c["depth"], c["patch_size"]) == (width, depth, patch)]
+        if not matches:
+            raise ValueError(f"{where}: a {family} of width {width}, depth {depth}, patch {patch} matches no model; "
+                             f"give --model")
+        name = matches[0]
+    out_channels = state["final_layer.linear.weight"].shape[0] // patch ** 2
+    return name, dict(input_size=grid * patch, in_channels=channels, learn_sigma=out_channels == 2 * channels,
+                      num_classes=table.shape[0] - 1 if table is not None else 1)
+
+
+def load_network(path, weights="ema", name=None, flag="--ckpt"):
+    """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly."""
+    state, settings = read_checkpoint(path, weights, flag)
+    if "x_embedder.proj.weight" not in state:
+        raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight)")
+    name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}")
+    model = create_model(name, **kwargs)
+    where = f"{flag} {path} (as --model {name})"
+    model.load_state_dict(checked_state_dict(model.state_dict(), state, where, strict=True))
+    return model, name, settings
 
 
 def claim_folder(folder, name, config, write):
@@ -1016,7 +1129,7 @@ def save_image_grid(images, per_row, path):
 if __name__ == "__main__":  # print the model table: parameters and forward GFLOPs at 256 px
     for name in MODELS:
         family = name.split("-")[0]
-        channels, latent = (32, 16) if family == "TiT" else (4, 32)  # VA-VAE f16d32 / SD-VAE f8 latents of 256 px
+        channels, latent = (4, 32) if family == "DiT" else (32, 16)  # SD-VAE f8 / VA-VAE f16d32 latents of 256 px
         with torch.device("meta"):  # shapes only, so the XL models cost nothing
             model = create_model(name, input_size=latent, in_channels=channels)
         params = sum(p.numel() for p in model.parameters()) / 1e6
