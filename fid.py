@@ -378,8 +378,10 @@ def compute_metrics(samples, reference, inception, batch_size=200):
         metrics["inception_score"], metrics["inception_score_std"] = inception_score(features["logits"])
     else:
         print("inception score unavailable: the weights have no 1008-way classifier (fc)")
-    if "pool" in ref:
+    if "pool" in ref and min(len(ref["pool"]), len(features["pool"])) > 3:  # k = 3 neighbours besides oneself
         metrics["precision"], metrics["recall"] = precision_recall(ref["pool"], features["pool"])
+    elif "pool" in ref:
+        print("precision/recall unavailable: they need at least 4 images on each side")
     return metrics
 
 

@@ -1104,11 +1104,11 @@ def tiny_checkpoint(path, lam=0.0):
     return model
 
 
-def run_sample(out, *flags, torchrun=0, wait=True):
+def run_sample(out, *flags, torchrun=0, wait=True, threads=1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
         if torchrun else [sys.executable]
     cmd = launcher + [os.path.join(HERE, "sample.py"), "--out", str(out), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -1491,6 +1491,48 @@ def test_train_py_tunes_released_layouts_into_a_few_step_model(tmp_path):
         assert not torch.equal(state["model"]["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
         assert all(math.isfinite(loss) for _, loss in losses(tmp_path / name))
         assert (tmp_path / name / "samples_0000003.png").exists()
+
+
+@pytest.fixture(scope="module")
+def real_size_files(tmp_path_factory, inception_file):
+    """A random-weight VA-VAE, a released-format stats file and fid.py statistics of 4 random 256-px images."""
+    root = tmp_path_factory.mktemp("real")
+    torch.manual_seed(0)
+    torch.save({"state_dict": ucgm.AutoencoderKL(**ucgm.AUTOENCODERS["vavae"]).state_dict()}, root / "vavae.pt")
+    torch.save({"mean": torch.randn(1, 32, 1, 1), "std": torch.rand(1, 32, 1, 1) + 0.5}, root / "vavae_f16d32_256.pt")
+    np.savez(root / "ref_images.npz", arr_0=np.random.default_rng(0).integers(0, 256, (4, 256, 256, 3), np.uint8))
+    fid.main(fid.parse_args(["--save-stats", str(root / "ref_images.npz"), str(root / "ref.npz"),
+                             "--inception-weights", inception_file]))
+    return root
+
+
+@pytest.mark.parametrize("name", ["TiT-XL/1", "LightningDiT-XL/1"])
+def test_real_sizes_end_to_end(tmp_path, real_size_files, inception_file, name):
+    """The paper's XL/1 models on 32×16×16 VA-VAE latents, random weights: sample.py at 2 steps, decoded to 256 px,
+    then fid.py's metrics. TiT as a released UCGM checkpoint, LightningDiT as a bare state dict with guidance."""
+    with torch.device("meta"):
+        shapes = ucgm.create_model(name, input_size=16, in_channels=32).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    state = {k: 0.02 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}  # 675M random weights
+    if name == "TiT-XL/1":
+        torch.save({"model": state, "ema": state, "config": {**FEWSTEP_CONFIG, "model": {"type": name}}},
+                   tmp_path / "ckpt.pt")  # one copy of the weights on disk: both entries share storage
+        flags = ["--latent-stats", str(real_size_files / "vavae_f16d32_256.pt")]
+    else:
+        torch.save(state, tmp_path / "ckpt.pt")
+        flags = ["--latent-stats", "none", "--steps", "2", "--cfg-scale", "6.7", "--cfg-interval", "0.125", "1"]
+    del state
+    run = run_sample(tmp_path / "out", "--ckpt", str(tmp_path / "ckpt.pt"), "--num-samples", "2", "--batch-size", "2",
+                     "--vae", "vavae", "--vae-path", str(real_size_files / "vavae.pt"), "--fid-ref",
+                     str(real_size_files / "ref.npz"), "--inception-weights", inception_file, *flags,
+                     threads=os.cpu_count())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "steps = 2 (checkpoint)" in run.stdout if name == "TiT-XL/1" else "cfg_channels = 3 (checkpoint)" in run.stdout
+    images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
+    assert images.shape == (2, 256, 256, 3) and images.dtype == np.uint8 and images.std() > 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and math.isfinite(metrics["fid"]) and math.isfinite(metrics["inception_score"])
+    assert "precision/recall unavailable: they need at least 4 images" in run.stdout
 
 
 #################################################################################

@@ -1062,10 +1062,11 @@ def load_network(path, weights="ema", name=None, flag="--ckpt"):
     if "x_embedder.proj.weight" not in state:
         raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight)")
     name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}")
-    model = create_model(name, **kwargs)
+    with torch.device("meta"):  # shapes only: initialising weights that are then overwritten takes 10 s at XL size
+        model = create_model(name, **kwargs)
     where = f"{flag} {path} (as --model {name})"
-    model.load_state_dict(checked_state_dict(model.state_dict(), state, where, strict=True))
-    return model, name, settings
+    model.load_state_dict(checked_state_dict(model.state_dict(), state, where, strict=True), assign=True)
+    return model.float(), name, settings
 
 
 def claim_folder(folder, name, config, write):
