@@ -1477,7 +1477,8 @@ def test_train_py_tunes_released_layouts_into_a_few_step_model(tmp_path):
     sit = perturbed(ucgm.create_model("DiT-T/4", input_size=32, in_channels=3, num_classes=10, learn_sigma=True))
     lightning = perturbed(ucgm.create_model("LightningDiT-T/4", input_size=32, in_channels=3, num_classes=10), 1)
     torch.save({"ema": {**sit.state_dict(), "projectors.0.0.weight": torch.zeros(8, 128)}}, tmp_path / "repa.pt")
-    torch.save(lightning.state_dict(), tmp_path / "lightningdit.pt")  # a bare EMA state dict
+    torch.save({"model": lightning.state_dict(), "ema": lightning.state_dict(), "opt": {}, "config": {"model": {
+        "model_type": "LightningDiT-T/4", "use_qknorm": False}}}, tmp_path / "lightningdit.pt")  # hustvl's layout
     for name, model, transport in (("repa", sit, "Linear"), ("lightningdit", lightning, "ReLinear")):
         ckpt = str(tmp_path / f"{name}.pt")
         run = run_train(tmp_path / name, "--init", ckpt, "--teacher", ckpt, "--preset", "fewstep", "--zeta", "3",

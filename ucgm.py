@@ -1030,7 +1030,7 @@ def read_checkpoint(path, weights, flag):
         settings = dict(model=args["model"], transport=args["transport"], lam=args["lam"],
                         latent_multiplier=args["latent_multiplier"], vae=args["vae"], vae_path=args.get("vae_path"),
                         latent_stats=checkpoint.get("latent_stats"))
-    elif "config" in checkpoint:
+    elif "type" in (checkpoint.get("config") or {}).get("model", {}):  # released UCGM (LightningDiT's says model_type)
         settings = released_settings(checkpoint["config"], where)
     else:
         settings = dict(FAMILY_SETTINGS[family_of(state)])
