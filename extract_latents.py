@@ -169,17 +169,17 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="the output folder of latent shards")
     p.add_argument("--vae", default="vavae", choices=["identity", *ucgm.AUTOENCODERS], help="the autoencoder (SPEC §5)")
     p.add_argument("--vae-path", help="its local weight file (LDM, diffusers or VA-VAE layout)")
-    p.add_argument("--image-size", type=int, default=256, help="ADM centre crop to this many pixels")
-    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (and their flips)")
-    p.add_argument("--stats-images", type=int, default=10_000, help="images for the per-channel mean/std")
-    p.add_argument("--num-workers", type=int, default=4, help="image-decoding processes per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (VA-VAE)")
-    args = p.parse_args(argv)
-    for flag in ("image_size", "shard_size", "batch_size", "stats_images"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    return args
+    p.add_argument("--image-size", type=ucgm.number("[1, inf)", int), default=256,
+                   help="ADM centre crop to this many pixels")
+    p.add_argument("--shard-size", type=ucgm.number("[1, inf)", int), default=10_000, help="images per shard")
+    p.add_argument("--batch-size", type=ucgm.number("[1, inf)", int), default=64,
+                   help="images per encoder call (and their flips)")
+    p.add_argument("--stats-images", type=ucgm.number("[1, inf)", int), default=10_000,
+                   help="images for the per-channel mean/std")
+    p.add_argument("--num-workers", type=ucgm.number("[0, inf)", int), default=4,
+                   help="image-decoding processes per rank")
+    p.add_argument("--seed", type=ucgm.seed, default=0, help="seed of the posterior samples (VA-VAE)")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

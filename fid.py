@@ -409,7 +409,8 @@ def parse_args(argv=None):
                    help="samples (.npz with arr_0, or an image folder) and reference (.npz: ADM batch or --save-stats)")
     p.add_argument("--inception-weights", help="pytorch-fid's or torch-fidelity's pt_inception-2015-12-05 file")
     p.add_argument("--save-stats", nargs=2, metavar=("SRC", "OUT"), help="write the statistics of SRC to OUT.npz")
-    p.add_argument("--batch-size", type=int, default=200, help="images per Inception batch (200)")
+    p.add_argument("--batch-size", type=ucgm.number("[1, inf)", int), default=200,
+                   help="images per Inception batch (200)")
     p.add_argument("--out", help="also write the metrics to this JSON file")
     return p.parse_args(argv)
 

@@ -151,35 +151,38 @@ def parse_args(argv=None):
     g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="network precision on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g = p.add_argument_group("UCGM-S; defaults: the released checkpoint's settings, else the preset for its lam")
-    g.add_argument("--steps", type=int, help="sampling steps (40 multi-step / 2 few-step)")
-    g.add_argument("--rho", help="stochasticity in [0, 1] or 'auto' (0 / 1)")
-    g.add_argument("--kappa", type=float, help="extrapolation ratio (0.5 / 0)")
+    g.add_argument("--steps", type=ucgm.number("[1, inf)", int), help="sampling steps (40 multi-step / 2 few-step)")
+    g.add_argument("--rho", type=ucgm.number("[0, 1]", words=["auto"]),
+                   help="stochasticity in [0, 1] or 'auto' (0 / 1)")
+    g.add_argument("--kappa", type=ucgm.number(), help="extrapolation ratio (0.5 / 0)")
     g.add_argument("--order", type=int, choices=[1, 2], help="1 Euler, 2 Heun-like (1)")
-    g.add_argument("--warp", type=float, nargs=3, help="time warp a b c (1.17 0.8 1.1 / 1 1 1)")
-    g.add_argument("--gaps", type=float, nargs=2, help="time-grid gaps g0 g1 (0.001 0.001 / 0.001 0.3)")
-    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
-    g.add_argument("--cfg-interval", type=float, nargs=2, help="guide only for t in [lo, hi] (0 1)")
-    g.add_argument("--cfg-channels", type=int, help="guide only the first k latent channels (all; LightningDiT 3)")
+    g.add_argument("--warp", type=ucgm.number("(0, inf)"), nargs=3, help="time warp a b c (1.17 0.8 1.1 / 1 1 1)")
+    g.add_argument("--gaps", type=ucgm.number("[0, 1)"), nargs=2,
+                   help="time-grid gaps g0 g1 (0.001 0.001 / 0.001 0.3)")
+    g.add_argument("--cfg-scale", type=ucgm.number(), help="classifier-free guidance scale (1: none)")
+    g.add_argument("--cfg-interval", type=ucgm.number("[0, 1]"), nargs=2, help="guide only for t in [lo, hi] (0 1)")
+    g.add_argument("--cfg-channels", type=ucgm.number("[1, inf)", int),
+                   help="guide only the first k latent channels (all; LightningDiT 3)")
     g = p.add_argument_group("samples and decoding")
-    g.add_argument("--num-samples", type=int, default=50_000, help="how many (50000)")
-    g.add_argument("--class", dest="class_id", type=int, help="one class for all samples (default: balanced)")
-    g.add_argument("--seed", type=int, default=0, help="noise of sample i comes from (seed, i)")
-    g.add_argument("--batch-size", type=int, default=250, help="samples per shard and per network batch (250)")
-    g.add_argument("--decode-batch", type=int, default=50, help="latents per autoencoder call (50)")
+    g.add_argument("--num-samples", type=ucgm.number("[1, inf)", int), default=50_000, help="how many (50000)")
+    g.add_argument("--class", dest="class_id", type=ucgm.number("[0, inf)", int),
+                   help="one class for all samples (default: balanced)")
+    g.add_argument("--seed", type=ucgm.seed, default=0, help="noise of sample i comes from (seed, i)")
+    g.add_argument("--batch-size", type=ucgm.number("[1, inf)", int), default=250,
+                   help="samples per shard and per network batch (250)")
+    g.add_argument("--decode-batch", type=ucgm.number("[1, inf)", int), default=50,
+                   help="latents per autoencoder call (50)")
     g.add_argument("--vae", choices=["identity", *ucgm.AUTOENCODERS], help="autoencoder (default: the checkpoint's)")
     g.add_argument("--vae-path", help="its local weight file")
     g.add_argument("--latent-stats", help="mean/std file or latent folder, or 'none' (default: the checkpoint's)")
-    g.add_argument("--latent-multiplier", type=float, help="(default: the checkpoint's; 0.18215 for SD-VAE)")
+    g.add_argument("--latent-multiplier", type=ucgm.number("(0, inf)"),
+                   help="(default: the checkpoint's; 0.18215 for SD-VAE)")
     g.add_argument("--fid-ref", help="reference .npz (ADM batch or fid.py --save-stats): compute the metrics")
     g.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth, for --fid-ref")
     g.add_argument("--out", default="samples", help="output folder: samples.npz, samples.png, shards/")
     args = p.parse_args(argv)
-    if args.num_samples < 1 or args.batch_size < 1 or args.decode_batch < 1:
-        p.error("--num-samples, --batch-size and --decode-batch must be >= 1")
     if args.fid_ref and not args.inception_weights:
         p.error("--fid-ref needs --inception-weights")
-    if args.rho is not None and args.rho != "auto":
-        args.rho = float(args.rho)
     return args
 
 

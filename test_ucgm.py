@@ -750,7 +750,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--global-batch-size", "16", "--log-every", "1", "--num-workers", "0", "--sample-every", "1000"]
 
 
-def run_train(out, *flags, torchrun=0, wait=True):
+def run_train(out, *flags, torchrun=0, wait=True, timeout=600):
     """Start train.py (under torchrun with that many processes, if given) on the demo data."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
         if torchrun else [sys.executable]
@@ -758,7 +758,7 @@ def run_train(out, *flags, torchrun=0, wait=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def losses(out):
@@ -794,6 +794,39 @@ def test_two_process_torchrun_trains_and_checkpoints(tmp_path):
     assert "weights identical on all 2 ranks: True" in run.stdout
     state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
     assert state["step"] == 2 and set(state) >= {"model", "ema", "opt", "ucgm", "args", "step", "rng"}
+
+
+def test_a_failure_on_one_rank_ends_every_rank_with_its_one_line(tmp_path):
+    """Rank 0 alone reads log.jsonl (to trim it for a resume) while rank 1 waits for it in DDP's first collective."""
+    (tmp_path / "log.jsonl").write_text("garbage\n")
+    run = run_train(tmp_path, "--max-steps", "2", torchrun=2, timeout=120)  # a hang would last gloo's 30 minutes
+    line = (f"train.py: error: {tmp_path / 'log.jsonl'}: expected a JSON record with a 'step' on every line, "
+            f"line 1 is 'garbage'")
+    assert run.returncode != 0 and run.stderr.splitlines().count(line) == 1, run.stderr[-3000:]
+    assert "Connection closed" not in run.stderr and "[rank" not in run.stderr  # rank 1 ends without a word
+    both = run_train(tmp_path / "both", "--grad-accum", "3", torchrun=2, timeout=120)  # fails on every rank
+    assert both.returncode != 0 and both.stderr.splitlines().count(
+        "train.py: error: --global-batch-size 16 must divide by processes × --grad-accum = 6") == 1, both.stderr[-3000:]
+
+
+def test_zero_periods_mean_never_yet_the_last_checkpoint_is_written(tmp_path):
+    run = run_train(tmp_path, "--max-steps", "3", "--log-every", "0", "--ckpt-every", "0", "--sample-every", "0",
+                    torchrun=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000003.pt", "latest.pt"]
+    assert torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
+    assert [step for step, _ in losses(tmp_path)] == [3]  # the last line only
+    assert not list(tmp_path.glob("samples_*.png"))
+    assert "weights identical" not in run.stdout  # one process has no replicas to compare
+
+
+def test_save_checkpoint_keeps_the_multiples_of_keep_and_the_latest(tmp_path):
+    for keep, kept in ((2, ["0000002.pt", "0000004.pt", "0000005.pt"]), (0, ["0000005.pt"])):
+        folder = tmp_path / str(keep)
+        folder.mkdir()
+        for step in range(1, 6):
+            train.save_checkpoint({"step": step}, str(folder), step, keep)
+        assert sorted(p.name for p in folder.iterdir()) == [*kept, "latest.pt"]
 
 
 def test_step_batches_shard_the_global_batch():
@@ -1534,6 +1567,86 @@ def test_real_sizes_end_to_end(tmp_path, real_size_files, inception_file, name):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["num_samples"] == 2 and math.isfinite(metrics["fid"]) and math.isfinite(metrics["inception_score"])
     assert "precision/recall unavailable: they need at least 4 images" in run.stdout
+
+
+#################################################################################
+#              Command-line flags: ranges checked at parse time                 #
+#################################################################################
+
+SCRIPTS = {"train": (train, []), "sample": (sample, ["--ckpt", "ck.pt"]), "fid": (fid, []),
+           "extract_latents": (extract_latents, ["--images", "in", "--out", "out"])}
+BAD_FLAGS = [  # (script, flag and values, what argparse says after "argument FLAG: ")
+    ("train", ["--lam", "1.5"], "expected a number in [0, 1], got 1.5"),
+    ("train", ["--zeta", "nan"], "expected a finite number, got nan"),
+    ("train", ["--enhance-range", "0", "2"], "expected a number in [0, 1], got 2"),
+    ("train", ["--label-drop", "-0.1"], "expected a number in [0, 1], got -0.1"),
+    ("train", ["--huber-c", "-1"], "expected a number >= 0, got -1"),
+    ("train", ["--time-dist", "1", "0", "1"], "expected a number > 0, got 0"),
+    ("train", ["--teacher-decay", "1.01"], "expected a number in [0, 1], got 1.01"),
+    ("train", ["--latent-multiplier", "0"], "expected a number > 0, got 0"),
+    ("train", ["--global-batch-size", "0"], "expected an integer >= 1, got 0"),
+    ("train", ["--grad-accum", "1.5"], "expected an integer >= 1, got 1.5"),
+    ("train", ["--max-steps", "0"], "expected an integer >= 1, got 0"),
+    ("train", ["--lr", "-1"], "expected a number > 0, got -1"),
+    ("train", ["--lr", "inf"], "expected a number > 0, got inf"),
+    ("train", ["--betas", "0.9", "1"], "expected a number in [0, 1), got 1"),
+    ("train", ["--weight-decay", "-0.001"], "expected a number >= 0, got -0.001"),
+    ("train", ["--grad-clip", "nan"], "expected a number >= 0, got nan"),
+    ("train", ["--ema-decay", "2"], "expected a number in [0, 1], got 2"),
+    ("train", ["--max-bad-steps", "0"], "expected an integer >= 1, got 0"),
+    ("train", ["--num-workers", "-1"], "expected an integer >= 0, got -1"),
+    ("train", ["--seed", "-1"], "expected an integer in [0, 4294967296), got -1"),
+    ("train", ["--seed", "4294967296"], "expected an integer in [0, 4294967296), got 4294967296"),
+    ("train", ["--bench", "1"], "expected an integer >= 2, got 1"),
+    ("train", ["--bench-shape", "0", "16"], "expected an integer >= 1, got 0"),
+    ("train", ["--log-every", "-1"], "expected an integer >= 0, got -1"),
+    ("train", ["--ckpt-every", "x"], "expected an integer >= 0, got x"),
+    ("train", ["--sample-every", "-5"], "expected an integer >= 0, got -5"),
+    ("train", ["--sample-cfg", "inf"], "expected a finite number, got inf"),
+    ("sample", ["--steps", "0"], "expected an integer >= 1, got 0"),
+    ("sample", ["--rho", "2"], "expected a number in [0, 1] or 'auto', got 2"),
+    ("sample", ["--rho", "nan"], "expected a number in [0, 1] or 'auto', got nan"),
+    ("sample", ["--kappa", "inf"], "expected a finite number, got inf"),
+    ("sample", ["--order", "3"], "invalid choice: 3 (choose from 1, 2)"),
+    ("sample", ["--warp", "1", "0", "1"], "expected a number > 0, got 0"),
+    ("sample", ["--gaps", "0.001", "1"], "expected a number in [0, 1), got 1"),
+    ("sample", ["--cfg-scale", "nan"], "expected a finite number, got nan"),
+    ("sample", ["--cfg-interval", "0", "1.5"], "expected a number in [0, 1], got 1.5"),
+    ("sample", ["--cfg-channels", "0"], "expected an integer >= 1, got 0"),
+    ("sample", ["--num-samples", "0"], "expected an integer >= 1, got 0"),
+    ("sample", ["--class", "-1"], "expected an integer >= 0, got -1"),
+    ("sample", ["--seed", "1e3"], "expected an integer in [0, 4294967296), got 1e3"),
+    ("sample", ["--batch-size", "0"], "expected an integer >= 1, got 0"),
+    ("sample", ["--decode-batch", "0"], "expected an integer >= 1, got 0"),
+    ("sample", ["--latent-multiplier", "-0.18215"], "expected a number > 0, got -0.18215"),
+    ("fid", ["--batch-size", "0"], "expected an integer >= 1, got 0"),
+    ("extract_latents", ["--image-size", "0"], "expected an integer >= 1, got 0"),
+    ("extract_latents", ["--shard-size", "0"], "expected an integer >= 1, got 0"),
+    ("extract_latents", ["--batch-size", "0"], "expected an integer >= 1, got 0"),
+    ("extract_latents", ["--stats-images", "0"], "expected an integer >= 1, got 0"),
+    ("extract_latents", ["--num-workers", "-1"], "expected an integer >= 0, got -1"),
+    ("extract_latents", ["--seed", "1.5"], "expected an integer in [0, 4294967296), got 1.5")]
+
+
+@pytest.mark.parametrize("script, flags, message", BAD_FLAGS, ids=[f"{s}{f[0]}={f[-1]}" for s, f, _ in BAD_FLAGS])
+def test_flags_out_of_range_are_refused_naming_the_flag(script, flags, message, capsys):
+    module, required = SCRIPTS[script]
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args([*required, *flags])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: argument {flags[0]}: {message}")
+
+
+def test_flags_in_range_are_parsed():
+    args = sample.parse_args(["--ckpt", "ck.pt", "--rho", "auto", "--gaps", "0", "0.3", "--cfg-interval", "0", "1",
+                              "--kappa", "-0.5", "--seed", "4294967295", "--class", "0"])
+    assert (args.rho, args.gaps, args.cfg_interval, args.kappa, args.seed, args.class_id) == \
+        ("auto", [0.0, 0.3], [0.0, 1.0], -0.5, 4294967295, 0)
+    assert sample.parse_args(["--ckpt", "ck.pt", "--rho", "1"]).rho == 1.0
+    args = train.parse_args(["--lam", "1", "--lr", "1e-4", "--betas", "0", "0.999", "--log-every", "0",
+                             "--ckpt-every", "0", "--sample-every", "0", "--num-workers", "0", "--bench", "2"])
+    assert (args.lam, args.lr, args.betas, args.ckpt_every, args.sample_every, args.max_steps) == \
+        (1.0, 1e-4, [0.0, 0.999], 0, 0, 2)
 
 
 #################################################################################

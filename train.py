@@ -162,8 +162,13 @@ class StepBatches(torch.utils.data.Sampler):
 #                       Checkpoints, logs and sample grids                      #
 #################################################################################
 
+def every(step, period):
+    """Whether a periodic action (log, checkpoint, grid) falls on this step; period 0 means never."""
+    return period > 0 and step % period == 0
+
+
 def save_checkpoint(state, folder, step, keep):
-    """Write {step:07d}.pt atomically and point latest.pt at it; keep only multiples of `keep` besides the latest."""
+    """Write {step:07d}.pt atomically and point latest.pt at it; besides it keep the multiples of `keep` (0: none)."""
     path = os.path.join(folder, f"{step:07d}.pt")
     ucgm.atomic_write(path, lambda f: torch.save(state, f))
     link = os.path.join(folder, "latest.pt.tmplink")
@@ -173,7 +178,7 @@ def save_checkpoint(state, folder, step, keep):
     os.replace(link, os.path.join(folder, "latest.pt"))  # atomic: latest.pt is always a whole checkpoint
     for old in glob.glob(os.path.join(folder, "[0-9]" * 7 + ".pt")):
         old_step = int(os.path.basename(old)[:7])
-        if old_step != step and old_step % keep:
+        if old_step != step and not every(old_step, keep):
             os.remove(old)
 
 
@@ -182,7 +187,14 @@ def append_log(path, record, keep_through=None):
     if keep_through is not None and os.path.exists(path):
         with open(path) as f:
             lines = [line for line in f if line.endswith("\n")]  # a line cut by a kill has no newline
-        kept = [line for line in lines if json.loads(line)["step"] <= keep_through]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                if int(json.loads(line)["step"]) <= keep_through:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path}: expected a JSON record with a 'step' on every line, line {number} is "
+                                 f"{line.strip()[:60]!r}") from None
         ucgm.atomic_write(path, lambda f: f.write("".join(kept).encode()))
     if record is not None:
         with open(path, "a") as f:
@@ -333,7 +345,7 @@ def main(args):
             torch.cuda.synchronize() if device.type == "cuda" else None
             bench_start, bench_first = time.time(), step + 1
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if every(step, args.log_every) or step == args.max_steps:
             if distributed:
                 dist.all_reduce(window_loss)
             elapsed, steps_done = time.time() - window_start, step - window_first + 1
@@ -349,11 +361,11 @@ def main(args):
                 bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", steps_s=f"{steps_done / elapsed:.2f}",
                                 img_s=f"{record['img_per_s']:.0f}")
             window_loss, window_steps, window_start, window_first = torch.zeros((), device=device), 0, time.time(), step + 1
-        if writer and (step % args.ckpt_every == 0 or step == args.max_steps) and not bad_in_a_row:
+        if writer and (every(step, args.ckpt_every) or step == args.max_steps) and not bad_in_a_row:
             checkpoint(step)
-        if writer and (step % args.sample_every == 0 or step == args.max_steps):
+        if writer and args.sample_every and (every(step, args.sample_every) or step == args.max_steps):
             sample_grid(step)
-        if distributed and step % args.ckpt_every == 0:
+        if distributed and every(step, args.ckpt_every):
             dist.barrier()
     bar.close()
     if args.bench and rank == 0:
@@ -365,13 +377,14 @@ def main(args):
               f"/process, lam {args.lam}, {precision}: "
               f"{args.global_batch_size / seconds:.1f} img/s, {1000 * seconds:.1f} ms/step, peak memory {memory:.2f} GB"
               + (f", MFU {flops / seconds / world / peak:.1%}" if peak else ""))
-    if distributed:  # DDP keeps the replicas equal: check it once at the end with a checksum of the weights
+    if world > 1:  # DDP keeps the replicas equal: check it once at the end with a checksum of the weights
         total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
         low, high = total.clone(), total.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         if rank == 0:
             print(f"weights identical on all {world} ranks: {bool(low == high)}")
+    if distributed:
         dist.destroy_process_group()
 
 
@@ -381,50 +394,63 @@ def parse_args(argv=None):
     g = p.add_argument_group("method (UCGM-T, SPEC §3)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="paper recipe; explicit flags override it")
     g.add_argument("--transport", choices=sorted(ucgm.TRANSPORTS), help="transport (Linear)")
-    g.add_argument("--lam", type=float, help="consistency ratio λ: 0 multi-step .. 1 few-step (0)")
-    g.add_argument("--zeta", type=float, help="enhanced-target strength ζ; λ = 0 needs ζ < 1 (0)")
-    g.add_argument("--enhance-range", type=float, nargs=2, help="open t interval where ζ acts (0 0.75)")
-    g.add_argument("--label-drop", type=float, help="fraction of labels nulled for guidance (0.1)")
-    g.add_argument("--huber-c", type=float, help="pseudo-Huber constant c; 0 is an RMS loss (0)")
+    g.add_argument("--lam", type=ucgm.number("[0, 1]"), help="consistency ratio λ: 0 multi-step .. 1 few-step (0)")
+    g.add_argument("--zeta", type=ucgm.number(), help="enhanced-target strength ζ; λ = 0 needs ζ < 1 (0)")
+    g.add_argument("--enhance-range", type=ucgm.number("[0, 1]"), nargs=2,
+                   help="open t interval where ζ acts (0 0.75)")
+    g.add_argument("--label-drop", type=ucgm.number("[0, 1]"), help="fraction of labels nulled for guidance (0.1)")
+    g.add_argument("--huber-c", type=ucgm.number("[0, inf)"), help="pseudo-Huber constant c; 0 is an RMS loss (0)")
     g.add_argument("--cosine-loss", action=argparse.BooleanOptionalAction, help="add 1 - cosine similarity (off)")
     g.add_argument("--weighting", choices=["cosine", "none"], help="loss weight cos(πt/2) or none (cosine; demo none)")
-    g.add_argument("--time-dist", type=float, nargs=3, help="t = clamp(s·Beta(θ1, θ2)): θ1 θ2 s (1 1 1)")
-    g.add_argument("--teacher-decay", type=float, help="teacher: 0 online, (0,1) EMA, 1 frozen (0.999)")
+    g.add_argument("--time-dist", type=ucgm.number("(0, inf)"), nargs=3,
+                   help="t = clamp(s·Beta(θ1, θ2)): θ1 θ2 s (1 1 1)")
+    g.add_argument("--teacher-decay", type=ucgm.number("[0, 1]"),
+                   help="teacher: 0 online, (0,1) EMA, 1 frozen (0.999)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=sorted(ucgm.MODELS), metavar="NAME",
                    help="network, {DiT,TiT}-{T,S,B,L,XL}/{1,2,4} (TiT-XL/1; demo TiT-T/4)")
     g.add_argument("--data", help="folder of latent shards (SPEC §6); without it, the built-in digits demo")
-    g.add_argument("--latent-multiplier", type=float, default=1.0, help="scale after normalising (0.18215 SD-VAE)")
+    g.add_argument("--latent-multiplier", type=ucgm.number("(0, inf)"), default=1.0,
+                   help="scale after normalising (0.18215 SD-VAE)")
     g.add_argument("--latent-stats", help="mean/std file, or 'none' (default: DATA/latents_stats.pt if present)")
     g.add_argument("--vae", choices=["identity", *ucgm.AUTOENCODERS], default="identity",
                    help="autoencoder that decodes the sample grids (SPEC §5)")
     g.add_argument("--vae-path", help="its local weight file (LDM, diffusers or VA-VAE layout)")
     g.add_argument("--out", default="runs/demo", help="output folder: checkpoints/, log.jsonl, samples (runs/demo)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--global-batch-size", type=int, help="images per step over all processes (1024; demo 64)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (1)")
-    g.add_argument("--max-steps", type=int, help="training steps (1e6; demo 1500)")
+    g.add_argument("--global-batch-size", type=ucgm.number("[1, inf)", int),
+                   help="images per step over all processes (1024; demo 64)")
+    g.add_argument("--grad-accum", type=ucgm.number("[1, inf)", int), default=1,
+                   help="micro-batches per step and process (1)")
+    g.add_argument("--max-steps", type=ucgm.number("[1, inf)", int), help="training steps (1e6; demo 1500)")
     g.add_argument("--optimizer", choices=["adamw", "radam"], help="optimiser (adamw)")
-    g.add_argument("--lr", type=float, help="learning rate (2e-4; demo 2e-3)")
-    g.add_argument("--betas", type=float, nargs=2, help="Adam betas (0.9 0.95)")
-    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (0)")
-    g.add_argument("--grad-clip", type=float, help="gradient-norm clip, 0 = off (0)")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights for sampling (0.9999)")
-    g.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row (10)")
+    g.add_argument("--lr", type=ucgm.number("(0, inf)"), help="learning rate (2e-4; demo 2e-3)")
+    g.add_argument("--betas", type=ucgm.number("[0, 1)"), nargs=2, help="Adam betas (0.9 0.95)")
+    g.add_argument("--weight-decay", type=ucgm.number("[0, inf)"), help="decoupled weight decay (0)")
+    g.add_argument("--grad-clip", type=ucgm.number("[0, inf)"), help="gradient-norm clip, 0 = off (0)")
+    g.add_argument("--ema-decay", type=ucgm.number("[0, 1]"), default=0.9999,
+                   help="EMA of the weights for sampling (0.9999)")
+    g.add_argument("--max-bad-steps", type=ucgm.number("[1, inf)", int), default=10,
+                   help="stop after this many non-finite steps in a row (10)")
     g = p.add_argument_group("speed")
     g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast on CUDA (bf16)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing: less memory, +1 forward")
-    g.add_argument("--num-workers", type=int, default=2, help="data-loading processes per rank (2)")
-    g.add_argument("--seed", type=int, default=0, help="seed of data order, t and noise (0)")
-    g.add_argument("--bench", type=int, metavar="N", help="time N steps on synthetic data; write nothing")
-    g.add_argument("--bench-shape", type=int, nargs=2, default=(32, 16), metavar=("C", "SIZE"),
+    g.add_argument("--num-workers", type=ucgm.number("[0, inf)", int), default=2,
+                   help="data-loading processes per rank (2)")
+    g.add_argument("--seed", type=ucgm.seed, default=0, help="seed of data order, t and noise (0)")
+    g.add_argument("--bench", type=ucgm.number("[2, inf)", int), metavar="N",
+                   help="time N steps on synthetic data; write nothing")
+    g.add_argument("--bench-shape", type=ucgm.number("[1, inf)", int), nargs=2, default=(32, 16), metavar=("C", "SIZE"),
                    help="latent channels and size of the --bench data (32 16: VA-VAE at 256 px)")
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--log-every", type=int, help="steps between log.jsonl lines (100; demo 50)")
-    g.add_argument("--ckpt-every", type=int, help="keep a checkpoint every this many steps (20000; demo 500)")
-    g.add_argument("--sample-every", type=int, help="steps between EMA sample grids (20000; demo 500)")
-    g.add_argument("--sample-cfg", type=float, help="guidance scale of the sample grids (1; demo 3.5)")
+    g.add_argument("--log-every", type=ucgm.number("[0, inf)", int),
+                   help="steps between log.jsonl lines, 0: only the last (100; demo 50)")
+    g.add_argument("--ckpt-every", type=ucgm.number("[0, inf)", int),
+                   help="keep a checkpoint every this many steps, 0: only the last (20000; demo 500)")
+    g.add_argument("--sample-every", type=ucgm.number("[0, inf)", int),
+                   help="steps between EMA sample grids, 0: none (20000; demo 500)")
+    g.add_argument("--sample-cfg", type=ucgm.number(), help="guidance scale of the sample grids (1; demo 3.5)")
     g.add_argument("--resume", default="auto", help="'auto' (newest in OUT/checkpoints), a path, or 'none'")
     g.add_argument("--init", help="start weights, and unless given --model and --transport: any checkpoint "
                    "sample.py reads (ours, released UCGM, SiT, REPA, REPA-E, LightningDiT)")

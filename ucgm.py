@@ -1081,12 +1081,61 @@ def claim_folder(folder, name, config, write):
         write_json(path, config)
 
 
+def number(interval="(-inf, inf)", kind=float, words=()):
+    """An argparse type: a finite `kind` (float or int) in an interval such as "[0, 1)" or "(0, inf)", or one of
+    `words`; anything else makes argparse end with "argument --flag: expected ..., got ..."."""
+    low_text, high_text = (bound.strip() for bound in interval[1:-1].split(","))
+    low, high, closed_low, closed_high = float(low_text), float(high_text), interval[0] == "[", interval[-1] == "]"
+    if high < math.inf:
+        bounded = f" in {interval}"
+    else:
+        bounded = f" {'>=' if closed_low else '>'} {low_text}" if low > -math.inf else ""
+    expected = ("an integer" if kind is int else "a number" if bounded else "a finite number") + bounded + \
+        "".join(f" or {word!r}" for word in words)
+
+    def parse(text):
+        if text in words:
+            return text
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        above = low <= value if closed_low else low < value
+        below = value <= high if closed_high else value < high
+        if not (math.isfinite(value) and above and below):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
+
+
+seed = number("[0, 4294967296)", int)  # seeds combine as seed·2^32 + index, which torch needs below 2^64
+
+
+def first_to_fail():
+    """Whether this process is the first of its torchrun job to fail: a counter in the job's shared store."""
+    try:
+        return torch.distributed.distributed_c10d._get_default_store().add("ucgm/failures", 1) == 1
+    except Exception:  # no process group, or its store went down with the process that hosted it
+        return True
+
+
 def run_script(main, parse_args):
-    """Run a script; bad input (a ValueError) ends it with one clear line instead of a traceback."""
+    """Run a script; bad input (a ValueError) ends it with one clear line instead of a traceback. Under torchrun
+    the first process to fail says why and exits at once, so that torchrun stops the others; a process failing
+    after it (a collective with a peer gone) exits silently, so the first one's words stay the last."""
+    distributed = "RANK" in os.environ
     try:
         main(parse_args())
     except ValueError as error:
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {error}")
+        if not distributed or first_to_fail():
+            print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr, flush=True)
+        if distributed:
+            os._exit(1)  # skip the process group's teardown, which would wait for the peers
+        raise SystemExit(1)
+    except Exception:
+        if distributed and not first_to_fail():
+            os._exit(1)  # a peer failed first and said why; this one only lost its connection to it
+        raise
 
 
 def setup_distributed():
