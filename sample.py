@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -123,19 +124,30 @@ def main(args):
 
 
 def merge(args, num_shards):
-    """Concatenate the shards into OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) and a grid of the first 64."""
-    shards = [ucgm.load_safetensors(shard_path(args.out, k)) for k in range(num_shards)]
-    images = np.concatenate([s["images"].numpy() for s in shards])
-    labels = np.concatenate([s["labels"].numpy() for s in shards])
+    """Stream the shards into OUT/samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels) one shard at a time, so
+    that memory holds one shard and never all images; draw a grid of the first 64."""
+    paths = [shard_path(args.out, k) for k in range(num_shards)]
+    shapes = [tuple(ucgm.load_safetensors(path)["images"].shape) for path in paths]  # headers only: memory-mapped
+    total = (sum(shape[0] for shape in shapes), *shapes[0][1:])
+    labels = np.concatenate([ucgm.load_safetensors(path)["labels"].numpy() for path in paths])
+
+    def write(f):  # the bytes np.savez writes, produced piecewise: a stored (uncompressed) zip of .npy members
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:  # force: its size is not known yet
+                np.lib.format.write_array_header_2_0(member, {"descr": "|u1", "fortran_order": False, "shape": total})
+                for path in paths:
+                    member.write(ucgm.load_safetensors(path)["images"].numpy().data)  # one shard's pages at a time
+            with archive.open("arr_1.npy", "w") as member:
+                np.lib.format.write_array(member, labels)
+
     path = os.path.join(args.out, "samples.npz")
-    ucgm.atomic_write(path, lambda f: np.savez(f, arr_0=images, arr_1=labels))
-    first = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ucgm.atomic_write(path, write)
+    first = ucgm.load_safetensors(paths[0])["images"][:64].permute(0, 3, 1, 2).float() / 127.5 - 1
     ucgm.save_image_grid(first, 8, os.path.join(args.out, "samples.png"))
-    print(f"{path}: {len(images)} samples of {images.shape[1]}×{images.shape[2]}, "
-          f"{len(np.unique(labels))} classes")
-    if args.fid_ref:  # FID, IS, sFID, precision and recall right away, through fid.py's API
+    print(f"{path}: {total[0]} samples of {total[1]}×{total[2]}, {len(np.unique(labels))} classes")
+    if args.fid_ref:  # FID, IS, sFID, precision and recall right away, through fid.py's API (streamed from the file)
         inception = fid.load_inception(args.inception_weights, "cuda" if torch.cuda.is_available() else "cpu")
-        metrics = fid.compute_metrics(images, args.fid_ref, inception)
+        metrics = fid.compute_metrics(path, args.fid_ref, inception)
         print(json.dumps(metrics, indent=2))
         ucgm.write_json(os.path.join(args.out, "metrics.json"), metrics)
 

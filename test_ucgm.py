@@ -737,6 +737,7 @@ def test_bad_sampler_arguments_are_refused(kwargs, match):
 #                       train.py: data, presets, resume, DDP                    #
 #################################################################################
 
+import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -1175,6 +1176,23 @@ def test_sample_py_is_the_same_for_any_process_count_and_after_a_kill(tmp_path):
     assert not list((tmp_path / "killed").rglob("*.tmp*"))
 
 
+def test_merge_streams_the_shards_into_an_npz_that_numpy_and_fid_read(tmp_path):
+    rng, _ = np.random.default_rng(0), (tmp_path / "shards").mkdir()
+    shards = [rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for n in (4, 4, 3)]  # the last one is short
+    for k, images in enumerate(shards):
+        ucgm.save_safetensors({"images": torch.from_numpy(images), "labels": torch.arange(4 * k, 4 * k + len(images))},
+                              sample.shard_path(tmp_path, k))
+    (tmp_path / "samples.npz").write_bytes(b"an older, unfinished file")
+    sample.merge(argparse.Namespace(out=str(tmp_path), fid_ref=None), 3)
+    expected = np.concatenate(shards)
+    with np.load(tmp_path / "samples.npz") as merged:  # the layout np.savez writes: arr_0 images, arr_1 labels
+        assert merged["arr_0"].dtype == np.uint8 and np.array_equal(merged["arr_0"], expected)
+        assert merged["arr_1"].tolist() == list(range(11))
+    batches = fid.npz_batches(str(tmp_path / "samples.npz"), 5)
+    assert next(batches) == 11 and np.array_equal(np.concatenate(list(batches)), expected)
+    assert (tmp_path / "samples.png").exists() and not list(tmp_path.glob("*.tmp*"))
+
+
 def test_sample_py_reads_released_checkpoints_and_bare_state_dicts(tmp_path):
     model = tiny_checkpoint(tmp_path / "ours.pt")
     released = {"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "unigen": {},
@@ -1398,7 +1416,6 @@ def test_bench_times_synthetic_steps_and_writes_nothing(tmp_path):
 #        Released models: configs, LightningDiT, REPA, E2E-VAE, tuning           #
 #################################################################################
 
-import argparse  # noqa: E402
 
 # configs/sampling_multi_steps/in1k256_lightningdit_xl_vavae_relinear.yaml of LINs-lab/UCGM, as a released
 # checkpoint's `config` holds it (the model made tiny)
