@@ -188,9 +188,7 @@ def load_inception(path, device="cpu"):
     """The FID Inception from pytorch-fid's / torch-fidelity's converted file, or pytorch-fid's wrapper state."""
     if path is None:
         raise ValueError("--inception-weights: required (pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")
-    if not os.path.isfile(path):
-        raise ValueError(f"--inception-weights {path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = ucgm.tensor_dict(ucgm.load_tensor_file(path, "--inception-weights"), f"--inception-weights {path}")
     for old, new in PYTORCH_FID_BLOCKS.items():
         state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
     model = FIDInception()
@@ -241,8 +239,11 @@ def folder_batches(path, batch_size):
     yield len(files)
     batch = []
     for file in files:
-        with Image.open(file) as image:
-            pixels = np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(file) as image:
+                pixels = np.asarray(image.convert("RGB"))  # grayscale and palette images become RGB
+        except OSError as error:  # not an image, or cut short
+            raise ValueError(f"{file}: not a readable image ({error})") from None
         if batch and (len(batch) == batch_size or pixels.shape != batch[0].shape):
             yield np.stack(batch)
             batch = []

@@ -740,7 +740,9 @@ def test_bad_sampler_arguments_are_refused(kwargs, match):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -882,7 +884,7 @@ def test_safetensors_roundtrip_and_truncation(tmp_path):
     assert all(torch.equal(tensors[k], back[k]) and tensors[k].dtype == back[k].dtype for k in tensors)
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-5])
-    with pytest.raises(ValueError, match="outside the file"):
+    with pytest.raises(ValueError, match=r"tensor 'u8': data_offsets \[92, 99\] are not \[start, end\] inside the 94-byte"):
         ucgm.load_safetensors(tmp_path / "cut.safetensors")
     (tmp_path / "head.safetensors").write_bytes(data[:20])
     with pytest.raises(ValueError, match="truncated"):
@@ -1032,6 +1034,135 @@ def test_safetensors_bytes_match_the_safetensors_package(tmp_path):
     ours_read_by_them = st.load_file(str(tmp_path / "ours.safetensors"))
     assert all(torch.equal(theirs_read_by_us[k], tensors[k]) and torch.equal(ours_read_by_them[k], tensors[k])
                for k in tensors)
+
+
+def safetensors_bytes(header, data=b""):
+    """A safetensors file with any JSON header: 8-byte little-endian size, the JSON, the data."""
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+BAD_SAFETENSORS = [  # (header, data, what the error says after "FILE: ")
+    ([F32], bytes(8), "safetensors header is a JSON list, expected an object"),
+    ({"a": "F32"}, bytes(8), "tensor 'a': expected an object with dtype, shape and data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, bytes(8), "tensor 'a': expected an object with dtype, shape and"),
+    ({"a": {**F32, "dtype": "Q4"}}, bytes(8), "tensor 'a': unsupported dtype 'Q4'"),
+    ({"a": {**F32, "shape": [-2]}}, bytes(8), "tensor 'a': shape [-2] is not a list of non-negative integers"),
+    ({"a": {**F32, "shape": [2.0]}}, bytes(8), "tensor 'a': shape [2.0] is not a list of non-negative integers"),
+    ({"a": {**F32, "shape": [True, 2]}}, bytes(8), "tensor 'a': shape [True, 2] is not a list of non-negative"),
+    ({"a": {**F32, "shape": "2"}}, bytes(8), "tensor 'a': shape '2' is not a list of non-negative integers"),
+    ({"a": {**F32, "shape": [3]}}, bytes(8), "tensor 'a': F32 [3] needs 12 bytes, data_offsets [0, 8] hold 8"),
+    ({"a": {**F32, "data_offsets": [0, 12]}}, bytes(8), "tensor 'a': data_offsets [0, 12] are not [start, end] "
+                                                        "inside the 8-byte data"),
+    ({"a": {**F32, "data_offsets": [8, 0]}}, bytes(8), "tensor 'a': data_offsets [8, 0] are not [start, end]"),
+    ({"a": {**F32, "data_offsets": [0]}}, bytes(8), "tensor 'a': data_offsets [0] are not [start, end]"),
+    ({"a": F32, "b": {**F32, "data_offsets": [4, 12]}}, bytes(12), "tensor 'b' overlaps tensor 'a' in the data"),
+    ({"__metadata__": [], "a": F32}, bytes(8), "safetensors __metadata__ is not an object")]
+
+
+@pytest.mark.parametrize("header, data, message", BAD_SAFETENSORS, ids=[m[:40] for _, _, m in BAD_SAFETENSORS])
+def test_malformed_safetensors_headers_are_named(tmp_path, header, data, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(safetensors_bytes(header, data))
+    with pytest.raises(ValueError) as error:
+        ucgm.load_safetensors(str(path))
+    assert str(error.value).startswith(f"{path}: {message}")
+    st = pytest.importorskip("safetensors.torch")  # the reference reader refuses every one of them too
+    with pytest.raises(Exception):
+        st.load_file(str(path))
+
+
+def test_safetensors_that_are_not_json_or_cut_are_named(tmp_path):
+    good = safetensors_bytes({"a": {**F32, "note": "extra keys are ignored, as by the safetensors package"},
+                              "__metadata__": {"format": "pt"}}, struct.pack("<2f", 1.5, -2))
+    (tmp_path / "good.safetensors").write_bytes(good)
+    assert ucgm.load_safetensors(str(tmp_path / "good.safetensors"))["a"].tolist() == [1.5, -2.0]
+    cases = {"binary": (b"\xff" * 8 + bytes(8), "truncated safetensors file"),
+             "noise": ((4).to_bytes(8, "little") + b"\xff\xfe{]", "safetensors header is not JSON"),
+             "short": (good[:5], "truncated safetensors file"),
+             "cut": (good[:-1], "tensor 'a': data_offsets [0, 8] are not [start, end] inside the 7-byte data")}
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: {message}")):
+            ucgm.load_safetensors(str(tmp_path / name))
+
+
+class Unpicklable:  # torch.save pickles it by reference; weights_only loading must refuse to import it
+    pass
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, inception_file):
+    """Malformed inputs of every kind the scripts read, and a few good ones to pair them with."""
+    d = tmp_path_factory.mktemp("bad_files")
+    tiny_checkpoint(d / "good.pt")
+    good = (d / "good.pt").read_bytes()
+    (d / "cut.pt").write_bytes(good[:len(good) // 2])
+    (d / "text.pt").write_text("not a checkpoint")
+    torch.save([1, 2, 3], d / "list.pt")
+    torch.save({"model": Unpicklable()}, d / "pickle.pt")
+    torch.save({"avg": torch.zeros(3)}, d / "stats.pt")
+    (d / "shards").mkdir()
+    (d / "shards" / "latents_00000.safetensors").write_bytes(safetensors_bytes([F32], bytes(8)))
+    np.savez(d / "images.npz", arr_0=random_images(4, 16))
+    np.savez(d / "float.npz", arr_0=random_images(4, 16).astype(np.float32))
+    np.savez(d / "gray.npz", arr_0=random_images(4, 16)[..., 0])
+    (d / "cut.npz").write_bytes((d / "images.npz").read_bytes()[:1500])
+    (d / "text.npz").write_text("not an archive")
+    np.savez(d / "wrong_ref.npz", mean=np.zeros(3))
+    (d / "images" / "class0").mkdir(parents=True)
+    Image.fromarray(random_images(1, 16)[0]).save(d / "images" / "class0" / "a.png")
+    return d, inception_file
+
+
+def bad_file_cases():
+    """(script, flags, the last line's text after 'script: error: ') with {d} the folder of bad_files."""
+    sample_ = ["--num-samples", "2", "--steps", "1", "--out", "{d}/out"]
+    fid_ = ["--inception-weights", "{w}"]
+    return [
+        ("sample", ["--ckpt", "{d}/cut.pt", *sample_], "--ckpt {d}/cut.pt: not a readable PyTorch file ("),
+        ("sample", ["--ckpt", "{d}/text.pt", *sample_], "--ckpt {d}/text.pt: not a readable PyTorch file ("),
+        ("sample", ["--ckpt", "{d}/list.pt", *sample_], "--ckpt {d}/list.pt: expected a state dict (names -> "
+                                                          "tensors) or a checkpoint holding one"),
+        ("sample", ["--ckpt", "{d}/pickle.pt", *sample_], "--ckpt {d}/pickle.pt: not a readable PyTorch file "
+                                                            "(Weights only load failed"),
+        ("sample", ["--ckpt", "{d}/good.pt", "--latent-stats", "{d}/stats.pt", *sample_],
+         "--latent-stats {d}/stats.pt: expected 'mean' and 'std' tensors with 3 values each"),
+        ("train", ["--init", "{d}/cut.pt", "--out", "{d}/run1"], "--init {d}/cut.pt: not a readable PyTorch file ("),
+        ("train", ["--resume", "{d}/good.pt", "--out", "{d}/run2"],
+         "--resume {d}/good.pt: not a train.py checkpoint (it lacks ['opt', 'rng', 'ucgm'])"),
+        ("train", ["--data", "{d}/shards", "--out", "{d}/run3"],
+         "{d}/shards/latents_00000.safetensors: safetensors header is a JSON list, expected an object"),
+        ("fid", ["{d}/float.npz", "{d}/images.npz", *fid_],
+         "{d}/float.npz: expected arr_0 uint8 (N, H, W, 3), got float32 (4, 16, 16, 3)"),
+        ("fid", ["{d}/gray.npz", "{d}/images.npz", *fid_], "{d}/gray.npz: expected arr_0 uint8 (N, H, W, 3), got "
+                                                            "uint8 (4, 16, 16)"),
+        ("fid", ["{d}/cut.npz", "{d}/images.npz", *fid_], "{d}/cut.npz: not a readable .npz with arr_0 ("),
+        ("fid", ["{d}/text.npz", "{d}/images.npz", *fid_], "{d}/text.npz: not a readable .npz with arr_0 ("),
+        ("fid", ["{d}/images.npz", "{d}/wrong_ref.npz", *fid_],
+         "{d}/wrong_ref.npz: expected reference statistics (mu, sigma) or images (arr_0)"),
+        ("fid", ["{d}/images.npz", "{d}/images.npz", "--inception-weights", "{d}/cut.pt"],
+         "--inception-weights {d}/cut.pt: not a readable PyTorch file ("),
+        ("extract_latents", ["--images", "{d}/images", "--out", "{d}/latents", "--vae", "sdvae", "--vae-path",
+                             "{d}/cut.pt"], "--vae-path {d}/cut.pt: not a readable PyTorch file (")]
+
+
+def test_every_script_ends_unreadable_files_with_one_line(bad_files):
+    """Each script on each malformed file: exit code 1, the last line of stderr names the file, no traceback."""
+    d, weights = bad_files
+    fill = lambda text: text.format(d=d, w=weights)  # noqa: E731
+    runs = []
+    for script, flags, message in bad_file_cases():
+        cmd = [sys.executable, os.path.join(HERE, f"{script}.py"), *map(fill, flags)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        runs.append((script, fill(message), subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                                             stderr=subprocess.PIPE, text=True)))
+    for script, message, run in runs:
+        err = run.communicate(timeout=300)[1]
+        assert run.returncode == 1 and "Traceback" not in err, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith(f"{script}.py: error: {message}"), err[-2000:]
+    assert not (d / "out" / "shards").exists() or not list((d / "out" / "shards").iterdir())
 
 
 def test_adm_center_crop_halves_with_box_then_crops():

@@ -11,6 +11,7 @@ import copy
 import glob
 import inspect
 import json
+import math
 import os
 import resource
 import time
@@ -32,8 +33,8 @@ import ucgm
 BASE = dict(transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1, huber_c=0.0,
             cosine_loss=False, weighting="cosine", time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
             model="TiT-XL/1", global_batch_size=1024, max_steps=1_000_000, optimizer="adamw", lr=2e-4,
-            betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, log_every=100, ckpt_every=20_000, sample_every=20_000,
-            sample_cfg=1.0)
+            lr_schedule="constant", betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, log_every=100,
+            ckpt_every=20_000, sample_every=20_000, sample_cfg=1.0)
 PRESETS = {
     "multistep": dict(lam=0.0, zeta=0.47, cosine_loss=True, weighting="cosine", huber_c=0.0, time_dist=(1.0, 1.0, 1.0),
                       teacher_decay=0.999, optimizer="adamw", lr=2e-4, betas=(0.9, 0.95)),
@@ -167,6 +168,13 @@ def every(step, period):
     return period > 0 and step % period == 0
 
 
+def learning_rate(args, step):
+    """--lr at this step (1-based): constant, or cosine-decayed from --lr to 0 over --max-steps."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    return 0.5 * args.lr * (1 + math.cos(math.pi * (step - 1) / args.max_steps))
+
+
 def save_checkpoint(state, folder, step, keep):
     """Write {step:07d}.pt atomically and point latest.pt at it; besides it keep the multiples of `keep` (0: none)."""
     path = os.path.join(folder, f"{step:07d}.pt")
@@ -264,7 +272,10 @@ def main(args):
     start_step, skipped = 0, 0
     resume = os.path.join(checkpoints, "latest.pt") if args.resume == "auto" else args.resume
     if resume and os.path.exists(resume) and not args.bench:
-        state = torch.load(resume, map_location=device, weights_only=True)
+        state = ucgm.load_tensor_file(resume, "--resume")
+        missing = {"model", "ema", "opt", "ucgm", "step", "rng"} - set(state if isinstance(state, dict) else ())
+        if missing:
+            raise ValueError(f"--resume {resume}: not a train.py checkpoint (it lacks {sorted(missing)})")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -335,6 +346,8 @@ def main(args):
                 raise RuntimeError(f"stopping: {bad_in_a_row} consecutive non-finite losses or gradients at step "
                                    f"{step}; the last good checkpoint is kept in {checkpoints}")
         else:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(args, step)
             opt.step()
             decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
             torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
@@ -425,6 +438,8 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=ucgm.number("[1, inf)", int), help="training steps (1e6; demo 1500)")
     g.add_argument("--optimizer", choices=["adamw", "radam"], help="optimiser (adamw)")
     g.add_argument("--lr", type=ucgm.number("(0, inf)"), help="learning rate (2e-4; demo 2e-3)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], help="cosine: decay to 0 at --max-steps "
+                   "(constant; demo cosine)")
     g.add_argument("--betas", type=ucgm.number("[0, 1)"), nargs=2, help="Adam betas (0.9 0.95)")
     g.add_argument("--weight-decay", type=ucgm.number("[0, inf)"), help="decoupled weight decay (0)")
     g.add_argument("--grad-clip", type=ucgm.number("[0, inf)"), help="gradient-norm clip, 0 = off (0)")

@@ -826,11 +826,8 @@ def diffusers_name(key, levels):
 
 def load_autoencoder_weights(model, path):
     """Load an LDM-layout, diffusers-layout (.bin/.safetensors) or VA-VAE .pt file; name the first bad key."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--vae-path {path}: no such file")
-    state = load_safetensors(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
-                                                                                    weights_only=True)
-    state = state.get("state_dict", state)  # LDM and VA-VAE files nest the weights
+    state = load_tensor_file(path, "--vae-path")
+    state = tensor_dict(state.get("state_dict", state) if isinstance(state, dict) else state, f"--vae-path {path}")
     state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}  # a whole LDM/SD checkpoint
     expected = model.state_dict()
     if any(".down_blocks." in k or ".mid_block." in k for k in state):  # the diffusers layout: rename to LDM
@@ -916,41 +913,98 @@ def save_safetensors(tensors, path):
     atomic_write(path, write)
 
 
+def safetensors_entries(header, data_size, path):
+    """Check a parsed safetensors header whole against its data section; return {name: (dtype, shape, start, end)}.
+    The format: a JSON object of {"dtype", "shape", "data_offsets": [start, end)} entries (and "__metadata__"),
+    offsets relative to the data, which the tensors tile without overlapping."""
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")
+    def count(value):  # a JSON integer >= 0 (true and false parse as bool, a subclass of int)
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    entries = {}
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if name == "__metadata__":
+            if not isinstance(info, dict):
+                raise ValueError(f"{path}: safetensors __metadata__ is not an object")
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ValueError(f"{where}: expected an object with dtype, shape and data_offsets, got {info!r:.80}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{where}: unsupported dtype {dtype!r}, expected one of {list(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(count(n) for n in shape):
+            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(count(n) for n in offsets) \
+                or not offsets[0] <= offsets[1] <= data_size:
+            raise ValueError(f"{where}: data_offsets {offsets!r} are not [start, end] inside the {data_size}-byte "
+                             "data")
+        nbytes = math.prod(shape) * torch.empty(0, dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        if offsets[1] - offsets[0] != nbytes:
+            raise ValueError(f"{where}: {dtype} {shape} needs {nbytes} bytes, data_offsets {offsets} hold "
+                             f"{offsets[1] - offsets[0]}")
+        entries[name] = (SAFETENSORS_DTYPES[dtype], shape, *offsets)
+    spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items() if end > start)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{path}: tensor {second!r} overlaps tensor {first!r} in the data")
+    return entries
+
+
 def load_safetensors(path):
-    """Read a safetensors file by memory map into a dict of (read-only, zero-copy) tensors."""
+    """Read a safetensors file by memory map into a dict of (read-only, zero-copy) tensors; the header is checked
+    whole before any data is touched."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8 or struct.unpack("<Q", prefix)[0] > size - 8:
             raise ValueError(f"{path}: truncated safetensors file (header size beyond the {size}-byte file)")
         header_size = struct.unpack("<Q", prefix)[0]
-        header = json.loads(f.read(header_size))
+        try:
+            header = json.loads(f.read(header_size))
+        except ValueError:  # not UTF-8, or not JSON
+            raise ValueError(f"{path}: safetensors header is not JSON (not a safetensors file?)") from None
+    entries = safetensors_entries(header, size - 8 - header_size, path)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size) if size > 8 + header_size else None
     tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        count = math.prod(info["shape"]) * torch.empty(0, dtype=dtype).element_size()
-        if not 0 <= start <= end <= size - 8 - header_size or end - start != count:
-            raise ValueError(f"{path}: tensor {key!r} points outside the file or has the wrong size")
+    for name, (dtype, shape, start, end) in entries.items():
         with warnings.catch_warnings():  # the memory map is read-only; we never write through it
             warnings.simplefilter("ignore", UserWarning)
-            raw = torch.from_numpy(data[start:end]) if count else torch.empty(0, dtype=torch.uint8)
-        tensors[key] = raw.view(dtype).reshape(info["shape"])
+            raw = torch.from_numpy(data[start:end]) if end > start else torch.empty(0, dtype=torch.uint8)
+        tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
+
+
+def load_tensor_file(path, where):
+    """A .safetensors file, or a torch.load file read with weights_only (no pickled code runs); a missing, truncated
+    or foreign file is one ValueError naming `where` (the flag) and the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{where} {path}: no such file")
+    if str(path).endswith(".safetensors"):
+        return load_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a zip, cut short, or a pickle that weights_only refuses
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{where} {path}: not a readable PyTorch file ({reason[:160]})") from None
+
+
+def tensor_dict(value, where):
+    """value, checked to be a dict of tensors (a state dict)."""
+    if not isinstance(value, dict) or not value or not all(torch.is_tensor(v) for v in value.values()):
+        raise ValueError(f"{where}: expected a state dict (names -> tensors) or a checkpoint holding one")
+    return value
 
 
 def load_stats(path, channels):
     """Per-channel mean and std (C, 1, 1) from a latents_stats .pt or .safetensors file; (0, 1) for None."""
     if path is None:
         return torch.zeros(channels, 1, 1), torch.ones(channels, 1, 1)
-    stats = load_safetensors(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
-    if "mean" not in stats or "std" not in stats or stats["mean"].numel() != channels:
-        raise ValueError(f"{path}: expected 'mean' and 'std' with {channels} values each")
+    stats = load_tensor_file(path, "--latent-stats")
+    if not isinstance(stats, dict) or not all(torch.is_tensor(stats.get(k)) and stats[k].numel() == channels
+                                              for k in ("mean", "std")):
+        raise ValueError(f"--latent-stats {path}: expected 'mean' and 'std' tensors with {channels} values each")
     return stats["mean"].float().reshape(channels, 1, 1), stats["std"].float().reshape(channels, 1, 1)
 
 
@@ -965,11 +1019,12 @@ def stats_file(folder):
     return next((path for path in paths if os.path.exists(path)), None)
 
 
-def weights_of(checkpoint, key):
+def weights_of(checkpoint, key, where):
     """The `key` weights (model or ema) of a checkpoint that holds them, else the checkpoint itself as a bare state
     dict, without the prefixes that DDP and torch.compile add."""
-    state = next((checkpoint[k] for k in (key, "ema", "model") if isinstance(checkpoint.get(k), dict)), checkpoint)
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = next((checkpoint[k] for k in (key, "ema", "model") if isinstance(checkpoint.get(k), dict)), checkpoint) \
+        if isinstance(checkpoint, dict) else checkpoint
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in tensor_dict(state, where).items()}
 
 
 # a released UCGM config's `sample` section (the settings behind its published FID) under our argument names
@@ -1014,12 +1069,10 @@ def released_settings(config, where):
 def read_checkpoint(path, weights, flag):
     """(state dict, settings) of our checkpoints, released UCGM ones (with their `config`) or the weights of SiT,
     REPA, REPA-E and LightningDiT; settings say how the model was trained and is meant to be sampled."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{flag} {path}: no such file")
     torch.serialization.add_safe_globals([argparse.Namespace])  # REPA and REPA-E save their flags as a Namespace
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensor_file(path, flag)
     where = f"{flag} {path}"
-    state = weights_of(checkpoint, weights)
+    state = weights_of(checkpoint, weights, where)
     for prefix, what in REPA_EXTRAS.items():
         extra = [key for key in state if key.startswith(prefix)]
         if extra:
