@@ -96,8 +96,10 @@ def main(args):
         dist.barrier()
 
     trainer = ucgm.UCGM(transport)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")
-    net = torch.compile(model) if args.compile else model
+    precision = ucgm.resolve_precision(args.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if args.compile:
+        model.compile()
     num_shards = math.ceil(args.num_samples / args.batch_size)
     todo = [k for k in range(rank, num_shards, world) if not os.path.exists(shard_path(args.out, k))]
     shape = (model.in_channels, model.input_size, model.input_size)
@@ -109,7 +111,7 @@ def main(args):
                                for i in indices], device=device)
         generator = torch.Generator(device).manual_seed(args.seed * 2**32 + args.num_samples + k)  # for rho > 0
         with torch.no_grad(), autocast:
-            latents = trainer.sample(net, noise, generator=generator, **sampler, **({"y": labels} if num_classes else {}))
+            latents = trainer.sample(model, noise, generator=generator, **sampler, **({"y": labels} if num_classes else {}))
             images = torch.cat([autoencoder.decode(z) for z in
                                 ucgm.denormalise(latents, mean, std, multiplier).split(args.decode_batch)])
         pixels = ucgm.to_uint8(images).permute(0, 2, 3, 1).cpu()  # NHWC
@@ -160,7 +162,8 @@ def parse_args(argv=None):
     g.add_argument("--model", choices=sorted(ucgm.MODELS), metavar="NAME",
                    help="architecture (default: the checkpoint's, or matched by the weight shapes)")
     g.add_argument("--transport", choices=sorted(ucgm.TRANSPORTS), help="(default: the checkpoint's, else Linear)")
-    g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="network precision on CUDA")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="network precision; auto: bf16 on CUDA, fp32 on CPU (auto)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g = p.add_argument_group("UCGM-S; defaults: the released checkpoint's settings, else the preset for its lam")
     g.add_argument("--steps", type=ucgm.number("[1, inf)", int), help="sampling steps (40 multi-step / 2 few-step)")

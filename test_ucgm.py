@@ -411,6 +411,43 @@ def test_lam1_finite_difference_matches_jvp(transport):
     assert derivative.abs().max() > 0.05  # the comparison is not between two zeros
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+def test_lam1_loss_in_float64_matches_jvp_to_1e8():
+    """Float64 in, float64 out: the whole lam = 1 loss against the exact derivative, with a small eps."""
+    model = ToyNet().double()
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
+    tr = ucgm.get_transport("Linear")
+
+    def g(r):  # the x-readout (x_r - r F) along the fixed pair, Linear written out again
+        x_r = r[:, None] * z + (1 - r[:, None]) * x
+        return x_r - r[:, None] * model(x_r, r, y)
+
+    _, derivative = torch.func.jvp(g, (t,), (torch.ones_like(t),))
+    trainer = UCGM(lam=1.0, label_drop=0.0, eps=1e-5)
+    torch.testing.assert_close(trainer.delta_f(model, x, z, t, y, F_t=None), derivative, rtol=0, atol=1e-8)
+    loss = trainer.loss(model, x, y, t=t, noise=z)
+    F_t = model(t[:, None] * z + (1 - t[:, None]) * x, t, y)
+    target = F_t + t[:, None] * 4 / torch.sin(t * math.pi / 2)[:, None] * derivative.clamp(-1, 1)  # D = -1
+    assert loss.dtype == torch.float64 and abs(loss - ((F_t - target) ** 2).mean(1).sqrt().mean()) < 1e-8
+    assert derivative.abs().max() > 0.05 and tr.D(torch.tensor(0.3)) == -1
+
+
+# lam = 1 differences two bf16 outputs 2·eps = 0.01 apart: their rounding (~0.4%) is amplified 100 times, as in the
+# released bf16 training; the loss stays finite and near, the central difference is noisy
+@pytest.mark.parametrize("lam, zeta, decay, tolerance", [(0.0, 0.5, 0.9, 0.02), (1.0, 1.0, 1.0, 0.2)])
+def test_bf16_autocast_on_cpu_gives_a_float32_loss_close_to_float32(lam, zeta, decay, tolerance):
+    model = tiny_dit()
+    x, y = torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3
+    t, z = torch.linspace(0.1, 0.9, 8), torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for precision in ("fp32", "bf16"):
+        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            results[precision] = trainer.loss(model, x, y, t=t, noise=z)
+    assert results["bf16"].dtype == torch.float32 and torch.isfinite(results["bf16"])
+    assert abs(results["bf16"] - results["fp32"]) < tolerance * results["fp32"]
+
+
 def test_gradients_reach_only_the_F_t_branch():
     x, y, t, z = batch()
     trainer = UCGM(lam=1.0, zeta=1.5, teacher_decay=1.0, label_drop=0.25)  # a frozen teacher: same in every call
@@ -1532,6 +1569,49 @@ def test_sample_py_computes_metrics_after_sampling(tmp_path, inception_file):
                                    "--out", str(tmp_path / "out")]))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["num_samples"] == 4 and metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1
+
+
+@pytest.fixture
+def shallow_demo_model(monkeypatch):
+    """The demo's TiT-T/4 with one block: compilation time grows with depth, what these tests check does not."""
+    monkeypatch.setitem(ucgm.MODELS, "TiT-T/4", {**ucgm.MODELS["TiT-T/4"], "depth": 1})
+
+
+def train_in_process(out, *flags):
+    """train.py's main on the demo data in this process (where dynamo's counters can be read); its losses."""
+    train.main(train.parse_args([*TINY, "--sample-every", "0", "--max-steps", "3", "--out", str(out), *flags]))
+    return [loss for _, loss in losses(out)]
+
+
+@pytest.mark.parametrize("flags, graphs", [
+    (["--lam", "0", "--zeta", "0.5", "--teacher-decay", "0.9"], 2),  # the online network with grad, the EMA teacher
+    (["--lam", "1", "--zeta", "1", "--teacher-decay", "1"], 3)])  # and the online no-grad difference; frozen teacher
+def test_train_py_compiles_on_cpu_into_one_graph_per_network_and_mode_and_runs_bf16(tmp_path, shallow_demo_model,
+                                                                                    flags, graphs):
+    counters = torch._dynamo.utils.counters
+    eager = train_in_process(tmp_path / "eager", *flags)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train_in_process(tmp_path / "compiled", "--compile", *flags)
+    assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs  # a recompilation would add one
+    np.testing.assert_allclose(compiled, eager, rtol=1e-3)  # the same three steps, fused
+    bf16 = train_in_process(tmp_path / "bf16", "--precision", "bf16", *flags)
+    assert all(math.isfinite(v) for v in bf16)
+    np.testing.assert_allclose(bf16, eager, rtol=0.25 if "1" == flags[1] else 0.03)  # see the bf16 loss test
+
+
+def test_sample_py_compiled_on_cpu_matches_eager(tmp_path, shallow_demo_model):
+    counters = torch._dynamo.utils.counters
+    tiny_checkpoint(tmp_path / "ck.pt")
+    flags = ["--ckpt", str(tmp_path / "ck.pt"), "--num-samples", "4", "--batch-size", "4", "--steps", "3"]
+    sample.main(sample.parse_args([*flags, "--out", str(tmp_path / "eager")]))
+    torch._dynamo.reset()
+    counters.clear()
+    sample.main(sample.parse_args([*flags, "--compile", "--out", str(tmp_path / "compiled")]))
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    eager, compiled = (np.load(tmp_path / d / "samples.npz")["arr_0"].astype(int) for d in ("eager", "compiled"))
+    assert np.abs(eager - compiled).max() <= 1  # a uint8 level: rounding of fused float32 arithmetic
 
 
 def test_bench_times_synthetic_steps_and_writes_nothing(tmp_path):

@@ -8,6 +8,7 @@ Train a UCGM model (UCGM-T, paper Alg. 1) with torchrun DDP.
 import argparse
 import contextlib
 import copy
+import functools
 import glob
 import inspect
 import json
@@ -51,6 +52,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for
 #                                    Data                                       #
 #################################################################################
 
+@functools.cache  # the tests train many times in one process
 def render_digits(count=20_000, size=32, seed=0):
     """Class-conditional RGB digits drawn with Pillow's built-in font: random colours, offset, scale (uint8 NCHW)."""
     images, labels = np.empty((count, size, size, 3), np.uint8), np.arange(count) % 10
@@ -94,6 +96,10 @@ class LatentDataset(torch.utils.data.Dataset):
             raise ValueError(f"--data {folder}: expected a folder of latent shards (*.safetensors), found none")
         self.shards = [ucgm.load_safetensors(p) for p in paths]
         for path, shard in zip(paths, self.shards):
+            if not {"latents", "latents_flip", "labels"} <= set(shard) or shard["labels"].is_floating_point() \
+                    or len(shard["labels"]) and int(shard["labels"].min()) < 0:  # labels are checked here, once
+                raise ValueError(f"--data {path}: expected latents, latents_flip and labels (integers >= 0), got "
+                                 f"{ {k: f'{v.dtype} {tuple(v.shape)}' for k, v in shard.items()} }")
             shapes = [tuple(shard[k].shape[1:]) for k in ("latents", "latents_flip")]
             if shapes[0] != shapes[1] or shapes[0] != tuple(self.shards[0]["latents"].shape[1:]):
                 raise ValueError(f"--data {path}: latents of shapes {shapes}, expected "
@@ -291,12 +297,17 @@ def main(args):
     if writer:
         append_log(os.path.join(args.out, "log.jsonl"), None, keep_through=start_step)
 
-    net = torch.compile(model) if args.compile else model  # fuses the elementwise work of every block
-    net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if distributed else net
+    trainer.make_teacher(model)  # before compiling: the teacher is a copy of the plain network
+    if args.compile:  # in place, so that names stay plain; fuses the elementwise work of every block
+        model.compile()
+        if trainer.teacher is not None:  # its no-grad forwards are a quarter of a lam = 1, zeta > 0 step
+            trainer.teacher.compile()
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=StepBatches(len(data), args.global_batch_size, rank, world, args.seed, start_step,
                                         args.max_steps), num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.precision == "bf16")
+    precision = ucgm.resolve_precision(args.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     sample_noise = torch.randn(80, data.channels, data.size, data.size, generator=torch.Generator().manual_seed(0))
     sample_labels = torch.arange(80) // 8 % data.num_classes  # eight per class, a row each
     flops = model.flops_per_forward() * args.global_batch_size * (3 + (args.lam > 0) + (args.lam == 1) + (args.zeta != 0))
@@ -385,7 +396,7 @@ def main(args):
         torch.cuda.synchronize() if device.type == "cuda" else None
         seconds = (time.time() - bench_start) / (args.max_steps - bench_first + 1)
         memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else record["peak_mem_gb"]
-        precision = (args.precision if device.type == "cuda" else "fp32") + (", compiled" if args.compile else "")
+        precision += ", compiled" if args.compile else ""
         print(f"bench {args.model} on {data.channels}×{data.size}×{data.size}, batch {args.global_batch_size // world}"
               f"/process, lam {args.lam}, {precision}: "
               f"{args.global_batch_size / seconds:.1f} img/s, {1000 * seconds:.1f} ms/step, peak memory {memory:.2f} GB"
@@ -448,8 +459,9 @@ def parse_args(argv=None):
     g.add_argument("--max-bad-steps", type=ucgm.number("[1, inf)", int), default=10,
                    help="stop after this many non-finite steps in a row (10)")
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast on CUDA (bf16)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast or float32; auto: bf16 on CUDA, fp32 on CPU (auto)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model and its teacher")
     g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing: less memory, +1 forward")
     g.add_argument("--num-workers", type=ucgm.number("[0, inf)", int), default=2,
                    help="data-loading processes per rank (2)")

@@ -333,8 +333,10 @@ class DiT(nn.Module):
                              f"{self.input_size}), got {tuple(x.shape)}")
         c = self.t_embedder(t)  # (N, D)
         if self.y_embedder is not None:
-            # the check reads y, which is free on CPU; on CUDA it would sync, so callers check on the host
-            if y.device.type == "cpu" and ((y < 0) | (y > self.num_classes)).any():
+            # reading y is free on CPU; on CUDA it would sync, and compiled it would split the graph (the scripts
+            # check their labels on the host instead)
+            checkable = y.device.type == "cpu" and not torch.compiler.is_compiling()
+            if checkable and ((y < 0) | (y > self.num_classes)).any():
                 raise ValueError(f"y: labels must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
                                  f"got min {int(y.min())}, max {int(y.max())}")
             c = c + self.y_embedder(y)
@@ -388,6 +390,12 @@ def unwrap(model):
 def view_as_batch(t, x):
     """Reshape per-sample t (N,) to (N, 1, ..., 1) so it broadcasts against x."""
     return t.reshape(-1, *[1] * (x.dim() - 1))
+
+
+def widened(output):
+    """A network output in the wider of float32 and its own dtype: the loss of a bf16 network is computed in
+    float32, that of a float64 one in float64."""
+    return output.to(torch.promote_types(output.dtype, torch.float32))
 
 
 class UCGM(nn.Module):
@@ -487,17 +495,17 @@ class UCGM(nn.Module):
         if self.lam == 0.0:  # the unconditional teacher against the model's own conditional prediction
             null = torch.full_like(y, unwrap(net).num_classes)
             x_c, z_c = tr.readout(F_t.detach(), x_t, tb)
-            x_u, z_u = tr.readout(teacher(x_t, t, null).float(), x_t, tb)
+            x_u, z_u = tr.readout(widened(teacher(x_t, t, null)), x_t, tb)
             return (mix(x + self.zeta * (x_c - x_u), (x + x_c) / 2, (x + x_u) / 2),
                     mix(z + self.zeta * (z_c - z_u), (z + z_c) / 2, (z + z_u) / 2))
-        x_T, z_T = tr.readout(teacher(x_t, t, y).float(), x_t, tb)  # a (pre-trained) conditional teacher
+        x_T, z_T = tr.readout(widened(teacher(x_t, t, y)), x_t, tb)  # a (pre-trained) conditional teacher
         return mix(x + self.zeta * (x_T - x), (x + x_T) / 2, x), mix(z + self.zeta * (z_T - z), (z + z_T) / 2, z)
 
     def denoised(self, net, x_star, z_star, r, y):
         """g(r): the x-readout of the online model at x*_r = alpha(r) z* + gamma(r) x* (SPEC §3 step 6)."""
         tr, rb = self.transport, view_as_batch(r, x_star)
         x_r = tr.alpha(rb) * z_star + tr.gamma(rb) * x_star
-        return tr.readout(net(x_r, r, y).float(), x_r, rb)[0]
+        return tr.readout(widened(net(x_r, r, y)), x_r, rb)[0]
 
     def delta_f(self, net, x_star, z_star, t, y, F_t):
         """Δf, the consistency difference of SPEC §3 step 6 (paper Eq. 11), before clamping."""
@@ -534,7 +542,7 @@ class UCGM(nn.Module):
         tr, tb = self.transport, view_as_batch(t, x)
         y, dropped = self.drop_labels(y, unwrap(model).num_classes)
         x_t = tr.alpha(tb) * noise + tr.gamma(tb) * x  # Eq. 1
-        F_t = model(x_t, t, y).float()
+        F_t = widened(model(x_t, t, y))  # float32 under bf16 autocast, float64 for float64 checks
         with torch.no_grad():
             net = getattr(model, "module", model)  # no-grad forwards skip DDP's gradient hooks
             F_target = self.target(net, x, noise, x_t, t, y, dropped, F_t)
@@ -1189,6 +1197,11 @@ def run_script(main, parse_args):
         if distributed and not first_to_fail():
             os._exit(1)  # a peer failed first and said why; this one only lost its connection to it
         raise
+
+
+def resolve_precision(precision, device):
+    """--precision: auto is bf16 autocast on CUDA and float32 on CPU (where bf16 is slow without AMX units)."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
 
 
 def setup_distributed():
