@@ -1,5 +1,5 @@
 """
-Encode an ImageNet-style folder into the latent shards that train.py reads (SPEC §5, §6).
+Encode an ImageNet-style folder into the latent shards that train.py reads (README, "Latents").
 
   torchrun --nproc_per_node=8 extract_latents.py --images /data/imagenet/train --vae vavae \\
       --vae-path vavae-imagenet256-f16d32-dinov2.pt --image-size 256 --out latents/in1k256_vavae
@@ -167,7 +167,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="an ImageFolder (one folder per class) or a flat folder")
     p.add_argument("--out", required=True, help="the output folder of latent shards")
-    p.add_argument("--vae", default="vavae", choices=["identity", *ucgm.AUTOENCODERS], help="the autoencoder (SPEC §5)")
+    p.add_argument("--vae", default="vavae", choices=["identity", *ucgm.AUTOENCODERS], help="the autoencoder")
     p.add_argument("--vae-path", help="its local weight file (LDM, diffusers or VA-VAE layout)")
     p.add_argument("--image-size", type=ucgm.number("[1, inf)", int), default=256,
                    help="ADM centre crop to this many pixels")

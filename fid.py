@@ -1,5 +1,5 @@
 """
-FID, Inception Score, sFID, precision and recall, computed the way published numbers are (SPEC §7).
+FID, Inception Score, sFID, precision and recall, computed the way published numbers are (README, "Evaluation").
 
   python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05-6726825d.pth
   python fid.py --save-stats images/ ref_stats.npz --inception-weights pt_inception-2015-12-05-6726825d.pth

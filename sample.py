@@ -1,5 +1,5 @@
 """
-Sample a UCGM model with UCGM-S (paper Alg. 2, SPEC §4) into an ADM-format .npz for FID.
+Sample a UCGM model with UCGM-S (paper Alg. 2) into an ADM-format .npz for FID.
 
   torchrun --nproc_per_node=8 sample.py --ckpt run/checkpoints/latest.pt --num-samples 50000 --out samples/
   python sample.py --ckpt SiT-XL-2-256.pt --model DiT-XL/2 --transport Linear --vae sdvae \\

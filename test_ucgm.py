@@ -1,6 +1,8 @@
-"""Tests for ucgm.py: every equation against an independent computation (SPEC §1-4). Run: pytest -q test_ucgm.py"""
+"""Tests for ucgm.py: every equation against an independent computation (README, "The method in one page"),
+and the scripts end to end. Run: python -m pytest -q test_ucgm.py"""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +21,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 #################################################################################
 #                       Helpers: toy networks and oracles                       #
 #################################################################################
+
+def test_reading_order_is_true():
+    """The module docstring lists every section banner of ucgm.py, in order, at its line."""
+    lines = open(ucgm.__file__).read().split("\n")
+    banners = [(i + 1, m.group(1)) for i, line in enumerate(lines) if (m := re.fullmatch(r"\s*#\s+(\S.*\S)\s+#", line))]
+    listed = [(int(n), title) for n, title in re.findall(r"^  line +(\d+)  (.+)$", ucgm.__doc__, re.M)]
+    assert listed == banners and len(banners) >= 8
+
 
 class ToyNet(nn.Module):
     """A smooth class-conditional MLP on flat vectors (N, dim), standing in for the DiT."""
@@ -49,7 +59,7 @@ def tiny_dit(seed=0, **kwargs):
 
 
 class Coeffs:
-    """The SPEC §1 table, written out again with numpy as an independent reference."""
+    """The transport table (README M1), written out again with numpy as an independent reference."""
     @staticmethod
     def table(name, t):
         t = np.asarray(t, dtype=np.float64)
@@ -116,7 +126,7 @@ def exact_flow(transport, mu, sigma, noise, t0):
 #################################################################################
 
 @pytest.mark.parametrize("name", sorted(ucgm.TRANSPORTS))
-def test_transport_coefficients_match_spec_table(name):
+def test_transport_coefficients_match_the_table(name):
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
     tr = ucgm.TRANSPORTS[name]
     ours = [f(t).numpy() for f in (tr.alpha, tr.gamma, tr.alpha_hat, tr.gamma_hat)]
@@ -359,7 +369,7 @@ def test_exact_model_has_zero_loss(lam, zeta, transport):
 
 
 def lam_target_by_hand(model, x, z, t, y, lam, eps=0.005):
-    """SPEC §3 step 6 for Linear (alpha = t, D = -1, x̂ = x_t - t F) without enhancement."""
+    """The target of T5 for Linear (alpha = t, D = -1, x̂ = x_t - t F) without enhancement."""
     readout = lambda x_t, r, F: x_t - r[:, None] * F  # noqa: E731
     at = lambda r: r[:, None] * z + (1 - r[:, None]) * x  # noqa: E731
     F_t = model(at(t), t, y)
@@ -536,7 +546,7 @@ def test_label_dropout_takes_the_last_round_pn_rows(p, n, k):
     assert torch.equal(seen[0], want) and (seen[0] == 3).sum() == k
 
 
-def test_teacher_ema_warmup_follows_spec():
+def test_teacher_ema_warmup_follows_t4():
     decay = 0.9
     trainer = UCGM(zeta=0.3, teacher_decay=decay)
     model = ToyNet()
@@ -777,7 +787,6 @@ def test_bad_sampler_arguments_are_refused(kwargs, match):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import re  # noqa: E402
 import signal  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
@@ -966,7 +975,7 @@ def test_bad_train_input_is_refused_with_one_clear_line(tmp_path):
 
 
 #################################################################################
-#                  Autoencoders, extract_latents.py (SPEC §5, §6)               #
+#                        Autoencoders, extract_latents.py                       #
 #################################################################################
 
 import extract_latents  # noqa: E402
@@ -1287,7 +1296,7 @@ def test_extract_latents_writes_the_shards_train_reads(tmp_path):
 
 
 #################################################################################
-#                         sample.py (SPEC §4, §6)                               #
+#                                   sample.py                                   #
 #################################################################################
 
 import sample  # noqa: E402
@@ -1407,7 +1416,7 @@ def test_sample_py_refuses_a_folder_of_another_configuration(tmp_path):
 
 
 #################################################################################
-#                             fid.py (SPEC §7)                                  #
+#                                     fid.py                                    #
 #################################################################################
 
 import fid  # noqa: E402
@@ -1624,7 +1633,7 @@ def test_bench_times_synthetic_steps_and_writes_nothing(tmp_path):
 
 
 #################################################################################
-#        Released models: configs, LightningDiT, REPA, E2E-VAE, tuning           #
+#         Released models: configs, LightningDiT, REPA, E2E-VAE, tuning         #
 #################################################################################
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import ucgm
 
 #################################################################################
-#                       Presets and defaults (SPEC §3.1)                        #
+#                              Presets and defaults                             #
 #################################################################################
 
 # the defaults of every flag a preset may set; an explicit flag beats a preset, a preset beats the demo
@@ -87,7 +87,7 @@ class DigitsDataset(torch.utils.data.Dataset):
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Latent shards of SPEC §6 (safetensors: latents, latents_flip, labels), memory-mapped and normalised."""
+    """Latent shards of extract_latents.py (safetensors: latents, latents_flip, labels), memory-mapped and normalised."""
 
     def __init__(self, folder, multiplier=1.0, stats=None):
         paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
@@ -415,7 +415,7 @@ def main(args):
 def parse_args(argv=None):
     """Flags grouped by topic; preset-controlled ones default to None and are resolved by resolve()."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("method (UCGM-T, SPEC §3)")
+    g = p.add_argument_group("method (UCGM-T, README M3)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="paper recipe; explicit flags override it")
     g.add_argument("--transport", choices=sorted(ucgm.TRANSPORTS), help="transport (Linear)")
     g.add_argument("--lam", type=ucgm.number("[0, 1]"), help="consistency ratio λ: 0 multi-step .. 1 few-step (0)")
@@ -433,12 +433,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=sorted(ucgm.MODELS), metavar="NAME",
                    help="network, {DiT,TiT}-{T,S,B,L,XL}/{1,2,4} (TiT-XL/1; demo TiT-T/4)")
-    g.add_argument("--data", help="folder of latent shards (SPEC §6); without it, the built-in digits demo")
+    g.add_argument("--data", help="folder of latent shards; without it, the built-in digits demo")
     g.add_argument("--latent-multiplier", type=ucgm.number("(0, inf)"), default=1.0,
                    help="scale after normalising (0.18215 SD-VAE)")
     g.add_argument("--latent-stats", help="mean/std file, or 'none' (default: DATA/latents_stats.pt if present)")
     g.add_argument("--vae", choices=["identity", *ucgm.AUTOENCODERS], default="identity",
-                   help="autoencoder that decodes the sample grids (SPEC §5)")
+                   help="autoencoder that decodes the sample grids")
     g.add_argument("--vae-path", help="its local weight file (LDM, diffusers or VA-VAE layout)")
     g.add_argument("--out", default="runs/demo", help="output folder: checkpoints/, log.jsonl, samples (runs/demo)")
     g = p.add_argument_group("optimisation")

@@ -4,7 +4,18 @@ UCGM: Unified Continuous Generative Models (Sun, Jiang, Lin, 2025; arXiv 2505.07
 One trainer (UCGM-T, `UCGM.loss`) and one sampler (UCGM-S, `UCGM.sample`) for diffusion, flow
 matching and consistency models, selected by the consistency ratio lam in [0, 1].
 Read top-down: transports -> network (DiT / TiT) -> trainer -> sampler.
-Every equation cites ../shared/SPEC.md (SPEC §n) and, where it has one, the paper.
+Every equation cites the paper (arXiv 2505.07447: equation, algorithm, table) or, where the paper has
+none, the step of README "The method in one page" (M1-M4, T1-T6, S1-S5) that it implements.
+
+Reading order (section banners and their lines; a test keeps them true):
+  line   43  Transports (paper Eq. 1, Table 1; M1)
+  line  124  The network: DiT / SiT, TiT and LightningDiT (M2)
+  line  398  UCGM-T: the unified trainer (paper Alg. 1; M3)
+  line  570  UCGM-S: the unified sampler (paper Alg. 2; M4)
+  line  668  The autoencoder: LDM AutoencoderKL
+  line  892  File I/O: safetensors, tensor files, atomic writes
+  line 1042  Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
+  line 1149  Script plumbing: folders, flags, processes, images
 """
 
 import argparse
@@ -29,7 +40,7 @@ HALF_PI = math.pi / 2
 
 
 #################################################################################
-#                         Transports (SPEC §1, paper Eq. 1)                     #
+#                     Transports (paper Eq. 1, Table 1; M1)                     #
 #################################################################################
 
 class Transport:
@@ -42,7 +53,7 @@ class Transport:
         return self.alpha(t) * self.gamma_hat(t) - self.alpha_hat(t) * self.gamma(t)
 
     def readout(self, F_pred, x_t, t):
-        """Invert (x_t, F) -> (x_hat, z_hat) exactly (SPEC §1); t broadcasts against x_t."""
+        """Invert (x_t, F) -> (x_hat, z_hat) exactly (M1); t broadcasts against x_t."""
         d = self.D(t)
         x_hat = (self.alpha(t) * F_pred - self.alpha_hat(t) * x_t) / d
         z_hat = (self.gamma_hat(t) * x_t - self.gamma(t) * F_pred) / d
@@ -110,7 +121,7 @@ def get_transport(name):
 
 
 #################################################################################
-#                 The network: DiT / SiT, and TiT with its switches (SPEC §2)   #
+#               The network: DiT / SiT, TiT and LightningDiT (M2)               #
 #################################################################################
 
 class RMSNorm(nn.Module):
@@ -384,7 +395,7 @@ def unwrap(model):
 
 
 #################################################################################
-#                          UCGM-T: the unified trainer (SPEC §3)                #
+#                 UCGM-T: the unified trainer (paper Alg. 1; M3)                #
 #################################################################################
 
 def view_as_batch(t, x):
@@ -432,7 +443,7 @@ class UCGM(nn.Module):
         self.teacher_decay, self.eps = teacher_decay, eps
         self.needs_teacher = zeta != 0.0 and teacher_decay > 0.0  # d = 0 uses the online model itself
         self.teacher = None  # built from the model at the first loss call (or by make_teacher)
-        self.teacher_momentum = 0.0  # the warm-up decay m of SPEC §3.1
+        self.teacher_momentum = 0.0  # the warm-up momentum m of T4
         self.nfe = 0  # network evaluations per sample in the last sample() call
 
     # ----- state: the teacher is a submodule, its momentum an extra state ----------------------
@@ -456,7 +467,7 @@ class UCGM(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, model):
-        """SPEC §3.1: return the network for the teacher branch, updating the EMA teacher first."""
+        """T4: return the network for the teacher branch, updating the EMA teacher first."""
         if not self.needs_teacher:
             return getattr(model, "module", model)  # d = 0: the online model, skipping DDP's hooks
         self.make_teacher(model)
@@ -470,27 +481,27 @@ class UCGM(nn.Module):
     # ----- pieces of one training step ----------------------------------------------------------
 
     def sample_time(self, n, device):
-        """t = clamp(s · Beta(theta1, theta2), 0, 1) (SPEC §3 step 1)."""
+        """t = clamp(s · Beta(theta1, theta2), 0, 1) (T1)."""
         a, b, s = self.time_dist
         beta = torch.distributions.Beta(torch.tensor(float(a), device=device), torch.tensor(float(b), device=device))
         return (s * beta.sample((n,))).clamp(0, 1)
 
     def drop_labels(self, y, null_label):
-        """Give the last round(label_drop · N) samples the null label (SPEC §3 step 2); return (y, dropped)."""
+        """Give the last round(label_drop · N) samples the null label (T2); return (y, dropped)."""
         n = y.shape[0]
         k = round(self.label_drop * n)
         dropped = torch.arange(n, device=y.device) >= n - k  # all False when k = 0
         return torch.where(dropped, torch.full_like(y, null_label), y), dropped
 
     def enhance(self, net, x, z, x_t, t, y, dropped, F_t):
-        """Enhanced targets (x*, z*) of SPEC §3 steps 4-5 (paper Eq. 9); identity when zeta = 0."""
+        """Enhanced targets (x*, z*) of T4 (paper Eq. 9); identity when zeta = 0."""
         if self.zeta == 0.0:
             return x, z
         tr, tb = self.transport, view_as_batch(t, x)
         inside = view_as_batch((t > self.enhance_range[0]) & (t < self.enhance_range[1]), x)
         kept = view_as_batch(~dropped, x)
         teacher = self.update_teacher(net)
-        def mix(in_range, out_range, dropped_row):  # the three row cases of SPEC §3 steps 4-5
+        def mix(in_range, out_range, dropped_row):  # the three row rules of T4
             return torch.where(kept, torch.where(inside, in_range, out_range), dropped_row)
         if self.lam == 0.0:  # the unconditional teacher against the model's own conditional prediction
             null = torch.full_like(y, unwrap(net).num_classes)
@@ -502,13 +513,13 @@ class UCGM(nn.Module):
         return mix(x + self.zeta * (x_T - x), (x + x_T) / 2, x), mix(z + self.zeta * (z_T - z), (z + z_T) / 2, z)
 
     def denoised(self, net, x_star, z_star, r, y):
-        """g(r): the x-readout of the online model at x*_r = alpha(r) z* + gamma(r) x* (SPEC §3 step 6)."""
+        """g(r): the x-readout of the online model at x*_r = alpha(r) z* + gamma(r) x* (T5)."""
         tr, rb = self.transport, view_as_batch(r, x_star)
         x_r = tr.alpha(rb) * z_star + tr.gamma(rb) * x_star
         return tr.readout(widened(net(x_r, r, y)), x_r, rb)[0]
 
     def delta_f(self, net, x_star, z_star, t, y, F_t):
-        """Δf, the consistency difference of SPEC §3 step 6 (paper Eq. 11), before clamping."""
+        """Δf, the consistency difference of T5 (paper Eq. 11), before clamping."""
         tr, tb = self.transport, view_as_batch(t, x_star)
         if self.lam == 1.0:  # central difference of g at t; each term scaled first, safe in bf16
             step = 1 / (2 * self.eps)
@@ -520,7 +531,7 @@ class UCGM(nn.Module):
         return x_hat_t / h - self.denoised(net, x_star, z_star, self.lam * t, y) / h
 
     def target(self, net, x, z, x_t, t, y, dropped, F_t):
-        """F_target of SPEC §3 step 6 (paper Eq. 10 for lam = 0, Eq. 12 for lam > 0); no gradient."""
+        """F_target of T5 (paper Eq. 10 for lam = 0, Eq. 12 for lam > 0); no gradient."""
         tr, tb = self.transport, view_as_batch(t, x)
         x_star, z_star = self.enhance(net, x, z, x_t, t, y, dropped, F_t)
         if self.lam == 0.0:
@@ -530,7 +541,7 @@ class UCGM(nn.Module):
         return F_t.detach() - weight * delta
 
     def loss(self, model, x, y, t=None, noise=None):
-        """UCGM-T loss of one batch (paper Alg. 1, SPEC §3): a scalar with gradient through F_t only."""
+        """UCGM-T loss of one batch (paper Alg. 1): a scalar with gradient through F_t only."""
         if noise is None:
             noise = torch.randn_like(x)
         elif noise.shape != x.shape:
@@ -556,11 +567,11 @@ class UCGM(nn.Module):
         return per_sample.mean()
 
     #############################################################################
-    #                   UCGM-S: the unified sampler (SPEC §4)                   #
+    #               UCGM-S: the unified sampler (paper Alg. 2; M4)              #
     #############################################################################
 
     def time_grid(self, steps, order=1, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.001)):
-        """The n + 1 sampling times of SPEC §4 in float64: warped, from the noise end to the data end."""
+        """The n + 1 sampling times of S1 in float64: warped, from the noise end to the data end."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
         if order not in (1, 2):
@@ -583,7 +594,7 @@ class UCGM(nn.Module):
         return torch.cat([times, times.new_tensor([0.0 if noise_at_one else 1.0])])
 
     def guided(self, model, x, t, cfg_scale, cfg_interval, cfg_channels, model_kwargs):
-        """One network evaluation F(x, t), with classifier-free guidance inside cfg_interval (SPEC §4)."""
+        """One network evaluation F(x, t), with classifier-free guidance inside cfg_interval (S2)."""
         t_batch = torch.full((x.shape[0],), float(t), device=x.device)
         x = x.float()  # the network runs in float32 (or under the caller's bf16 autocast)
         if cfg_scale == 1.0 or not cfg_interval[0] <= float(t) <= cfg_interval[1]:
@@ -601,7 +612,7 @@ class UCGM(nn.Module):
     def sample(self, model, noise, steps=40, rho=0.0, kappa=0.0, order=1, warp=(1.0, 1.0, 1.0),
                gaps=(0.001, 0.001), cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=None, return_all=False,
                generator=None, **model_kwargs):
-        """UCGM-S (paper Alg. 2, SPEC §4): noise -> x̂; with return_all also every raw x̂ (steps, *noise.shape)."""
+        """UCGM-S (paper Alg. 2): noise -> x̂; with return_all also every raw x̂ (steps, *noise.shape)."""
         tr = self.transport
         times = self.time_grid(steps, order, warp, gaps)  # on the CPU: reading a time never syncs a GPU
         if not (rho == "auto" or (isinstance(rho, (int, float)) and 0.0 <= rho <= 1.0)):
@@ -630,7 +641,7 @@ class UCGM(nn.Module):
                 x_hat = x_hat + kappa * (x_hat - previous[0])
                 z_hat = z_hat + kappa * (z_hat - previous[1])
             previous = raw
-            if rho == "auto":  # recomputed at every step (SPEC §4 step 3)
+            if rho == "auto":  # recomputed at every step (S4; released: first step only)
                 step_rho = ((t_next - t_cur).abs().sqrt() * (2 * tr.alpha(t_cur)).sqrt() / tr.alpha(t_next)) ** 2
                 step_rho = step_rho.clamp(0, 1)
             else:
@@ -648,13 +659,13 @@ class UCGM(nn.Module):
         return (x_out, torch.stack(trajectory)) if return_all else x_out
 
 
-# SPEC §4 presets of UCGM-S for multi-step (lam <= 0.5) and few-step (lam > 0.5) models
+# the released presets of UCGM-S for multi-step (lam <= 0.5) and few-step (lam > 0.5) models
 SAMPLER_PRESETS = {"multistep": dict(steps=40, rho=0.0, kappa=0.5, warp=(1.17, 0.8, 1.1), gaps=(0.001, 0.001)),
                    "fewstep": dict(steps=2, rho=1.0, kappa=0.0, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.3))}
 
 
 #################################################################################
-#                  The autoencoder: LDM AutoencoderKL (SPEC §5)                 #
+#                       The autoencoder: LDM AutoencoderKL                      #
 #################################################################################
 
 def group_norm(channels):
@@ -768,7 +779,7 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """The LDM KL autoencoder of SD-VAE and VA-VAE; images in [-1, 1] <-> latents (SPEC §5)."""
+    """The LDM KL autoencoder of SD-VAE and VA-VAE; images in [-1, 1] <-> latents."""
     def __init__(self, channels, ch_mult, attn_levels=(), sample_posterior=False, ch=128):
         super().__init__()
         self.channels, self.factor, self.sample_posterior = channels, 2 ** (len(ch_mult) - 1), sample_posterior
@@ -799,7 +810,7 @@ class PixelSpace(nn.Module):
         return latents
 
 
-# SPEC §5: SD-VAE (sd-vae-ft-ema / -mse, encoded by the posterior mean) and VA-VAE (LightningDiT's f16d32,
+# SD-VAE (sd-vae-ft-ema / -mse, encoded by the posterior mean) and VA-VAE (LightningDiT's f16d32,
 # with attention at the 16×16 level of 256-px images and encoded by a posterior sample, as its models were trained)
 # REPA-E's end-to-end tuned E2E-VAEs (e2e-vavae, e2e-sdvae) share these architectures and are encoded by the mean
 AUTOENCODERS = {"sdvae": dict(channels=4, ch_mult=(1, 2, 4, 4)),
@@ -878,7 +889,7 @@ def create_autoencoder(name, path=None):
 
 
 #################################################################################
-#                     File I/O: safetensors and atomic writes (SPEC §6)         #
+#               File I/O: safetensors, tensor files, atomic writes              #
 #################################################################################
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -1027,6 +1038,10 @@ def stats_file(folder):
     return next((path for path in paths if os.path.exists(path)), None)
 
 
+#################################################################################
+#          Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT          #
+#################################################################################
+
 def weights_of(checkpoint, key, where):
     """The `key` weights (model or ema) of a checkpoint that holds them, else the checkpoint itself as a bare state
     dict, without the prefixes that DDP and torch.compile add."""
@@ -1130,6 +1145,10 @@ def load_network(path, weights="ema", name=None, flag="--ckpt"):
     return model.float(), name, settings
 
 
+#################################################################################
+#               Script plumbing: folders, flags, processes, images              #
+#################################################################################
+
 def claim_folder(folder, name, config, write):
     """Refuse an --out folder holding the work of another configuration (recorded in FOLDER/name); record ours."""
     path = os.path.join(folder, name)
@@ -1222,7 +1241,8 @@ def setup_distributed():
 
 
 def denormalise(latents, mean, std, multiplier):
-    """Undo the latent normalisation (latent - mean) / std · multiplier of SPEC §6: what the autoencoder decodes."""
+    """Undo the latent normalisation (latent - mean) / std · multiplier (README, "Latents"): what the autoencoder
+    decodes."""
     return latents / multiplier * std + mean
 
 
@@ -1242,7 +1262,8 @@ def save_image_grid(images, per_row, path):
         grid[:, (i // per_row) * h:(i // per_row + 1) * h, (i % per_row) * w:(i % per_row + 1) * w] = pixels[i]
     atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
-if __name__ == "__main__":  # print the model table: parameters and forward GFLOPs at 256 px
+if __name__ == "__main__":  # the reading order, then the model table: parameters and forward GFLOPs at 256 px
+    print(__doc__.strip(), end="\n\n")
     for name in MODELS:
         family = name.split("-")[0]
         channels, latent = (4, 32) if family == "DiT" else (32, 16)  # SD-VAE f8 / VA-VAE f16d32 latents of 256 px
