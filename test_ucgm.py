@@ -867,6 +867,7 @@ def test_zero_periods_mean_never_yet_the_last_checkpoint_is_written(tmp_path):
     assert [step for step, _ in losses(tmp_path)] == [3]  # the last line only
     assert not list(tmp_path.glob("samples_*.png"))
     assert "weights identical" not in run.stdout  # one process has no replicas to compare
+    assert re.search(r"steps 1-3 done, train.py took \d+ min \d+ s", run.stdout)
 
 
 def test_save_checkpoint_keeps_the_multiples_of_keep_and_the_latest(tmp_path):
@@ -891,13 +892,26 @@ def test_step_batches_shard_the_global_batch():
     assert resumed == one[17:]
 
 
+def test_demo_digits_are_bold_deterministic_and_fill_the_square():
+    images, labels = train.render_digits.__wrapped__(count=30, seed=3)  # uncached: a fresh rendering
+    again, _ = train.render_digits.__wrapped__(count=30, seed=3)
+    assert images.shape == (30, 3, 24, 24) and images.dtype == torch.uint8 and torch.equal(images, again)
+    assert labels.tolist() == [i % 10 for i in range(30)]
+    for image in images.int():
+        gray = image.sum(0)
+        ink = gray < (gray.max() + gray.min()) / 2  # dark ink on a light background
+        rows = ink.any(1).nonzero()
+        assert rows.max() - rows.min() + 1 >= 15 and 0.1 < ink.float().mean() < 0.5  # tall, bold, not a blot
+
+
 def test_presets_and_demo_defaults_resolve():
     args = train.parse_args(["--preset", "fewstep", "--zeta", "1.5", "--data", "somewhere"])
     assert (args.lam, args.zeta, args.optimizer, args.huber_c, args.teacher_decay, args.grad_clip) == \
         (1.0, 1.5, "radam", 5.0, 1.0, 0.1)
     assert args.model == "TiT-XL/1" and args.global_batch_size == 1024
     demo = train.parse_args(["--lam", "0.5"])
-    assert demo.model == "TiT-T/4" and demo.lam == 0.5 and demo.zeta == 0.0 and demo.max_steps == 1500
+    assert demo.model == "TiT-T/4" and demo.lam == 0.5 and demo.zeta == 0.0 and demo.max_steps == 1800
+    assert demo.global_batch_size == 48
     assert demo.weighting is None and demo.lr == 2e-3 and demo.sample_cfg == 3.5
     multistep = train.parse_args(["--preset", "multistep", "--weighting", "none"])
     assert multistep.zeta == 0.47 and multistep.cosine_loss and multistep.weighting is None
@@ -1293,6 +1307,8 @@ def test_extract_latents_writes_the_shards_train_reads(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     with Image.open(tmp_path / "run" / "samples_0000001.png") as grid:  # 80 decoded 32-px samples, 8 a row
         assert grid.size == (8 * 32, 10 * 32)
+    with Image.open(tmp_path / "run" / "steps_0000001.png") as grid:  # the last step: a class a row, 5 step counts
+        assert grid.size == (len(train.STEPS_PICTURE) * 32, 10 * 32)
 
 
 #################################################################################

@@ -12,7 +12,6 @@ import functools
 import glob
 import inspect
 import json
-import math
 import os
 import resource
 import time
@@ -34,17 +33,18 @@ import ucgm
 BASE = dict(transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1, huber_c=0.0,
             cosine_loss=False, weighting="cosine", time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
             model="TiT-XL/1", global_batch_size=1024, max_steps=1_000_000, optimizer="adamw", lr=2e-4,
-            lr_schedule="constant", betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, log_every=100,
+            betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, log_every=100,
             ckpt_every=20_000, sample_every=20_000, sample_cfg=1.0)
 PRESETS = {
     "multistep": dict(lam=0.0, zeta=0.47, cosine_loss=True, weighting="cosine", huber_c=0.0, time_dist=(1.0, 1.0, 1.0),
                       teacher_decay=0.999, optimizer="adamw", lr=2e-4, betas=(0.9, 0.95)),
     "fewstep": dict(lam=1.0, zeta=2.0, cosine_loss=False, weighting="cosine", huber_c=5.0, time_dist=(0.8, 1.0, 1.0),
                     teacher_decay=1.0, optimizer="radam", lr=1e-4, betas=(0.9, 0.999), grad_clip=0.1)}
-# the digits demo without --data: a 1.3M-parameter TiT on 32×32 pixels, ~0.33 s a step on 2 CPU cores; unweighted
-# loss (the cos(πt/2) weight starves the high-noise steps that decide the digit) and guided grids
-DEMO = dict(model="TiT-T/4", global_batch_size=64, max_steps=1500, lr=2e-3, weighting="none", log_every=50,
-            ckpt_every=500, sample_every=500, sample_cfg=3.5)
+# the digits demo without --data: a 1.3M-parameter TiT on 24×24 pixels (36 tokens), ~0.16 s a step on 2 CPU cores;
+# unweighted loss (the cos(πt/2) weight starves the high-noise steps that decide the digit) and guided grids
+DEMO = dict(model="TiT-T/4", global_batch_size=48, max_steps=1800, lr=2e-3, weighting="none", log_every=50,
+            ckpt_every=600, sample_every=600, sample_cfg=3.5)
+STEPS_PICTURE = (1, 2, 4, 8, 40)  # the sampling steps of the final steps_*.png, one column each
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
 
 
@@ -53,25 +53,27 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for
 #################################################################################
 
 @functools.cache  # the tests train many times in one process
-def render_digits(count=20_000, size=32, seed=0):
-    """Class-conditional RGB digits drawn with Pillow's built-in font: random colours, offset, scale (uint8 NCHW)."""
+def render_digits(count=20_000, size=24, seed=0):
+    """Class-conditional RGB digits drawn with Pillow's built-in font: random colours, offset, scale (uint8 NCHW).
+    The bold glyphs fill the square, so that the gap that tells a 5 from a 6 spans a whole pixel."""
     images, labels = np.empty((count, size, size, 3), np.uint8), np.arange(count) % 10
-    fonts = {s: ImageFont.load_default(size=s) for s in range(24, 33)}
+    sizes = range(size + 2, size + 8)  # font sizes: a digit is about 0.75 of its font size tall
+    fonts = {s: ImageFont.load_default(size=s) for s in sizes}
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         background = tuple(int(v) for v in rng.integers(144, 256, 3))  # light random colour
         ink = tuple(int(v) for v in rng.integers(0, 112, 3))  # dark random colour: the class mean shows the digit
         image = Image.new("RGB", (size, size), background)
-        center = size / 2 + rng.uniform(-size / 16, size / 16, 2)  # up to 2 px off centre
-        ImageDraw.Draw(image).text(tuple(center), str(labels[i]), fill=ink, font=fonts[int(rng.integers(24, 33))],
+        center = size / 2 + rng.uniform(-1, 1, 2)  # up to 1 px off centre
+        ImageDraw.Draw(image).text(tuple(center), str(labels[i]), fill=ink, font=fonts[int(rng.choice(sizes))],
                                    anchor="mm", stroke_width=1, stroke_fill=ink)  # bold strokes
         images[i] = np.asarray(image)
     return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
 
 
 class DigitsDataset(torch.utils.data.Dataset):
-    """The built-in demo: 10 classes of 3×32×32 images in [-1, 1] (no flips: a mirrored digit is no digit)."""
-    num_classes, channels, size = 10, 3, 32
+    """The built-in demo: 10 classes of 3×24×24 images in [-1, 1] (no flips: a mirrored digit is no digit)."""
+    num_classes, channels, size = 10, 3, 24
 
     def __init__(self, seed=0):
         self.images, self.labels = render_digits(seed=seed)
@@ -174,13 +176,6 @@ def every(step, period):
     return period > 0 and step % period == 0
 
 
-def learning_rate(args, step):
-    """--lr at this step (1-based): constant, or cosine-decayed from --lr to 0 over --max-steps."""
-    if args.lr_schedule == "constant":
-        return args.lr
-    return 0.5 * args.lr * (1 + math.cos(math.pi * (step - 1) / args.max_steps))
-
-
 def save_checkpoint(state, folder, step, keep):
     """Write {step:07d}.pt atomically and point latest.pt at it; besides it keep the multiples of `keep` (0: none)."""
     path = os.path.join(folder, f"{step:07d}.pt")
@@ -221,6 +216,7 @@ def append_log(path, record, keep_through=None):
 
 def main(args):
     """Train until --max-steps; resumable at any point from the newest checkpoint."""
+    started = time.time()
     rank, world, device = ucgm.setup_distributed()
     distributed = dist.is_initialized()
     if args.global_batch_size % (world * args.grad_accum):
@@ -314,14 +310,22 @@ def main(args):
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
 
     def sample_grid(step):
-        """EMA samples with the UCGM-S preset of the model, eight per class, as OUT/samples_{step}.png."""
+        """EMA samples with the UCGM-S preset of the model, eight per class (a row each), as OUT/samples_{step}.png;
+        after the last step also OUT/steps_{step}.png: the first sample of each class with 1, 2, 4, 8, 40 steps."""
         preset = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"]
-        with torch.no_grad(), autocast:
-            images = trainer.sample(ema, sample_noise.to(device), y=sample_labels.to(device), cfg_scale=args.sample_cfg,
-                                    **preset)
-            latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
-            images = torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # 16 at a time bounds memory
-        ucgm.save_image_grid(images, 8, os.path.join(args.out, f"samples_{step:07d}.png"))
+
+        def decoded(noise, labels, steps):
+            with torch.no_grad(), autocast:
+                images = trainer.sample(ema, noise.to(device), y=labels.to(device), cfg_scale=args.sample_cfg,
+                                        **{**preset, "steps": steps})
+                latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
+                return torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # 16 at a time bounds memory
+        ucgm.save_image_grid(decoded(sample_noise, sample_labels, preset["steps"]), 8,
+                             os.path.join(args.out, f"samples_{step:07d}.png"))
+        if step == args.max_steps:  # the same noise through ever more steps: a column per step count
+            columns = [decoded(sample_noise[::8], sample_labels[::8], steps) for steps in STEPS_PICTURE]
+            ucgm.save_image_grid(torch.stack(columns, 1).flatten(0, 1), len(STEPS_PICTURE),
+                                 os.path.join(args.out, f"steps_{step:07d}.png"))
 
     def checkpoint(step):
         """Save everything that moves, so that a resumed run repeats this one exactly."""
@@ -357,8 +361,6 @@ def main(args):
                 raise RuntimeError(f"stopping: {bad_in_a_row} consecutive non-finite losses or gradients at step "
                                    f"{step}; the last good checkpoint is kept in {checkpoints}")
         else:
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(args, step)
             opt.step()
             decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
             torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
@@ -401,6 +403,9 @@ def main(args):
               f"/process, lam {args.lam}, {precision}: "
               f"{args.global_batch_size / seconds:.1f} img/s, {1000 * seconds:.1f} ms/step, peak memory {memory:.2f} GB"
               + (f", MFU {flops / seconds / world / peak:.1%}" if peak else ""))
+    elif rank == 0:
+        minutes, seconds = divmod(round(time.time() - started), 60)
+        print(f"{args.out}: steps {start_step + 1}-{args.max_steps} done, train.py took {minutes} min {seconds} s")
     if world > 1:  # DDP keeps the replicas equal: check it once at the end with a checksum of the weights
         total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
         low, high = total.clone(), total.clone()
@@ -443,14 +448,12 @@ def parse_args(argv=None):
     g.add_argument("--out", default="runs/demo", help="output folder: checkpoints/, log.jsonl, samples (runs/demo)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch-size", type=ucgm.number("[1, inf)", int),
-                   help="images per step over all processes (1024; demo 64)")
+                   help="images per step over all processes (1024; demo 48)")
     g.add_argument("--grad-accum", type=ucgm.number("[1, inf)", int), default=1,
                    help="micro-batches per step and process (1)")
-    g.add_argument("--max-steps", type=ucgm.number("[1, inf)", int), help="training steps (1e6; demo 1500)")
+    g.add_argument("--max-steps", type=ucgm.number("[1, inf)", int), help="training steps (1e6; demo 1800)")
     g.add_argument("--optimizer", choices=["adamw", "radam"], help="optimiser (adamw)")
     g.add_argument("--lr", type=ucgm.number("(0, inf)"), help="learning rate (2e-4; demo 2e-3)")
-    g.add_argument("--lr-schedule", choices=["constant", "cosine"], help="cosine: decay to 0 at --max-steps "
-                   "(constant; demo cosine)")
     g.add_argument("--betas", type=ucgm.number("[0, 1)"), nargs=2, help="Adam betas (0.9 0.95)")
     g.add_argument("--weight-decay", type=ucgm.number("[0, inf)"), help="decoupled weight decay (0)")
     g.add_argument("--grad-clip", type=ucgm.number("[0, inf)"), help="gradient-norm clip, 0 = off (0)")
@@ -474,9 +477,9 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=ucgm.number("[0, inf)", int),
                    help="steps between log.jsonl lines, 0: only the last (100; demo 50)")
     g.add_argument("--ckpt-every", type=ucgm.number("[0, inf)", int),
-                   help="keep a checkpoint every this many steps, 0: only the last (20000; demo 500)")
+                   help="keep a checkpoint every this many steps, 0: only the last (20000; demo 600)")
     g.add_argument("--sample-every", type=ucgm.number("[0, inf)", int),
-                   help="steps between EMA sample grids, 0: none (20000; demo 500)")
+                   help="steps between EMA sample grids, 0: none (20000; demo 600)")
     g.add_argument("--sample-cfg", type=ucgm.number(), help="guidance scale of the sample grids (1; demo 3.5)")
     g.add_argument("--resume", default="auto", help="'auto' (newest in OUT/checkpoints), a path, or 'none'")
     g.add_argument("--init", help="start weights, and unless given --model and --transport: any checkpoint "
