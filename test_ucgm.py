@@ -1760,8 +1760,9 @@ def test_e2e_vaes_share_the_architectures_and_are_encoded_by_the_mean(tmp_path):
 
 
 def test_train_py_tunes_released_layouts_into_a_few_step_model(tmp_path):
-    sit = perturbed(ucgm.create_model("DiT-T/4", input_size=32, in_channels=3, num_classes=10, learn_sigma=True))
-    lightning = perturbed(ucgm.create_model("LightningDiT-T/4", input_size=32, in_channels=3, num_classes=10), 1)
+    size = train.DigitsDataset.size  # the demo data stands in for the latents
+    sit = perturbed(ucgm.create_model("DiT-T/4", input_size=size, in_channels=3, num_classes=10, learn_sigma=True))
+    lightning = perturbed(ucgm.create_model("LightningDiT-T/4", input_size=size, in_channels=3, num_classes=10), 1)
     torch.save({"ema": {**sit.state_dict(), "projectors.0.0.weight": torch.zeros(8, 128)}}, tmp_path / "repa.pt")
     torch.save({"model": lightning.state_dict(), "ema": lightning.state_dict(), "opt": {}, "config": {"model": {
         "model_type": "LightningDiT-T/4", "use_qknorm": False}}}, tmp_path / "lightningdit.pt")  # hustvl's layout

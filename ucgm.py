@@ -1095,6 +1095,9 @@ def read_checkpoint(path, weights, flag):
     torch.serialization.add_safe_globals([argparse.Namespace])  # REPA and REPA-E save their flags as a Namespace
     checkpoint = load_tensor_file(path, flag)
     where = f"{flag} {path}"
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    released = isinstance(config, dict) and "type" in config.get("model", {})  # LightningDiT's says model_type
+    settings = released_settings(config, where) if released else None  # an unsupported model is named first
     state = weights_of(checkpoint, weights, where)
     for prefix, what in REPA_EXTRAS.items():
         extra = [key for key in state if key.startswith(prefix)]
@@ -1106,9 +1109,7 @@ def read_checkpoint(path, weights, flag):
         settings = dict(model=args["model"], transport=args["transport"], lam=args["lam"],
                         latent_multiplier=args["latent_multiplier"], vae=args["vae"], vae_path=args.get("vae_path"),
                         latent_stats=checkpoint.get("latent_stats"))
-    elif "type" in (checkpoint.get("config") or {}).get("model", {}):  # released UCGM (LightningDiT's says model_type)
-        settings = released_settings(checkpoint["config"], where)
-    else:
+    elif not released:
         settings = dict(FAMILY_SETTINGS[family_of(state)])
     return state, settings
 
