@@ -15,7 +15,7 @@ Reading order (section banners and their lines; a test keeps them true):
   line  668  The autoencoder: LDM AutoencoderKL
   line  892  File I/O: safetensors, tensor files, atomic writes
   line 1042  Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
-  line 1149  Script plumbing: folders, flags, processes, images
+  line 1150  Script plumbing: folders, flags, processes, images
 """
 
 import argparse
