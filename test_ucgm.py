@@ -27,7 +27,8 @@ def test_reading_order_is_true():
     lines = open(ucgm.__file__).read().split("\n")
     banners = [(i + 1, m.group(1)) for i, line in enumerate(lines) if (m := re.fullmatch(r"\s*#\s+(\S.*\S)\s+#", line))]
     listed = [(int(n), title) for n, title in re.findall(r"^  line +(\d+)  (.+)$", ucgm.__doc__, re.M)]
-    assert listed == banners and len(banners) >= 8
+    assert listed == banners and len(banners) >= 8, "the docstring's reading order should read:\n" + "\n".join(
+        f"  line {n:4d}  {title}" for n, title in banners)
 
 
 class ToyNet(nn.Module):
