@@ -1640,6 +1640,15 @@ def test_sample_py_compiled_on_cpu_matches_eager(tmp_path, shallow_demo_model):
     assert np.abs(eager - compiled).max() <= 1  # a uint8 level: rounding of fused float32 arithmetic
 
 
+def test_sample_py_runs_bf16_autocast_on_cpu(tmp_path):
+    tiny_checkpoint(tmp_path / "ck.pt")
+    flags = ["--ckpt", str(tmp_path / "ck.pt"), "--num-samples", "4", "--batch-size", "4", "--steps", "3"]
+    for precision in ("fp32", "bf16"):
+        sample.main(sample.parse_args([*flags, "--precision", precision, "--out", str(tmp_path / precision)]))
+    fp32, bf16 = (np.load(tmp_path / p / "samples.npz")["arr_0"].astype(int) for p in ("fp32", "bf16"))
+    assert np.abs(fp32 - bf16).mean() < 0.5 and not np.array_equal(fp32, bf16)  # near, yet computed in bf16
+
+
 def test_bench_times_synthetic_steps_and_writes_nothing(tmp_path):
     run = run_train(tmp_path / "bench", "--bench", "5", "--model", "TiT-T/2", "--bench-shape", "4", "8",
                     "--global-batch-size", "4", "--lam", "1")
