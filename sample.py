@@ -129,9 +129,10 @@ def merge(args, num_shards):
     """Stream the shards into OUT/samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels) one shard at a time, so
     that memory holds one shard and never all images; draw a grid of the first 64."""
     paths = [shard_path(args.out, k) for k in range(num_shards)]
-    shapes = [tuple(ucgm.load_safetensors(path)["images"].shape) for path in paths]  # headers only: memory-mapped
-    total = (sum(shape[0] for shape in shapes), *shapes[0][1:])
-    labels = np.concatenate([ucgm.load_safetensors(path)["labels"].numpy() for path in paths])
+    shards = [ucgm.load_safetensors(path) for path in paths]  # memory maps: only the labels are read here
+    total = (sum(len(shard["images"]) for shard in shards), *shards[0]["images"].shape[1:])
+    labels = np.concatenate([shard["labels"].numpy() for shard in shards])
+    del shards  # the images are mapped again one shard at a time, so that their pages can leave memory after use
 
     def write(f):  # the bytes np.savez writes, produced piecewise: a stored (uncompressed) zip of .npy members
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:

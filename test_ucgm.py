@@ -983,6 +983,8 @@ def test_bad_train_input_is_refused_with_one_clear_line(tmp_path):
     (shards / "latents_00000.safetensors").unlink()  # 2×2 latents left
     assert "patch size does not divide" in bad_train_input(tmp_path, "--data", str(shards), "--model", "TiT-T/4",
                                                            "--latent-stats", "none")
+    assert bad_train_input(tmp_path, "--data", str(shards), "--latent-stats", str(tmp_path / "nowhere.pt")) == \
+        f"--latent-stats {tmp_path / 'nowhere.pt'}: no such file"
     other = ucgm.create_model("DiT-T/2", input_size=32, in_channels=3, num_classes=10)
     torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
     assert "--init" in bad_train_input(tmp_path, "--init", str(tmp_path / "other.pt"), "--model", "TiT-T/4")

@@ -76,7 +76,7 @@ class DigitsDataset(torch.utils.data.Dataset):
     num_classes, channels, size = 10, 3, 24
 
     def __init__(self, seed=0):
-        self.images, self.labels = render_digits(seed=seed)
+        self.images, self.labels = render_digits(size=self.size, seed=seed)
 
     def __len__(self):
         return len(self.labels)
@@ -109,8 +109,6 @@ class LatentDataset(torch.utils.data.Dataset):
         self.offsets = np.cumsum([0] + [len(s["labels"]) for s in self.shards])
         self.channels, self.size = self.shards[0]["latents"].shape[1], self.shards[0]["latents"].shape[2]
         self.num_classes = int(max(int(s["labels"].max()) for s in self.shards)) + 1
-        if stats not in (None, "none") and not os.path.isfile(stats):
-            raise ValueError(f"--latent-stats {stats}: no such file")
         stats = stats or ucgm.stats_file(folder) or "none"
         self.mean, self.std = ucgm.load_stats(None if stats == "none" else stats, self.channels)
         self.multiplier = multiplier

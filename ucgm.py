@@ -14,8 +14,8 @@ Reading order (section banners and their lines; a test keeps them true):
   line  570  UCGM-S: the unified sampler (paper Alg. 2; M4)
   line  668  The autoencoder: LDM AutoencoderKL
   line  892  File I/O: safetensors, tensor files, atomic writes
-  line 1042  Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
-  line 1150  Script plumbing: folders, flags, processes, images
+  line 1043  Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
+  line 1151  Script plumbing: folders, flags, processes, images
 """
 
 import argparse
@@ -938,6 +938,7 @@ def safetensors_entries(header, data_size, path):
     offsets relative to the data, which the tensors tile without overlapping."""
     if not isinstance(header, dict):
         raise ValueError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")
+
     def count(value):  # a JSON integer >= 0 (true and false parse as bool, a subclass of int)
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
