@@ -111,7 +111,7 @@ def main(args):
     if dist.is_initialized():
         dist.barrier()
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     num_shards = math.ceil(len(paths) / args.shard_size)
     todo = [k for k in range(rank, num_shards, world) if not os.path.exists(shard_path(args.out, k))]
     bar = tqdm(total=sum(min(args.shard_size, len(paths) - k * args.shard_size) for k in todo),
@@ -136,9 +136,8 @@ def main(args):
             ucgm.save_safetensors({key: torch.cat(value) for key, value in shard.items()}, shard_path(args.out, k))
     bar.close()
 
-    total_skipped = torch.tensor(skipped)
+    total_skipped = ucgm.all_reduce(skipped, device)
     if dist.is_initialized():
-        dist.all_reduce(total_skipped)
         dist.barrier()
     if rank == 0:
         mean, std = latent_stats(args.out, num_shards, args.stats_images)
@@ -179,6 +178,8 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=ucgm.number("[0, inf)", int), default=4,
                    help="image-decoding processes per rank")
     p.add_argument("--seed", type=ucgm.seed, default=0, help="seed of the posterior samples (VA-VAE)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="encoder precision: fp32 as the released extraction (TF32 matmuls on CUDA), or bf16 autocast")
     return p.parse_args(argv)
 
 

@@ -11,6 +11,7 @@ first 7 channels of mixed_6/conv (17×17, flattened in NHWC order, as the ADM ev
 """
 
 import argparse
+import contextlib
 import json
 import os
 import warnings
@@ -264,6 +265,18 @@ def array_batches(images, batch_size):
 #                                    Metrics                                    #
 #################################################################################
 
+@contextlib.contextmanager
+def full_fp32():
+    """IEEE float32 matmuls and convs inside (the scripts turn TF32 on for CUDA): Inception features and their
+    distances are computed in full precision, as the TensorFlow graph did."""
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
 @torch.no_grad()
 def extract_features(inception, source, batch_size=200, device=None, progress=True):
     """{pool, spatial, logits} (numpy float64) of an .npz path, an image folder, or an NHWC uint8 array/tensor."""
@@ -276,19 +289,14 @@ def extract_features(inception, source, batch_size=200, device=None, progress=Tr
     count = next(batches)
     if count < 2:
         raise ValueError(f"{source if isinstance(source, str) else 'images'}: need at least 2 images, got {count}")
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # full fp32, as the graph
     features = {"pool": [], "spatial": [], "logits": []}
-    try:
-        with tqdm(total=count, disable=not progress, unit="img", desc="inception") as bar:
-            for batch in batches:
-                out = inception(torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2))
-                for key, value in out.items():
-                    if value is not None:
-                        features[key].append(value.double().cpu().numpy())
-                bar.update(len(batch))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with full_fp32(), tqdm(total=count, disable=not progress, unit="img", desc="inception") as bar:
+        for batch in batches:
+            out = inception(torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2))
+            for key, value in out.items():
+                if value is not None:
+                    features[key].append(value.double().cpu().numpy())
+            bar.update(len(batch))
     return {key: np.concatenate(value) if value else None for key, value in features.items()}
 
 
@@ -324,24 +332,25 @@ def inception_score(logits, splits=10):
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def manifold_radii(features, k=3, block=5000):
-    """Squared distance of each feature to its k-th nearest neighbour in the same set (self excluded)."""
-    x = torch.from_numpy(np.asarray(features, np.float32))
+def manifold_radii(x, k=3, block=5000):
+    """Squared distance of each feature (a float32 tensor) to its k-th nearest neighbour in the same set."""
     return torch.cat([torch.cdist(x[i:i + block], x).square().kthvalue(k + 1, dim=1).values
                       for i in range(0, len(x), block)])
 
 
-def inside_manifold(queries, features, radii, block=5000):
-    """Fraction of queries within the k-NN ball of at least one feature (ADM's manifold estimate)."""
-    q, x = torch.from_numpy(np.asarray(queries, np.float32)), torch.from_numpy(np.asarray(features, np.float32))
+def inside_manifold(q, x, radii, block=5000):
+    """Fraction of queries q within the k-NN ball of at least one feature of x (ADM's manifold estimate)."""
     hits = [(torch.cdist(q[i:i + block], x).square() <= radii[None]).any(1) for i in range(0, len(q), block)]
     return float(torch.cat(hits).float().mean())
 
 
-def precision_recall(reference, samples, k=3):
-    """Precision: samples inside the reference manifold; recall: references inside the samples' manifold."""
-    return (inside_manifold(samples, reference, manifold_radii(reference, k)),
-            inside_manifold(reference, samples, manifold_radii(samples, k)))
+@torch.no_grad()
+def precision_recall(reference, samples, k=3, device="cpu"):
+    """Precision: samples inside the reference manifold; recall: references inside the samples' manifold. The
+    distances (15 TFLOP for 50k samples against 10k references) are computed on `device`, in IEEE float32."""
+    ref, ours = (torch.from_numpy(np.asarray(f, np.float32)).to(device) for f in (reference, samples))
+    with full_fp32():
+        return inside_manifold(ours, ref, manifold_radii(ref, k)), inside_manifold(ref, ours, manifold_radii(ours, k))
 
 
 def statistics(features):
@@ -380,7 +389,8 @@ def compute_metrics(samples, reference, inception, batch_size=200):
     else:
         print("inception score unavailable: the weights have no 1008-way classifier (fc)")
     if "pool" in ref and min(len(ref["pool"]), len(features["pool"])) > 3:  # k = 3 neighbours besides oneself
-        metrics["precision"], metrics["recall"] = precision_recall(ref["pool"], features["pool"])
+        metrics["precision"], metrics["recall"] = precision_recall(ref["pool"], features["pool"],
+                                                                   device=next(inception.parameters()).device)
     elif "pool" in ref:
         print("precision/recall unavailable: they need at least 4 images on each side")
     return metrics

@@ -96,10 +96,9 @@ def main(args):
         dist.barrier()
 
     trainer = ucgm.UCGM(transport)
-    precision = ucgm.resolve_precision(args.precision, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    if args.compile:
-        model.compile()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if device.type == "cuda" if args.compile is None else args.compile:
+        model.compile(dynamic=False)  # static graphs: batch B, 2B inside cfg_interval, and a short last shard
     num_shards = math.ceil(args.num_samples / args.batch_size)
     todo = [k for k in range(rank, num_shards, world) if not os.path.exists(shard_path(args.out, k))]
     shape = (model.in_channels, model.input_size, model.input_size)
@@ -110,9 +109,11 @@ def main(args):
         labels = torch.tensor([args.class_id if args.class_id is not None else i % max(num_classes, 1)
                                for i in indices], device=device)
         generator = torch.Generator(device).manual_seed(args.seed * 2**32 + args.num_samples + k)  # for rho > 0
-        with torch.no_grad(), autocast:
-            latents = trainer.sample(model, noise, generator=generator, **sampler, **({"y": labels} if num_classes else {}))
-            images = torch.cat([autoencoder.decode(z) for z in
+        with torch.no_grad():
+            with autocast:
+                latents = trainer.sample(model, noise, generator=generator, **sampler,
+                                         **({"y": labels} if num_classes else {}))
+            images = torch.cat([autoencoder.decode(z) for z in  # outside autocast: the released decode is float32
                                 ucgm.denormalise(latents, mean, std, multiplier).split(args.decode_batch)])
         pixels = ucgm.to_uint8(images).permute(0, 2, 3, 1).cpu()  # NHWC
         ucgm.save_safetensors({"images": pixels.contiguous(), "labels": labels.cpu()}, shard_path(args.out, k))
@@ -163,9 +164,11 @@ def parse_args(argv=None):
     g.add_argument("--model", choices=sorted(ucgm.MODELS), metavar="NAME",
                    help="architecture (default: the checkpoint's, or matched by the weight shapes)")
     g.add_argument("--transport", choices=sorted(ucgm.TRANSPORTS), help="(default: the checkpoint's, else Linear)")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="network precision; auto: bf16 on CUDA, fp32 on CPU (auto)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="network precision: fp32 as the released evaluation (TF32 matmuls on CUDA), or bf16 autocast, "
+                        "faster; the decode is always float32 (fp32)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the network (default: on CUDA, not on CPU)")
     g = p.add_argument_group("UCGM-S; defaults: the released checkpoint's settings, else the preset for its lam")
     g.add_argument("--steps", type=ucgm.number("[1, inf)", int), help="sampling steps (40 multi-step / 2 few-step)")
     g.add_argument("--rho", type=ucgm.number("[0, 1]", words=["auto"]),

@@ -3,6 +3,7 @@ and the scripts end to end. Run: python -m pytest -q test_ucgm.py"""
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,14 @@ import ucgm
 from ucgm import UCGM
 
 torch.set_num_threads(2)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+with warnings.catch_warnings():  # the project has no pytest configuration file to register the marker in
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    CUDA_MARK = pytest.mark.cuda
+
+
+def cuda(test):
+    """A CUDA test: skipped without CUDA, and all of them selected by `python -m pytest -q -m cuda test_ucgm.py`."""
+    return CUDA_MARK(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
 #################################################################################
@@ -315,12 +323,34 @@ def test_grad_checkpoint_gives_same_gradients():
 
 def test_bad_labels_and_shapes_are_refused():
     model = tiny_dit()
-    with pytest.raises(ValueError, match="y: labels"):
+    with pytest.raises(IndexError):  # the forward reads no label (that would sync): the embedding refuses it
         model(torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="x of shape"):
         model(torch.randn(2, 2, 6, 6), torch.rand(2), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="model"):
         ucgm.create_model("DiT-XXL/2")
+
+
+class SdpaStrides:
+    """Records the strides of q, k, v at every F.scaled_dot_product_attention call (patched in ucgm)."""
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = F.scaled_dot_product_attention
+
+        def spy(q, k, v, *args, **kwargs):
+            self.calls.append([tensor.stride() for tensor in (q, k, v)])
+            return real(q, k, v, *args, **kwargs)
+        monkeypatch.setattr(ucgm.F, "scaled_dot_product_attention", spy)
+
+
+def test_every_sdpa_call_gets_a_last_dimension_of_stride_1(monkeypatch):
+    """CUDA's fused attention kernels need stride 1 along the head dimension; others fall back to the math kernel."""
+    spy = SdpaStrides(monkeypatch)
+    tiny_dit(depth=2)(torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    autoencoder = ucgm.AutoencoderKL(**{**SMALL_SDVAE, "attn_levels": (1,)})
+    autoencoder.decode(autoencoder.encode(torch.randn(1, 3, 16, 16)))
+    assert len(spy.calls) == 2 + (2 + 1) + (3 + 1)  # the DiT's blocks; a level's blocks and the middle of each coder
+    assert all(stride[-1] == 1 for call in spy.calls for stride in call), spy.calls
 
 
 @cuda
@@ -457,6 +487,45 @@ def test_bf16_autocast_on_cpu_gives_a_float32_loss_close_to_float32(lam, zeta, d
             results[precision] = trainer.loss(model, x, y, t=t, noise=z)
     assert results["bf16"].dtype == torch.float32 and torch.isfinite(results["bf16"])
     assert abs(results["bf16"] - results["fp32"]) < tolerance * results["fp32"]
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor reads that move a value to the host (on CUDA each one waits for the GPU)."""
+    READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lam, zeta, decay", [(0.0, 0.0, 0.0), (0.0, 0.5, 0.99), (0.5, 1.0, 0.0), (1.0, 2.0, 1.0)])
+def test_loss_and_backward_read_no_tensor_on_the_host(lam, zeta, decay):
+    """Alg. 1 l.3-17 as one queue of GPU work: no sync between the sampled t and the backward."""
+    model = tiny_dit()
+    trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25, huber_c=0.1, cosine_loss=True,
+                   weighting="cosine", time_dist=(0.8, 1.0, 1.0))
+    x, y = torch.randn(8, 2, 8, 8), torch.arange(8) % 3
+    trainer.loss(model, x, y)  # the teacher is built by the first call
+    with HostReads() as counter:
+        trainer.loss(model, x, y).backward()
+    assert counter.reads == []
+
+
+def test_lam1_difference_runs_as_one_doubled_batch_equal_to_two_forwards():
+    """Alg. 1 l.11 (λ = 1): g(t + ε) and g(t − ε) of one doubled no-grad batch equal two separate evaluations."""
+    model, trainer = ToyNet().double(), UCGM(lam=1.0)
+    x_star, y, t, z_star = (v.double() if v.is_floating_point() else v for v in batch())
+    batches = []
+    counted = lambda x_r, r, labels: batches.append(len(x_r)) or model(x_r, r, labels)  # noqa: E731
+    delta = trainer.delta_f(counted, x_star, z_star, t, y, None)
+    two = [trainer.denoised(model, x_star, z_star, t + sign * trainer.eps, y) for sign in (1, -1)]
+    assert batches == [2 * len(x_star)]
+    torch.testing.assert_close(delta, (two[0] - two[1]) / (2 * trainer.eps), rtol=1e-12, atol=1e-9)
 
 
 def test_gradients_reach_only_the_F_t_branch():
@@ -630,7 +699,7 @@ def test_bad_loss_inputs_are_refused():
     x, y, t, z = batch()
     with pytest.raises(ValueError, match="noise"):
         UCGM().loss(ToyNet(), x, y, t=t, noise=z[:, :2])
-    with pytest.raises(ValueError, match="y: labels"):
+    with pytest.raises(IndexError):
         UCGM().loss(tiny_dit(), torch.randn(2, 2, 8, 8), torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="t: expected"):
         UCGM().loss(ToyNet(), x, y, t=t[:3], noise=z)
@@ -880,6 +949,78 @@ def test_save_checkpoint_keeps_the_multiples_of_keep_and_the_latest(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == [*kept, "latest.pt"]
 
 
+def test_latest_is_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    def refuse(source, target):
+        raise OSError(95, "Operation not supported")
+    monkeypatch.setattr(os, "link", refuse)
+    for step in (1, 2):
+        train.save_checkpoint({"step": step}, str(tmp_path), step, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000002.pt", "latest.pt"]
+    assert torch.load(tmp_path / "latest.pt", weights_only=True) == {"step": 2}
+
+
+def test_every_collective_takes_a_tensor_on_the_process_device(monkeypatch):
+    """NCCL has no CPU tensors: the scripts reduce through ucgm.all_reduce, which moves the value to the device."""
+    seen = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op: seen.append((tensor.device, op)))
+    for value in (3, torch.tensor(2.5)):
+        assert ucgm.all_reduce(value, torch.device("meta"), "max").device.type == "meta"
+    assert seen == [(torch.device("meta"), torch.distributed.ReduceOp.MAX)] * 2
+    for script in ("train.py", "sample.py", "extract_latents.py", "fid.py"):
+        with open(os.path.join(HERE, script)) as f:
+            assert not re.search(r"(?<!ucgm\.)\b(all_reduce|all_gather|reduce|broadcast|gather|scatter)\(", f.read()), script
+
+
+def saved_bytes_per_image(model, precision, compiled=False):
+    """What the grad forward saves for the backward (saved-tensor hooks, each storage once, parameters aside) per
+    image: batch 2 minus batch 1."""
+    if compiled:
+        train.compile_blocks(model)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+    for n in (1, 2):
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+        x = torch.randn(n, model.in_channels, model.input_size, model.input_size)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x, torch.rand(n), torch.arange(n))
+        out.float().sum().backward()
+        saved.append(sum(storages.values()))
+    return saved[1] - saved[0]
+
+
+@pytest.mark.parametrize("name, precision, compiled", [
+    ("TiT-S/1", "bf16", False), ("TiT-S/1", "fp32", False), ("DiT-S/1", "bf16", False), ("DiT-S/1", "fp32", False),
+    ("LightningDiT-S/1", "bf16", False), ("LightningDiT-S/1", "fp32", False), ("TiT-S/1", "bf16", True)])
+def test_saved_bytes_match_the_memory_estimate(name, precision, compiled):
+    """train.SAVED_BYTES (bytes per image, token, block and unit of width) against a measurement (README, "Memory")."""
+    torch._dynamo.reset()
+    model = ucgm.create_model(name, input_size=16, in_channels=32, depth=2)  # 256 tokens, as TiT-XL/1 at 256 px
+    measured = saved_bytes_per_image(model, precision, compiled)
+    estimate = [train.memory_estimate(model, n, precision, compiled, False, False) for n in (1, 2)]
+    assert abs(estimate[1] - estimate[0] - measured) < 0.03 * measured, (measured, estimate[1] - estimate[0])
+
+
+def test_what_fits_names_the_flags_that_bring_the_estimate_under_the_memory():
+    with torch.device("meta"):
+        model = ucgm.create_model("TiT-XL/1", input_size=16, in_channels=32)
+    args = train.parse_args(["--data", "d", "--global-batch-size", "1024", "--grad-accum", "1"])
+    setting = dict(precision="bf16", compiled=False, teacher=True)
+    per_image = train.memory_estimate(model, 2, **setting, grad_checkpoint=False) - \
+        train.memory_estimate(model, 1, **setting, grad_checkpoint=False)
+    budget = train.memory_estimate(model, 50, **setting, grad_checkpoint=False) + per_image // 2  # 50 images fit
+    assert train.what_fits(model, args, 128, budget, **setting) == \
+        "--grad-checkpoint or --grad-accum 4 or --global-batch-size 400"  # 8 processes: 32 and 50 images
+    assert "--grad-checkpoint" not in train.what_fits(model, args, 128, budget // 10, **setting)
+
+
 def test_step_batches_shard_the_global_batch():
     one = list(train.StepBatches(100, 8, 0, 1, seed=3, start_step=0, max_steps=30))
     ranks = [list(train.StepBatches(100, 8, r, 2, seed=3, start_step=0, max_steps=30)) for r in range(2)]
@@ -981,6 +1122,9 @@ def test_bad_train_input_is_refused_with_one_clear_line(tmp_path):
                                "labels": torch.arange(4)}, shards / f"latents_{i:05d}.safetensors")
     assert "latents of shapes" in bad_train_input(tmp_path, "--data", str(shards))
     (shards / "latents_00000.safetensors").unlink()  # 2×2 latents left
+    assert bad_train_input(tmp_path, "--data", str(shards)) == (
+        f"--data {shards}: expected {shards / 'latents_stats.pt'} (written last by extract_latents.py); give "
+        "--latent-stats FILE, or --latent-stats none for raw latents")  # an unfinished extraction is not trained on
     assert "patch size does not divide" in bad_train_input(tmp_path, "--data", str(shards), "--model", "TiT-T/4",
                                                            "--latent-stats", "none")
     assert bad_train_input(tmp_path, "--data", str(shards), "--latent-stats", str(tmp_path / "nowhere.pt")) == \
@@ -1534,7 +1678,7 @@ def test_inception_score_and_precision_recall_limits():
     a = rng.normal(size=(200, 16))
     assert fid.precision_recall(a, a) == (1.0, 1.0)
     assert fid.precision_recall(a, a + 100) == (0.0, 0.0)
-    radii = fid.manifold_radii(a).numpy()  # against the brute-force 3rd-nearest-neighbour distance
+    radii = fid.manifold_radii(torch.from_numpy(a).float()).numpy()  # against the brute-force 3rd-nearest-neighbour distance
     d = ((a[:, None] - a[None]) ** 2).sum(-1)
     np.testing.assert_allclose(radii, np.sort(d, axis=1)[:, 3], rtol=1e-4)
 
@@ -1786,11 +1930,21 @@ def test_train_py_tunes_released_layouts_into_a_few_step_model(tmp_path):
         state = torch.load(tmp_path / name / "checkpoints" / "latest.pt", weights_only=True)
         assert (state["args"]["model"], state["args"]["transport"]) == (ucgm.infer_model(model.state_dict())[0],
                                                                        transport)
-        teacher = {k.removeprefix("teacher."): v for k, v in state["ucgm"].items() if k.startswith("teacher.")}
-        assert all(torch.equal(teacher[k], v) for k, v in model.state_dict().items())  # frozen at the start weights
+        assert not any(k.startswith("teacher.") for k in state["ucgm"])  # frozen: named and checksummed, not copied
+        assert state["teacher_file"] == {"path": ckpt, "sha256": train.sha256_of(model.state_dict())}
         assert not torch.equal(state["model"]["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
         assert all(math.isfinite(loss) for _, loss in losses(tmp_path / name))
         assert (tmp_path / name / "samples_0000003.png").exists()
+    other = {k: v + 1 if k == "blocks.0.attn.qkv.weight" else v for k, v in sit.state_dict().items()}
+    torch.save(other, tmp_path / "other.pt")
+    resume = ["--init", str(tmp_path / "repa.pt"), "--preset", "fewstep", "--zeta", "3", "--max-steps", "4",
+              "--sample-every", "0"]
+    run = run_train(tmp_path / "repa", *resume, "--teacher", str(tmp_path / "other.pt"))
+    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith(
+        f"train.py: error: --resume {tmp_path / 'repa' / 'checkpoints' / 'latest.pt'}: trained with the frozen "
+        f"teacher {tmp_path / 'repa.pt'} (sha256 "), run.stderr[-2000:]
+    run = run_train(tmp_path / "repa", *resume, "--teacher", str(tmp_path / "repa.pt"))
+    assert run.returncode == 0 and "resumed from" in run.stdout, run.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -2061,3 +2215,191 @@ def test_claim_transports_train_alike():
           for name in ("Linear", "TrigFlow", "EDM")}
     print(sw)
     assert max(sw.values()) < 1.6 * min(sw.values()) and max(sw.values()) < 0.13
+
+
+#################################################################################
+#       On a GPU: NCCL, fused attention, no syncs, memory, resume, figures      #
+#################################################################################
+# README, "GPU readiness": python -m pytest -q -s -m cuda test_ucgm.py runs these, then prints the figures
+
+import copy  # noqa: E402
+
+
+def nccl_run(script, *flags, timeout=600):
+    """A script under torchrun with one process, whose process group on CUDA is NCCL."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           os.path.join(HERE, script), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@cuda
+def test_cuda_scripts_run_under_nccl(tmp_path):
+    """extract_latents.py -> train.py (λ = 0 + ζ, λ = 1 + ζ; compiled, with and without --grad-checkpoint) ->
+    sample.py, each under torchrun's NCCL group: every collective gets a CUDA tensor."""
+    image_folder(tmp_path / "images")
+    torch.manual_seed(0)
+    torch.save({"state_dict": ucgm.AutoencoderKL(**ucgm.AUTOENCODERS["sdvae"]).state_dict()}, tmp_path / "vae.pt")
+    vae = ["--vae", "sdvae", "--vae-path", str(tmp_path / "vae.pt")]
+    run = nccl_run("extract_latents.py", "--images", str(tmp_path / "images"), *vae, "--image-size", "64",
+                   "--shard-size", "8", "--num-workers", "0", "--out", str(tmp_path / "latents"))
+    assert run.returncode == 0 and (tmp_path / "latents" / "latents_stats.pt").exists(), run.stderr[-3000:]
+    for i, flags in enumerate([["--lam", "0", "--zeta", "0.5"], ["--lam", "1", "--zeta", "1", "--teacher-decay", "1"]]):
+        for checkpointing in ([], ["--grad-checkpoint"]):
+            out = tmp_path / f"run{i}{len(checkpointing)}"
+            run = nccl_run("train.py", "--data", str(tmp_path / "latents"), *vae, "--model", "TiT-T/2", *flags,
+                           *checkpointing, "--global-batch-size", "8", "--max-steps", "3", "--log-every", "1",
+                           "--sample-every", "3", "--num-workers", "0", "--out", str(out))
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert all(math.isfinite(loss) for _, loss in losses(out)) and (out / "samples_0000003.png").exists()
+    run = nccl_run("sample.py", "--ckpt", str(out / "checkpoints" / "latest.pt"), "--num-samples", "6",
+                   "--batch-size", "4", "--out", str(tmp_path / "samples"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert np.load(tmp_path / "samples" / "samples.npz")["arr_0"].shape == (6, 64, 64, 3)
+
+
+@cuda
+def test_cuda_every_sdpa_call_runs_a_fused_kernel():
+    """TiT-XL's heads of 72 in bf16, forward and backward, and the SD-VAE's single head of 512 in float32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = ucgm.create_model("TiT-XL/1", input_size=16, in_channels=32, depth=2).cuda()
+    autoencoder = ucgm.AutoencoderKL(**ucgm.AUTOENCODERS["sdvae"]).cuda()
+    x, t, y = torch.randn(4, 32, 16, 16, device="cuda"), torch.rand(4, device="cuda"), torch.arange(4, device="cuda")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x, t, y).float().square().sum().backward()  # the math kernel is not allowed: it would raise
+        with torch.no_grad():
+            autoencoder.decode(autoencoder.encode(torch.randn(2, 3, 128, 128, device="cuda")))
+
+
+@cuda
+@pytest.mark.parametrize("lam, zeta, decay", [(0.0, 0.5, 0.99), (1.0, 2.0, 1.0)])
+def test_cuda_training_step_has_no_sync_but_the_guard(lam, zeta, decay):
+    """Alg. 1 with bf16 autocast, the gradient norm, fused AdamW and the EMA under set_sync_debug_mode("error")."""
+    torch.manual_seed(0)
+    model = ucgm.create_model("TiT-S/2", input_size=16, in_channels=4, num_classes=10).cuda()
+    ema, trainer = copy.deepcopy(model).requires_grad_(False), UCGM(lam=lam, zeta=zeta, teacher_decay=decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x, y = torch.randn(16, 4, 16, 16, device="cuda"), torch.arange(16, device="cuda") % 10
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = trainer.loss(model, x, y)
+        loss.backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        opt.step()
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1e-3)
+        opt.zero_grad(set_to_none=True)
+        return (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
+    step()  # builds the teacher and the optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bad = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert bad.item() == 0  # the guard's one read, after the step is queued
+
+
+@cuda
+@pytest.mark.parametrize("lam, zeta, decay, tolerance", [(0.0, 0.5, 0.9, 0.02), (1.0, 1.0, 1.0, 0.2)])
+def test_cuda_bf16_loss_is_near_the_float32_loss(lam, zeta, decay, tolerance):
+    model = ucgm.create_model("TiT-S/2", input_size=16, in_channels=4, num_classes=10).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # leave the zero-initialised output layers
+    g = torch.Generator("cuda").manual_seed(0)
+    x, z = (torch.randn(32, 4, 16, 16, device="cuda", generator=g) for _ in range(2))
+    t, y = torch.linspace(0.05, 0.95, 32, device="cuda"), torch.arange(32, device="cuda") % 10
+    results = {}
+    for precision in ("fp32", "bf16"):
+        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            results[precision] = float(trainer.loss(model, x, y, t=t, noise=z))
+    assert abs(results["bf16"] - results["fp32"]) < tolerance * results["fp32"], results
+
+
+def bench_line(run):
+    assert run.returncode == 0, run.stderr[-3000:]
+    return next(line for line in run.stdout.splitlines() if line.startswith("bench "))
+
+
+@cuda
+@pytest.mark.parametrize("compiled", ["--no-compile", "--compile"])
+def test_cuda_memory_estimate_is_within_15_percent_of_the_peak(compiled):
+    """train.memory_estimate (printed at the start of a CUDA run) against torch.cuda.max_memory_allocated."""
+    run = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--bench", "4", "--model", "TiT-XL/1",
+                          "--global-batch-size", "64", "--lam", "0", "--zeta", "0.47", compiled],
+                         capture_output=True, text=True, timeout=600)
+    peak = float(re.search(r"peak memory ([\d.]+) GiB", bench_line(run))[1])
+    estimate = float(re.search(r"memory: ~([\d.]+) GiB estimated", run.stdout)[1])
+    assert abs(estimate - peak) < 0.15 * peak, (estimate, peak)
+
+
+@cuda
+def test_cuda_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """To 2%: flash attention's backward accumulates with atomics, so CUDA gradients are not bit-reproducible."""
+    steps = ["--ckpt-every", "3", "--no-compile"]
+    assert run_train(tmp_path / "a", "--max-steps", "6", *steps).returncode == 0
+    assert run_train(tmp_path / "b", "--max-steps", "3", *steps).returncode == 0
+    resumed = run_train(tmp_path / "b", "--max-steps", "6", *steps)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    np.testing.assert_allclose([v for _, v in losses(tmp_path / "a")], [v for _, v in losses(tmp_path / "b")],
+                               rtol=0.02)
+
+
+def timed(work, repeats=1):
+    """Seconds per call of work() on the GPU, after one call to warm up (compilation, cuDNN plans)."""
+    work()
+    torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(repeats):
+        work()
+    torch.cuda.synchronize()
+    return (time.time() - start) / repeats
+
+
+def sampling_figures(vae_path):
+    """sample.py's work for a shard of 250: TiT-XL/1 compiled, in float32 (TF32), then the VA-VAE decode."""
+    model = ucgm.create_model("TiT-XL/1", input_size=16, in_channels=32).cuda().eval().requires_grad_(False)
+    model.compile(dynamic=False)
+    autoencoder = ucgm.create_autoencoder("vavae", vae_path).cuda()
+    noise, y = torch.randn(250, 32, 16, 16, device="cuda"), torch.arange(250, device="cuda")
+    lines = []
+    for preset in ("fewstep", "multistep"):
+        settings = ucgm.SAMPLER_PRESETS[preset]
+
+        def draw():
+            with torch.no_grad():
+                latents = UCGM().sample(model, noise, y=y, **settings)
+                return [autoencoder.decode(z) for z in latents.split(50)]
+        rate = 250 / timed(draw)
+        lines.append(f"sampling TiT-XL/1, {settings['steps']} steps, float32 (TF32) with the VA-VAE decode to 256 px: "
+                     f"{rate:.1f} img/s; 50,000 on 8 GPUs in {50_000 / 8 / rate / 60:.1f} min")
+    return lines
+
+
+@cuda
+def test_cuda_figures(real_size_files, inception_file, capsys):
+    """The README's GPU figures, a line each: TiT-XL/1 training (train.py --bench at the largest batch that the memory
+    estimate fits), sampling with the VA-VAE decode, and the Inception pass. A benchmark: it asserts only that
+    each part ran."""
+    lines, free = [f"device: {torch.cuda.get_device_name()}"], torch.cuda.mem_get_info()[0]
+    with torch.device("meta"):
+        xl = ucgm.create_model("TiT-XL/1", input_size=16, in_channels=32)
+    for flags, compiled, teacher in [(["--lam", "0"], True, False), (["--lam", "0", "--zeta", "0.47"], True, True),
+                                     (["--lam", "1"], True, False),
+                                     (["--lam", "1", "--zeta", "2", "--teacher-decay", "1"], True, True),
+                                     (["--lam", "0"], False, False)]:
+        batch = max(b for b in range(16, 257, 16)
+                    if train.memory_estimate(xl, b, "bf16", compiled, False, teacher) < 0.85 * free)
+        run = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--bench", "6", "--model", "TiT-XL/1",
+                              "--global-batch-size", str(batch), *flags, "--compile" if compiled else "--no-compile"],
+                             capture_output=True, text=True, timeout=600)
+        lines.append(bench_line(run) + (f" ({' '.join(flags[2:])})" if flags[2:] else ""))
+    lines += sampling_figures(str(real_size_files / "vavae.pt"))
+    inception = fid.load_inception(inception_file, "cuda")
+    images = random_images(2000, size=256)
+    rate = 2000 / timed(lambda: fid.extract_features(inception, images, progress=False))
+    lines.append(f"Inception pass at 256 px: {rate:.0f} img/s; 50,000 in {50_000 / rate:.0f} s")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))

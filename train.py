@@ -12,8 +12,10 @@ import functools
 import glob
 import inspect
 import json
+import hashlib
 import os
 import resource
+import shutil
 import time
 
 import numpy as np
@@ -45,7 +47,14 @@ PRESETS = {
 DEMO = dict(model="TiT-T/4", global_batch_size=48, max_steps=1800, lr=2e-3, weighting="none", log_every=50,
             ckpt_every=600, sample_every=600, sample_cfg=3.5)
 STEPS_PICTURE = (1, 2, 4, 8, 40)  # the sampling steps of the final steps_*.png, one column each
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
+# dense bf16 TFLOP/s of torch.cuda.get_device_name(), for MFU: the first pattern found in the name decides
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+              ("B200", 2250e12)]
+# bytes the grad forward saves for the backward, per image and token, in units of the width: (a block eager, a block
+# compiled, the rest) under bf16 autocast and in float32; measured on CPU with saved-tensor hooks, README "Memory"
+SAVED_BYTES = {"TiT": {"bf16": (65.6, 40.3, 10.2), "fp32": (99.0, 76.3, 12.4)},
+               "LightningDiT": {"bf16": (65.5, 40.1, 14.2), "fp32": (106.9, 76.2, 16.4)},
+               "DiT": {"bf16": (48.2, 36.2, 10.2), "fp32": (80.2, 68.2, 12.4)}}
 
 
 #################################################################################
@@ -109,7 +118,10 @@ class LatentDataset(torch.utils.data.Dataset):
         self.offsets = np.cumsum([0] + [len(s["labels"]) for s in self.shards])
         self.channels, self.size = self.shards[0]["latents"].shape[1], self.shards[0]["latents"].shape[2]
         self.num_classes = int(max(int(s["labels"].max()) for s in self.shards)) + 1
-        stats = stats or ucgm.stats_file(folder) or "none"
+        stats = stats or ucgm.stats_file(folder)
+        if stats is None:  # extract_latents.py writes it last: a folder without it is unfinished or not normalised
+            raise ValueError(f"--data {folder}: expected {os.path.join(folder, 'latents_stats.pt')} (written last by "
+                             "extract_latents.py); give --latent-stats FILE, or --latent-stats none for raw latents")
         self.mean, self.std = ucgm.load_stats(None if stats == "none" else stats, self.channels)
         self.multiplier = multiplier
 
@@ -181,8 +193,13 @@ def save_checkpoint(state, folder, step, keep):
     link = os.path.join(folder, "latest.pt.tmplink")
     with contextlib.suppress(FileNotFoundError):
         os.remove(link)
-    os.link(path, link)
-    os.replace(link, os.path.join(folder, "latest.pt"))  # atomic: latest.pt is always a whole checkpoint
+    latest = os.path.join(folder, "latest.pt")
+    try:
+        os.link(path, link)
+        os.replace(link, latest)  # atomic: latest.pt is always a whole checkpoint
+    except OSError:  # a filesystem without hard links (some FUSE and object-store mounts): an atomic copy
+        with open(path, "rb") as source:
+            ucgm.atomic_write(latest, lambda f: shutil.copyfileobj(source, f))
     for old in glob.glob(os.path.join(folder, "[0-9]" * 7 + ".pt")):
         old_step = int(os.path.basename(old)[:7])
         if old_step != step and not every(old_step, keep):
@@ -209,6 +226,56 @@ def append_log(path, record, keep_through=None):
 
 
 #################################################################################
+#                     Memory, compilation and a frozen teacher                  #
+#################################################################################
+
+def memory_estimate(model, batch, precision, compiled, grad_checkpoint, teacher):
+    """Bytes of one process's GPU memory for training `model` on micro-batches of `batch` (README, "Memory"):
+    float32 weights, gradients (DDP's buckets are views of them), Adam's m and v, the EMA (rank 0) and a teacher;
+    autocast's bf16 weight copies; the activations the grad forward saves (SAVED_BYTES), which with
+    --grad-checkpoint are each block's float32 input and one block recomputed at a time."""
+    params = sum(p.numel() for p in model.parameters())
+    state = params * (4 * (5 + teacher) + 2 * (precision == "bf16"))
+    eager, fused, rest = SAVED_BYTES[ucgm.family_of(model.state_dict())][precision]
+    tokens, width, depth = (model.input_size // model.patch_size) ** 2, model.pos_embed.shape[-1], len(model.blocks)
+    block = fused if compiled else eager
+    per_image = tokens * width * (rest + (4 * depth + block if grad_checkpoint else depth * block))
+    return state + batch * per_image
+
+
+def what_fits(model, args, micro_batch, budget, **setting):
+    """The flags that bring memory_estimate under `budget` bytes: --grad-checkpoint, more --grad-accum, or the
+    largest global batch."""
+    def fits(batch, grad_checkpoint=args.grad_checkpoint):
+        return memory_estimate(model, batch, grad_checkpoint=grad_checkpoint, **setting) <= budget
+    options = ["--grad-checkpoint"] if not args.grad_checkpoint and fits(micro_batch, True) else []
+    accum = next((k for k in range(2, micro_batch + 1) if micro_batch % k == 0 and fits(micro_batch // k)), None)
+    options += [f"--grad-accum {args.grad_accum * accum}"] if accum else []
+    largest = max((b for b in range(1, micro_batch) if fits(b)), default=0)
+    world = args.global_batch_size // (args.grad_accum * micro_batch)
+    options += [f"--global-batch-size {largest * world * args.grad_accum}"] if largest else []
+    return " or ".join(options) or "nothing at this size (a smaller --model)"
+
+
+def compile_blocks(network):
+    """torch.compile each transformer block in place, as the released code does: one static graph serves every
+    block, DDP stays eager around them (its hooks overlap the all-reduce with the backward), and --grad-checkpoint
+    recomputes compiled blocks (a whole-model compile under DDP is split into ~108 graphs and breaks both)."""
+    for block in network.blocks:
+        block.compile(dynamic=False)
+
+
+def sha256_of(state):
+    """A checksum of a state dict: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key].detach().cpu().contiguous()
+        digest.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+#################################################################################
 #                                   Training                                    #
 #################################################################################
 
@@ -217,10 +284,13 @@ def main(args):
     started = time.time()
     rank, world, device = ucgm.setup_distributed()
     distributed = dist.is_initialized()
+    budget = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # free, before anything is built
+    args.compile = device.type == "cuda" if args.compile is None else args.compile  # compiled by default on CUDA
     if args.global_batch_size % (world * args.grad_accum):
         raise ValueError(f"--global-batch-size {args.global_batch_size} must divide by processes × --grad-accum "
                          f"= {world * args.grad_accum}")
     init = ucgm.load_network(args.init, args.init_weights, args.model, "--init") if args.init else None
+    teacher_file = None
     if init:  # unless given, the architecture and the transport are those of the start weights
         args.model, args.transport = init[1], args.transport or init[2].get("transport", "Linear")
     checkpoints = os.path.join(args.out, "checkpoints")
@@ -253,10 +323,11 @@ def main(args):
                                   num_classes=data.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
     trainer = ucgm.UCGM(args.transport, args.lam, args.zeta, args.enhance_range, args.label_drop, args.huber_c,
                         args.cosine_loss, args.weighting, args.time_dist, args.teacher_decay).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    autoencoder = None if args.bench else ucgm.create_autoencoder(args.vae, args.vae_path).to(device)  # for grids
-    if autoencoder is not None and autoencoder.channels != data.channels:
-        raise ValueError(f"--vae {args.vae} decodes {autoencoder.channels}-channel latents, the data has {data.channels}")
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 else None  # only rank 0 samples and saves
+    vae_channels = ucgm.AUTOENCODERS.get(args.vae, {"channels": ucgm.PixelSpace.channels})["channels"]
+    if not args.bench and vae_channels != data.channels:
+        raise ValueError(f"--vae {args.vae} decodes {vae_channels}-channel latents, the data has {data.channels}")
+    autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device) if writer else None  # for grids
     optimizer_class = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[args.optimizer]
     fused = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(optimizer_class).parameters else {}
     opt = optimizer_class(model.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, **fused)
@@ -267,20 +338,30 @@ def main(args):
         trainer.make_teacher(model)
         state, _ = ucgm.read_checkpoint(args.teacher, "ema", "--teacher")
         where = f"--teacher {args.teacher} (for --model {args.model})"
-        trainer.teacher.load_state_dict(ucgm.checked_state_dict(trainer.teacher.state_dict(), state, where, strict=True))
+        state = ucgm.checked_state_dict(trainer.teacher.state_dict(), state, where, strict=True)
+        trainer.teacher.load_state_dict(state)
+        if args.teacher_decay == 1:  # frozen: checkpoints name the file and its checksum instead of a 2.7 GB copy
+            teacher_file = {"path": os.path.abspath(args.teacher), "sha256": sha256_of(state)}
 
     start_step, skipped = 0, 0
     resume = os.path.join(checkpoints, "latest.pt") if args.resume == "auto" else args.resume
     if resume and os.path.exists(resume) and not args.bench:
-        state = ucgm.load_tensor_file(resume, "--resume")
+        state = ucgm.load_tensor_file(resume, "--resume", mmap=True)  # 8 ranks share the page cache, not 8 copies
         missing = {"model", "ema", "opt", "ucgm", "step", "rng"} - set(state if isinstance(state, dict) else ())
         if missing:
             raise ValueError(f"--resume {resume}: not a train.py checkpoint (it lacks {sorted(missing)})")
         model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         if any(k.startswith("teacher.") for k in state["ucgm"]):
             trainer.make_teacher(model)
+        saved_file = state.get("teacher_file")
+        if saved_file:  # the frozen teacher is the --teacher file the run started with
+            if teacher_file is None or teacher_file["sha256"] != saved_file["sha256"]:
+                raise ValueError(f"--resume {resume}: trained with the frozen teacher {saved_file['path']} (sha256 "
+                                 f"{saved_file['sha256'][:12]}...); give that file as --teacher")
+            state["ucgm"] = {**state["ucgm"], **{f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()}}
         trainer.load_state_dict(state["ucgm"])
         torch.set_rng_state(state["rng"]["torch"])
         start_step, skipped = state["step"], state["skipped"]
@@ -292,11 +373,13 @@ def main(args):
         append_log(os.path.join(args.out, "log.jsonl"), None, keep_through=start_step)
 
     trainer.make_teacher(model)  # before compiling: the teacher is a copy of the plain network
-    if args.compile:  # in place, so that names stay plain; fuses the elementwise work of every block
-        model.compile()
+    if args.compile:  # fuses the elementwise work of every block: ~2.5x less memory traffic on a GPU
+        compile_blocks(model)
         if trainer.teacher is not None:  # its no-grad forwards are a quarter of a lam = 1, zeta > 0 step
-            trainer.teacher.compile()
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+            compile_blocks(trainer.teacher)
+    # the gradients are views of DDP's buckets (one copy, not two); the RoPE tables never change, so no broadcast
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+              gradient_as_bucket_view=True) if distributed else model
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=StepBatches(len(data), args.global_batch_size, rank, world, args.seed, start_step,
                                         args.max_steps), num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -305,7 +388,14 @@ def main(args):
     sample_noise = torch.randn(80, data.channels, data.size, data.size, generator=torch.Generator().manual_seed(0))
     sample_labels = torch.arange(80) // 8 % data.num_classes  # eight per class, a row each
     flops = model.flops_per_forward() * args.global_batch_size * (3 + (args.lam > 0) + (args.lam == 1) + (args.zeta != 0))
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = next((v for k, v in PEAK_FLOPS if k in name), None)
+    micro_batch = args.global_batch_size // (world * args.grad_accum)
+    setting = dict(precision=precision, compiled=args.compile, teacher=trainer.teacher is not None)
+    if budget is not None and rank == 0:
+        estimate = memory_estimate(model, micro_batch, grad_checkpoint=args.grad_checkpoint, **setting)
+        print(f"memory: ~{estimate / 2**30:.1f} GiB estimated for {micro_batch} images a micro-batch, "
+              f"{budget / 2**30:.1f} GiB free on {name}" + ("" if peak else "; MFU: peak FLOP/s of this GPU unknown"))
 
     def sample_grid(step):
         """EMA samples with the UCGM-S preset of the model, eight per class (a row each), as OUT/samples_{step}.png;
@@ -313,9 +403,10 @@ def main(args):
         preset = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"]
 
         def decoded(noise, labels, steps):
-            with torch.no_grad(), autocast:
-                images = trainer.sample(ema, noise.to(device), y=labels.to(device), cfg_scale=args.sample_cfg,
-                                        **{**preset, "steps": steps})
+            with torch.no_grad():
+                with autocast:
+                    images = trainer.sample(ema, noise.to(device), y=labels.to(device), cfg_scale=args.sample_cfg,
+                                            **{**preset, "steps": steps})
                 latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
                 return torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # 16 at a time bounds memory
         ucgm.save_image_grid(decoded(sample_noise, sample_labels, preset["steps"]), 8,
@@ -327,8 +418,9 @@ def main(args):
 
     def checkpoint(step):
         """Save everything that moves, so that a resumed run repeats this one exactly."""
+        trainer_state = {k: v for k, v in trainer.state_dict().items() if not (teacher_file and k.startswith("teacher."))}
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "ucgm": trainer.state_dict(), "args": vars(args),
+                 "ucgm": trainer_state, "teacher_file": teacher_file, "args": vars(args),
                  "latent_stats": {"mean": data.mean, "std": data.std}, "step": step, "skipped": skipped,
                  "rng": {"torch": torch.get_rng_state()},
                  "data_position": dict(zip(("epoch", "batch"), divmod(step, len(data) // args.global_batch_size)))}
@@ -343,16 +435,23 @@ def main(args):
         torch.manual_seed(int(seed))  # t, noise and label noise of this step: a function of (seed, rank, step)
         x, y = (v.to(device, non_blocking=True) for v in batch)
         step_loss = torch.zeros((), device=device)
-        for micro, (xm, ym) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
-            last = micro == args.grad_accum - 1
-            with (contextlib.nullcontext() if last or not distributed else net.no_sync()), autocast:
-                loss = trainer.loss(net, xm, ym) / args.grad_accum
-            loss.backward()
-            step_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        bad = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()
-        if distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank must skip together
+        try:
+            for micro, (xm, ym) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
+                last = micro == args.grad_accum - 1
+                with (contextlib.nullcontext() if last or not distributed else net.no_sync()), autocast:
+                    loss = trainer.loss(net, xm, ym) / args.grad_accum
+                loss.backward()
+                step_loss += loss.detach()
+        except torch.OutOfMemoryError:
+            if step > start_step + 1 or budget is None:
+                raise
+            raise ValueError(f"CUDA out of memory in the first step ({micro_batch} images a micro-batch on {name}): "
+                             f"{what_fits(model, args, micro_batch, budget, **setting)} fits") from None
+        if args.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        else:  # the norm for the log and the guard, without clipping's rescale pass over every gradient
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        bad = ucgm.all_reduce((~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float(), device, "max")  # skip together
         if bad.item():  # the guard's one host sync a step: a bool, read after the backward has queued
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             if bad_in_a_row >= args.max_bad_steps:
@@ -361,7 +460,8 @@ def main(args):
         else:
             opt.step()
             decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
-            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+            if ema is not None:
+                torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
             bad_in_a_row, window_loss, window_steps = 0, window_loss + step_loss, window_steps + 1
         opt.zero_grad(set_to_none=True)
         bar.update(1)
@@ -370,8 +470,7 @@ def main(args):
             bench_start, bench_first = time.time(), step + 1
 
         if every(step, args.log_every) or step == args.max_steps:
-            if distributed:
-                dist.all_reduce(window_loss)
+            window_loss = ucgm.all_reduce(window_loss, device)
             elapsed, steps_done = time.time() - window_start, step - window_first + 1
             record = {"step": step, "loss": window_loss.item() / world / window_steps if window_steps else None,
                       "grad_norm": grad_norm.item(), "lr": opt.param_groups[0]["lr"],
@@ -387,28 +486,27 @@ def main(args):
             window_loss, window_steps, window_start, window_first = torch.zeros((), device=device), 0, time.time(), step + 1
         if writer and (every(step, args.ckpt_every) or step == args.max_steps) and not bad_in_a_row:
             checkpoint(step)
-        if writer and args.sample_every and (every(step, args.sample_every) or step == args.max_steps):
+        grid = args.sample_every and (every(step, args.sample_every) or step == args.max_steps)
+        if writer and grid:
             sample_grid(step)
-        if distributed and every(step, args.ckpt_every):
+        if distributed and (every(step, args.ckpt_every) or grid):  # the others wait here, not inside a collective
             dist.barrier()
     bar.close()
     if args.bench and rank == 0:
         torch.cuda.synchronize() if device.type == "cuda" else None
         seconds = (time.time() - bench_start) / (args.max_steps - bench_first + 1)
         memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else record["peak_mem_gb"]
-        precision += ", compiled" if args.compile else ""
+        precision += ", compiled" if args.compile else ", eager"
         print(f"bench {args.model} on {data.channels}×{data.size}×{data.size}, batch {args.global_batch_size // world}"
               f"/process, lam {args.lam}, {precision}: "
-              f"{args.global_batch_size / seconds:.1f} img/s, {1000 * seconds:.1f} ms/step, peak memory {memory:.2f} GB"
+              f"{args.global_batch_size / seconds:.1f} img/s, {1000 * seconds:.1f} ms/step, peak memory {memory:.2f} GiB"
               + (f", MFU {flops / seconds / world / peak:.1%}" if peak else ""))
     elif rank == 0:
         minutes, seconds = divmod(round(time.time() - started), 60)
         print(f"{args.out}: steps {start_step + 1}-{args.max_steps} done, train.py took {minutes} min {seconds} s")
     if world > 1:  # DDP keeps the replicas equal: check it once at the end with a checksum of the weights
         total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
-        low, high = total.clone(), total.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        low, high = ucgm.all_reduce(total, device, "min"), ucgm.all_reduce(total, device, "max")
         if rank == 0:
             print(f"weights identical on all {world} ranks: {bool(low == high)}")
     if distributed:
@@ -461,8 +559,9 @@ def parse_args(argv=None):
                    help="stop after this many non-finite steps in a row (10)")
     g = p.add_argument_group("speed")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16 autocast or float32; auto: bf16 on CUDA, fp32 on CPU (auto)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model and its teacher")
+                   help="bf16 autocast or float32 (TF32 matmuls on CUDA); auto: bf16 on CUDA, fp32 on CPU (auto)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile each transformer block of the model and its teacher (on CUDA; off on CPU)")
     g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing: less memory, +1 forward")
     g.add_argument("--num-workers", type=ucgm.number("[0, inf)", int), default=2,
                    help="data-loading processes per rank (2)")
