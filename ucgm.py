@@ -7,15 +7,15 @@ Read top-down: transports -> network (DiT / TiT) -> trainer -> sampler.
 Every equation cites the paper (arXiv 2505.07447: equation, algorithm, table) or, where the paper has
 none, the step of README "The method in one page" (M1-M4, T1-T6, S1-S5) that it implements.
 
-Reading order (section banners and their lines; a test keeps them true):
-  line   43  Transports (paper Eq. 1, Table 1; M1)
-  line  124  The network: DiT / SiT, TiT and LightningDiT (M2)
-  line  398  UCGM-T: the unified trainer (paper Alg. 1; M3)
-  line  570  UCGM-S: the unified sampler (paper Alg. 2; M4)
-  line  668  The autoencoder: LDM AutoencoderKL
-  line  892  File I/O: safetensors, tensor files, atomic writes
-  line 1043  Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
-  line 1151  Script plumbing: folders, flags, processes, images
+Reading order (the section banners, in order; a test keeps the list true):
+  Transports (paper Eq. 1, Table 1; M1)
+  The network: DiT / SiT, TiT and LightningDiT (M2)
+  UCGM-T: the unified trainer (paper Alg. 1; M3)
+  UCGM-S: the unified sampler (paper Alg. 2; M4)
+  The autoencoder: LDM AutoencoderKL
+  File I/O: safetensors, tensor files, atomic writes
+  Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
+  Script plumbing: folders, flags, processes, images
 """
 
 import argparse
