@@ -300,24 +300,20 @@ def extract_features(inception, source, batch_size=200, device=None, progress=Tr
     return {key: np.concatenate(value) if value else None for key, value in features.items()}
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½); adds eps·I when the product is singular."""
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|² + tr(S1) + tr(S2) - 2 tr((S1 S2)^½), with tr((S1 S2)^½) = Σ √λ(√S1 S2 √S1): the eigenvalues of a
+    symmetric positive semi-definite matrix (covariances are), the same number as scipy's sqrtm of S1 S2 without
+    its 24 s per 2048-d matrix on 2 cores, its singular-product offset or its imaginary round-off."""
     mu1, mu2, sigma1, sigma2 = (np.atleast_1d(np.asarray(a, np.float64)) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
-    with warnings.catch_warnings():  # sqrtm warns on singular input; we test for it ourselves
-        warnings.simplefilter("ignore")
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # no disp=: removed in SciPy 1.18
-        if not np.isfinite(covmean).all():
-            offset = np.eye(len(mu1)) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: sqrtm has an imaginary part of {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
+    values, vectors = scipy.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root = (vectors * np.sqrt(values.clip(0))) @ vectors.T  # √S1
+    product = root @ sigma2 @ root
+    trace_sqrt = np.sqrt(scipy.linalg.eigvalsh((product + product.T) / 2).clip(0)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def inception_score(logits, splits=10):

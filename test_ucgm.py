@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.stats
 import torch
 import torch.nn as nn
@@ -867,7 +868,7 @@ import time  # noqa: E402
 import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--global-batch-size", "16", "--log-every", "1", "--num-workers", "0", "--sample-every", "1000"]
+TINY = ["--global-batch-size", "16", "--log-every", "1", "--num-workers", "0", "--sample-every", "0"]  # no grids
 
 
 def run_train(out, *flags, torchrun=0, wait=True, timeout=600):
@@ -898,7 +899,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
     for path in (tmp_path / "b" / "checkpoints").glob("*.pt"):  # every checkpoint left is whole
         assert torch.load(path, weights_only=True)["step"] == int(path.stem) if path.stem != "latest" else True
     assert torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)["step"] >= 3
-    resumed = run_train(tmp_path / "b", "--max-steps", "6", "--ckpt-every", "1")
+    resumed = run_train(tmp_path / "b", "--max-steps", "6", "--ckpt-every", "1", "--sample-every", "1000")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
@@ -1020,6 +1021,12 @@ def test_what_fits_names_the_flags_that_bring_the_estimate_under_the_memory():
     assert train.what_fits(model, args, 128, budget, **setting) == \
         "--grad-checkpoint or --grad-accum 4 or --global-batch-size 400"  # 8 processes: 32 and 50 images
     assert "--grad-checkpoint" not in train.what_fits(model, args, 128, budget // 10, **setting)
+    with pytest.raises(ValueError, match=r"^CUDA out of memory in the first step \(128 images\): --grad-accum 2 fits$"):
+        with train.first_step_memory(True, lambda: "--grad-accum 2", "128 images"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError):  # a later step's error is left as it is
+        with train.first_step_memory(False, lambda: "", ""):
+            raise torch.OutOfMemoryError("CUDA out of memory")
 
 
 def test_step_batches_shard_the_global_batch():
@@ -1620,8 +1627,12 @@ def test_frechet_distance_closed_forms():
     b = rng.normal(size=(50, 5)) * 2 + 1
     mu2, sigma2 = b.mean(0), np.cov(b, rowvar=False)
     assert fid.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(fid.frechet_distance(mu2, sigma2, mu, sigma))
-    singular1, singular2 = np.diag([1.0, 0, 0]), np.diag([4.0, 0, 0])  # rank one: sqrtm needs the eps offset
-    assert fid.frechet_distance(np.zeros(3), singular1, np.zeros(3), singular2) == pytest.approx(1.0, abs=1e-3)
+    singular1, singular2 = np.diag([1.0, 0, 0]), np.diag([4.0, 0, 0])  # rank one: (√1 − √4)² = 1
+    assert fid.frechet_distance(np.zeros(3), singular1, np.zeros(3), singular2) == pytest.approx(1.0, abs=1e-9)
+    c, d = rng.normal(size=(300, 64)), rng.normal(size=(300, 64)) @ rng.normal(size=(64, 64)) * 0.3  # against sqrtm
+    s1, s2 = np.cov(c, rowvar=False), np.cov(d, rowvar=False)
+    by_sqrtm = np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert fid.frechet_distance(np.zeros(64), s1, np.zeros(64), s2) == pytest.approx(by_sqrtm, rel=1e-9)
     with pytest.raises(ValueError, match="different dimensions"):
         fid.frechet_distance(mu, sigma, mu[:4], sigma[:4, :4])
 
@@ -1752,7 +1763,7 @@ def shallow_demo_model(monkeypatch):
 
 def train_in_process(out, *flags):
     """train.py's main on the demo data in this process (where dynamo's counters can be read); its losses."""
-    train.main(train.parse_args([*TINY, "--sample-every", "0", "--max-steps", "3", "--out", str(out), *flags]))
+    train.main(train.parse_args([*TINY, "--max-steps", "3", "--out", str(out), *flags]))
     return [loss for _, loss in losses(out)]
 
 

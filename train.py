@@ -257,6 +257,17 @@ def what_fits(model, args, micro_batch, budget, **setting):
     return " or ".join(options) or "nothing at this size (a smaller --model)"
 
 
+@contextlib.contextmanager
+def first_step_memory(active, advice, what):
+    """Turn a CUDA out-of-memory error of the first step into one line naming the flags that fit (advice())."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if not active:
+            raise
+        raise ValueError(f"CUDA out of memory in the first step ({what}): {advice()} fits") from None
+
+
 def compile_blocks(network):
     """torch.compile each transformer block in place, as the released code does: one static graph serves every
     block, DDP stays eager around them (its hooks overlap the all-reduce with the backward), and --grad-checkpoint
@@ -434,36 +445,34 @@ def main(args):
         seed = np.random.SeedSequence([args.seed, rank, step]).generate_state(1)[0]
         torch.manual_seed(int(seed))  # t, noise and label noise of this step: a function of (seed, rank, step)
         x, y = (v.to(device, non_blocking=True) for v in batch)
-        step_loss = torch.zeros((), device=device)
-        try:
+        with first_step_memory(step == start_step + 1 and budget is not None,  # the first step allocates the most
+                               functools.partial(what_fits, model, args, micro_batch, budget, **setting),
+                               f"{micro_batch} images a micro-batch on {name}"):
+            step_loss = torch.zeros((), device=device)
             for micro, (xm, ym) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
                 last = micro == args.grad_accum - 1
                 with (contextlib.nullcontext() if last or not distributed else net.no_sync()), autocast:
                     loss = trainer.loss(net, xm, ym) / args.grad_accum
                 loss.backward()
                 step_loss += loss.detach()
-        except torch.OutOfMemoryError:
-            if step > start_step + 1 or budget is None:
-                raise
-            raise ValueError(f"CUDA out of memory in the first step ({micro_batch} images a micro-batch on {name}): "
-                             f"{what_fits(model, args, micro_batch, budget, **setting)} fits") from None
-        if args.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        else:  # the norm for the log and the guard, without clipping's rescale pass over every gradient
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        bad = ucgm.all_reduce((~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float(), device, "max")  # skip together
-        if bad.item():  # the guard's one host sync a step: a bool, read after the backward has queued
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            if bad_in_a_row >= args.max_bad_steps:
-                raise RuntimeError(f"stopping: {bad_in_a_row} consecutive non-finite losses or gradients at step "
-                                   f"{step}; the last good checkpoint is kept in {checkpoints}")
-        else:
-            opt.step()
-            decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
-            if ema is not None:
-                torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
-            bad_in_a_row, window_loss, window_steps = 0, window_loss + step_loss, window_steps + 1
-        opt.zero_grad(set_to_none=True)
+            if args.grad_clip:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            else:  # the norm for the log and the guard, without clipping's rescale pass over every gradient
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+            bad = ucgm.all_reduce((~finite).float(), device, "max")  # every rank skips together
+            if bad.item():  # the guard's one host sync a step: a bool, read after the backward has queued
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                if bad_in_a_row >= args.max_bad_steps:
+                    raise RuntimeError(f"stopping: {bad_in_a_row} consecutive non-finite losses or gradients at step "
+                                       f"{step}; the last good checkpoint is kept in {checkpoints}")
+            else:
+                opt.step()
+                decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
+                if ema is not None:
+                    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+                bad_in_a_row, window_loss, window_steps = 0, window_loss + step_loss, window_steps + 1
+            opt.zero_grad(set_to_none=True)
         bar.update(1)
         if args.bench and step == min(3, args.max_steps - 1):  # time from here: compilation and warm-up are done
             torch.cuda.synchronize() if device.type == "cuda" else None
