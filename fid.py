@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import os
-import warnings
 import zipfile
 
 import numpy as np
