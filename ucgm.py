@@ -1,20 +1,21 @@
 """
-UCGM: Unified Continuous Generative Models (Sun, Jiang, Lin, 2025; arXiv 2505.07447).
+UCGM: Unified Continuous Generative Models (Sun, Jiang, Lin, 2025; arXiv 2505.07447v2, 20 May 2025).
 
-One trainer (UCGM-T, `UCGM.loss`) and one sampler (UCGM-S, `UCGM.sample`) for diffusion, flow
-matching and consistency models, selected by the consistency ratio lam in [0, 1].
-Read top-down: transports -> network (DiT / TiT) -> trainer -> sampler.
-Every equation cites the paper (arXiv 2505.07447: equation, algorithm, table) or, where the paper has
-none, the step of README "The method in one page" (M1-M4, T1-T6, S1-S5) that it implements.
+One trainer (UCGM-T, `UCGM.loss`, Alg. 1) and one sampler (UCGM-S, `ucgm_sampler`, Alg. 2) for diffusion, flow
+matching and consistency models, selected by the consistency ratio lam (λ) in [0, 1]. The method needs only a
+transport and a network called as F = model(x_t, t, y): it comes first and ends at the first network banner.
+Comments cite the paper's numbered equations (1)-(6), the lines of its algorithms ("Alg. 1 l.15"), its sections
+and tables; what the paper does not have is a named rule of the README ("README rule ..."), and where we follow
+the released code instead of the paper's text the README's "Paper and this code" table says so.
 
 Reading order (the section banners, in order; a test keeps the list true):
-  Transports (paper Eq. 1, Table 1; M1)
-  The network: DiT / SiT, TiT and LightningDiT (M2)
-  UCGM-T: the unified trainer (paper Alg. 1; M3)
-  UCGM-S: the unified sampler (paper Alg. 2; M4)
+  Transports (paper Eq. (1)-(2), Tables 1 and 6)
+  UCGM-T: the unified trainer (paper Alg. 1)
+  UCGM-S: the unified sampler (paper Alg. 2)
+  The network: DiT / SiT, TiT and LightningDiT
   The autoencoder: LDM AutoencoderKL
-  File I/O: safetensors, tensor files, atomic writes
   Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
+  File I/O: safetensors, tensor files, atomic writes
   Script plumbing: folders, flags, processes, images
 """
 
@@ -41,20 +42,20 @@ HALF_PI = math.pi / 2
 
 
 #################################################################################
-#                     Transports (paper Eq. 1, Table 1; M1)                     #
+#                 Transports (paper Eq. (1)-(2), Tables 1 and 6)                #
 #################################################################################
 
 class Transport:
-    """x_t = alpha(t)·z + gamma(t)·x is the network input, F* = alpha_hat(t)·z + gamma_hat(t)·x its target."""
+    """x_t = alpha(t)·z + gamma(t)·x is the network input, F* = alpha_hat(t)·z + gamma_hat(t)·x its target (Eq. (1))."""
 
     noise_time = 1.0  # the end of [0, 1] where x_t is pure noise
 
     def D(self, t):
-        """D(t) = alpha·gamma_hat − alpha_hat·gamma, the determinant of the (z, x) -> (x_t, F) map."""
+        """D(t) = alpha·gamma_hat − alpha_hat·gamma, the denominator of Eq. (2), nonzero on (0, 1) (Sec. 3.1)."""
         return self.alpha(t) * self.gamma_hat(t) - self.alpha_hat(t) * self.gamma(t)
 
     def readout(self, F_pred, x_t, t):
-        """Invert (x_t, F) -> (x_hat, z_hat) exactly (M1); t broadcasts against x_t."""
+        """The x- and z-predictions f^x, f^z of Eq. (2): they invert (z, x) -> (x_t, F) exactly."""
         d = self.D(t)
         x_hat = (self.alpha(t) * F_pred - self.alpha_hat(t) * x_t) / d
         z_hat = (self.gamma_hat(t) * x_t - self.gamma(t) * F_pred) / d
@@ -62,7 +63,7 @@ class Transport:
 
 
 class Linear(Transport):
-    """Rectified flow / SiT: x_t = t·z + (1−t)·x, F* = z − x."""
+    """Rectified flow / SiT (Table 6): x_t = t·z + (1−t)·x, F* = z − x."""
     def alpha(self, t): return t
     def gamma(self, t): return 1 - t
     def alpha_hat(self, t): return torch.ones_like(t)
@@ -70,7 +71,7 @@ class Linear(Transport):
 
 
 class ReLinear(Transport):
-    """LightningDiT / DDT: the Linear path with time reversed, so t = 0 is noise."""
+    """LightningDiT / DDT (Table 6): the Linear path with time reversed, so t = 0 is noise."""
     noise_time = 0.0
     def alpha(self, t): return 1 - t
     def gamma(self, t): return t
@@ -79,7 +80,7 @@ class ReLinear(Transport):
 
 
 class TrigFlow(Transport):
-    """sCM: x_t = sin(πt/2)·z + cos(πt/2)·x, F* = its velocity cos·z − sin·x."""
+    """sCM (Tables 1 and 6): x_t = sin(πt/2)·z + cos(πt/2)·x, F* = its velocity cos·z − sin·x."""
     def alpha(self, t): return torch.sin(t * HALF_PI)
     def gamma(self, t): return torch.cos(t * HALF_PI)
     def alpha_hat(self, t): return torch.cos(t * HALF_PI)
@@ -87,13 +88,13 @@ class TrigFlow(Transport):
 
 
 class TrigLinear(TrigFlow):
-    """Ablation: the TrigFlow input with the Linear target z − x."""
+    """Ablation (Table 6): the TrigFlow input with the Linear target z − x."""
     def alpha_hat(self, t): return torch.ones_like(t)
     def gamma_hat(self, t): return -torch.ones_like(t)
 
 
 class EDM(Transport):
-    """EDM / EDM2 preconditioning with sigma_data = 1/2 and sigma(t) = exp(4·(2.68t − 1.59))."""
+    """EDM / EDM2 preconditioning (Tables 1 and 6) with sigma_data = 1/2 and sigma(t) = exp(4·(2.68t − 1.59))."""
     def _sigma_norm(self, t):
         sigma = torch.exp(4 * (2.68 * t - 1.59))
         return sigma, torch.sqrt(sigma ** 2 + 0.25)
@@ -104,7 +105,7 @@ class EDM(Transport):
 
 
 class Random(Transport):
-    """Ablation: an irregular transport, to show UCGM does not need a 'nice' one."""
+    """Ablation (Table 6): an irregular transport, to show UCGM does not need a 'nice' one."""
     def alpha(self, t): return torch.sin(t * HALF_PI)
     def gamma(self, t): return 1 - t
     def alpha_hat(self, t): return torch.ones_like(t)
@@ -116,13 +117,314 @@ TRANSPORTS = {cls.__name__: cls() for cls in (Linear, ReLinear, TrigFlow, TrigLi
 
 def get_transport(name):
     """Look a transport up by name, failing with the list of known names."""
-    if name not in TRANSPORTS:
-        raise ValueError(f"transport: expected one of {sorted(TRANSPORTS)}, got {name!r}")
+    require(name in TRANSPORTS, f"transport: expected one of {sorted(TRANSPORTS)}, got {name!r}")
     return TRANSPORTS[name]
 
 
+def require(condition, message):
+    """Argument checks, one line each: a ValueError with `message` unless `condition`."""
+    if not condition:
+        raise ValueError(message)
+
+
 #################################################################################
-#               The network: DiT / SiT, TiT and LightningDiT (M2)               #
+#                   UCGM-T: the unified trainer (paper Alg. 1)                  #
+#################################################################################
+
+def view_as_batch(t, x):
+    """Reshape per-sample t (N,) to (N, 1, ..., 1) so it broadcasts against x."""
+    return t.reshape(-1, *[1] * (x.dim() - 1))
+
+
+def widened(output):
+    """A network output in the wider of float32 and its own dtype: the loss of a bf16 network is computed in
+    float32, that of a float64 one in float64."""
+    return output.to(torch.promote_types(output.dtype, torch.float32))
+
+
+def unwrap(model):
+    """The bare network inside DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class UCGM(nn.Module):
+    """UCGM-T (Alg. 1) for any network called as F = model(x_t, t, y); holds the teacher θ⁻ and its momentum.
+    `sample` runs UCGM-S (Alg. 2, `ucgm_sampler`) with the same transport."""
+
+    def __init__(self, transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1,
+                 huber_c=0.0, cosine_loss=False, weighting=None, time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
+                 eps=0.005):
+        super().__init__()
+        self.transport = get_transport(transport)
+        require(0.0 <= lam <= 1.0, f"lam: the consistency ratio must lie in [0, 1], got {lam}")
+        require(math.isfinite(zeta) and not (lam == 0.0 and zeta >= 1.0), f"zeta: with lam = 0 the enhancement "
+                f"needs zeta < 1 (guidance scale 1/(1 - zeta) must be positive and finite), and it must be finite; got {zeta}")
+        require(0.0 <= teacher_decay <= 1.0, f"teacher_decay: expected a value in [0, 1], got {teacher_decay}")
+        require(not (zeta != 0.0 and lam == 0.0 and teacher_decay == 1.0), "teacher_decay: 1 (a frozen teacher) needs "
+                "lam > 0; with lam = 0 the unconditional branch must follow training, use 0 <= teacher_decay < 1")
+        require(0.0 <= label_drop <= 1.0, f"label_drop: expected a fraction in [0, 1], got {label_drop}")
+        require(weighting in (None, "cosine"), f"weighting: expected 'cosine' or None, got {weighting!r}")
+        require(len(time_dist) == 3 and min(time_dist) > 0,
+                f"time_dist: expected three positive numbers (theta1, theta2, s), got {time_dist}")
+        require(len(enhance_range) == 2 and enhance_range[0] <= enhance_range[1],
+                f"enhance_range: expected (low, high) with low <= high, got {enhance_range}")
+        require(huber_c >= 0 and eps > 0, f"huber_c must be >= 0 and eps > 0, got huber_c={huber_c}, eps={eps}")
+        self.transport_name, self.lam, self.zeta = transport, float(lam), float(zeta)
+        self.enhance_range, self.label_drop, self.huber_c = tuple(enhance_range), label_drop, huber_c
+        self.cosine_loss, self.weighting, self.time_dist = cosine_loss, weighting, tuple(time_dist)
+        self.teacher_decay, self.eps = teacher_decay, eps
+        self.needs_teacher = zeta != 0.0 and teacher_decay > 0.0  # d = 0 uses the online model itself
+        self.teacher = None  # built from the model at the first loss call (or by make_teacher)
+        self.teacher_momentum = 0.0  # the warm-up momentum m of README rule "teacher"
+        self.nfe = 0  # network evaluations per sample in the last sample() call
+
+    # ----- state: the teacher is a submodule, its momentum an extra state ----------------------
+
+    def get_extra_state(self):
+        return {"teacher_momentum": self.teacher_momentum}
+
+    def set_extra_state(self, state):
+        self.teacher_momentum = state["teacher_momentum"]
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Load the trainer state; a saved teacher needs make_teacher(model) first, to know its architecture."""
+        require(self.teacher is not None or not any(k.startswith("teacher.") for k in state_dict),
+                "UCGM state holds a teacher: call make_teacher(model) before load_state_dict")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def make_teacher(self, model):
+        """Create the teacher as a frozen copy of `model` if this trainer keeps one and has none yet."""
+        if self.needs_teacher and self.teacher is None:
+            self.teacher = copy.deepcopy(unwrap(model)).requires_grad_(False)
+
+    @torch.no_grad()
+    def update_teacher(self, model):
+        """The network θ⁻ of Alg. 1 l.6 (README rule "teacher"), after one EMA update: the online model for
+        teacher_decay 0, an EMA copy for (0, 1), a frozen copy for 1."""
+        if not self.needs_teacher:
+            return getattr(model, "module", model)  # d = 0: the online model, skipping DDP's hooks
+        self.make_teacher(model)
+        if self.teacher_decay < 1.0:
+            m = self.teacher_momentum
+            online = [p.detach() for p in unwrap(model).parameters()]
+            torch._foreach_lerp_(list(self.teacher.parameters()), online, 1.0 - m)  # p_T <- m p_T + (1-m) p
+            self.teacher_momentum = m + (1 - m) * (self.teacher_decay - m) / 2  # warm-up towards d
+        return self.teacher
+
+    # ----- the pieces of Alg. 1, in its order --------------------------------------------------
+
+    def sample_time(self, n, device):
+        """t ~ Beta(theta1, theta2) of Alg. 1 l.2, scaled by s and clamped (README rule "time scale"); sync-free:
+        the concentrations are filled on the device (no copy) and not validated (no host read)."""
+        a, b, s = self.time_dist
+        beta = torch.distributions.Beta(torch.full((n,), float(a), device=device),
+                                        torch.full((n,), float(b), device=device), validate_args=False)
+        return (s * beta.sample()).clamp(0, 1)
+
+    def drop_labels(self, y, null_label):
+        """The last round(label_drop · N) rows get the null label ∅ (README rule "label dropping"); return (y, dropped)."""
+        n = y.shape[0]
+        k = round(self.label_drop * n)
+        dropped = torch.arange(n, device=y.device) >= n - k  # all False when k = 0
+        return torch.where(dropped, torch.full_like(y, null_label), y), dropped
+
+    def enhance(self, net, x, z, x_t, t, y, dropped, F_t):
+        """The enhanced targets (x*, z*) of Alg. 1 l.5-6 (Sec. 3.1, "enhanced target"; App. C.1.3 for lam > 0),
+        with README rules "enhance range" and "dropped rows"; (x, z) when zeta = 0."""
+        if self.zeta == 0.0:
+            return x, z
+        tr, tb = self.transport, view_as_batch(t, x)
+        inside = view_as_batch((t > self.enhance_range[0]) & (t < self.enhance_range[1]), x)
+        kept = view_as_batch(~dropped, x)
+        teacher = self.update_teacher(net)
+
+        def mix(in_range, out_range, dropped_row):
+            return torch.where(kept, torch.where(inside, in_range, out_range), dropped_row)
+        if self.lam == 0.0:  # Alg. 1 l.6: ξ with F_t against the unconditional F^∅_t of θ⁻
+            null = torch.full_like(y, unwrap(net).num_classes)
+            x_c, z_c = tr.readout(F_t.detach(), x_t, tb)
+            x_u, z_u = tr.readout(widened(teacher(x_t, t, null)), x_t, tb)
+            return (mix(x + self.zeta * (x_c - x_u), (x + x_c) / 2, (x + x_u) / 2),
+                    mix(z + self.zeta * (z_c - z_u), (z + z_c) / 2, (z + z_u) / 2))
+        x_T, z_T = tr.readout(widened(teacher(x_t, t, y)), x_t, tb)  # App. C.1.3: a (pre-trained) conditional teacher
+        return mix(x + self.zeta * (x_T - x), (x + x_T) / 2, x), mix(z + self.zeta * (z_T - z), (z + z_T) / 2, z)
+
+    def denoised(self, net, x_star, z_star, r, y):
+        """f^x(F_θ⁻(x*_r, r), x*_r, r) at x*_r = alpha(r)·z* + gamma(r)·x* (Alg. 1 l.9-10, 12-13)."""
+        tr, rb = self.transport, view_as_batch(r, x_star)
+        x_r = tr.alpha(rb) * z_star + tr.gamma(rb) * x_star
+        return tr.readout(widened(net(x_r, r, y)), x_r, rb)[0]
+
+    def delta_f(self, net, x_star, z_star, t, y, F_t):
+        """Δf^x_t: the difference of Eq. (6) (Alg. 1 l.9-10) for lam < 1, the central difference of Alg. 1 l.12-13
+        for lam = 1; before clipping."""
+        tr, tb = self.transport, view_as_batch(t, x_star)
+        if self.lam == 1.0:  # g(t + eps) and g(t - eps) in one doubled no-grad batch
+            doubled = lambda v: torch.cat([v, v])  # noqa: E731
+            g_plus, g_minus = self.denoised(net, doubled(x_star), doubled(z_star),
+                                            torch.cat([t + self.eps, t - self.eps]), doubled(y)).chunk(2)
+            step = 1 / (2 * self.eps)
+            return g_plus * step - g_minus * step  # Alg. 1 l.13: each term scaled first, safe in bf16
+        h = view_as_batch(t - self.lam * t, x_star)  # Eq. (6): t − λt
+        x_star_t = tr.alpha(tb) * z_star + tr.gamma(tb) * x_star
+        x_hat_t = tr.readout(F_t.detach(), x_star_t, tb)[0]
+        return x_hat_t / h - self.denoised(net, x_star, z_star, self.lam * t, y) / h
+
+    def target(self, net, x_star, z_star, t, y, F_t):
+        """F^target_t (Alg. 1 l.15, with sin(πt/2): README "Paper and this code"); no gradient."""
+        tr, tb = self.transport, view_as_batch(t, x_star)
+        if self.lam == 0.0:  # the direct target alpha_hat·z* + gamma_hat·x*, as released (README "Paper and this code")
+            return tr.alpha_hat(tb) * z_star + tr.gamma_hat(tb) * x_star
+        delta = self.delta_f(net, x_star, z_star, t, y, F_t).clamp(-1, 1)  # Alg. 1 l.15: clip(Δf, −1, 1)
+        weight = tr.alpha(tb) / tr.D(tb) * 4 / torch.sin(tb * HALF_PI)
+        return F_t.detach() - weight * delta
+
+    def distance(self, F_t, F_target, t):
+        """Alg. 1 l.16 per sample: RMS or pseudo-Huber, plus a cosine term (README rule "Huber and cosine"), times
+        cos(πt/2)."""
+        reduce = tuple(range(1, F_t.dim()))
+        per_sample = torch.sqrt(((F_t - F_target) ** 2).mean(reduce) + self.huber_c ** 2) - self.huber_c
+        if self.cosine_loss:
+            cosine = F.cosine_similarity(F_t, F_target, dim=1)  # along channels, per position
+            per_sample = per_sample + (1 - cosine).reshape(F_t.shape[0], -1).mean(1)
+        return per_sample * torch.cos(t * HALF_PI) if self.weighting == "cosine" else per_sample
+
+    def loss(self, model, x, y, t=None, noise=None):
+        """UCGM-T loss of one batch (Alg. 1 l.2-16): a scalar with gradient through F_t only."""
+        require(noise is None or noise.shape == x.shape,
+                f"noise: expected the shape of x {tuple(x.shape)}, got {tuple(getattr(noise, 'shape', ()))}")
+        require(t is None or t.shape == (x.shape[0],),
+                f"t: expected shape ({x.shape[0]},), got {tuple(getattr(t, 'shape', ()))}")
+        z = torch.randn_like(x) if noise is None else noise  # Alg. 1 l.2: z ~ N(0, I)
+        t = self.sample_time(x.shape[0], x.device) if t is None else t  # Alg. 1 l.2: t ~ Beta(θ1, θ2)
+        y, dropped = self.drop_labels(y, unwrap(model).num_classes)  # README rule "label dropping"
+        tb = view_as_batch(t, x)
+        x_t = self.transport.alpha(tb) * z + self.transport.gamma(tb) * x  # Alg. 1 l.3, Eq. (1)
+        F_t = widened(model(x_t, t, y))  # Alg. 1 l.4: float32 under bf16 autocast, float64 for float64 checks
+        with torch.no_grad():
+            net = getattr(model, "module", model)  # no-grad forwards skip DDP's gradient hooks
+            x_star, z_star = self.enhance(net, x, z, x_t, t, y, dropped, F_t)  # Alg. 1 l.4-7
+            F_target = self.target(net, x_star, z_star, t, y, F_t)  # Alg. 1 l.8-15
+        return self.distance(F_t, F_target, t).mean()  # Alg. 1 l.16
+
+    def sample(self, model, noise, **settings):
+        """UCGM-S (Alg. 2) with this trainer's transport: `ucgm_sampler`; self.nfe counts its evaluations."""
+        stats = {}
+        out = ucgm_sampler(model, noise, self.transport_name, stats=stats, **settings)
+        self.nfe = stats["nfe"]
+        return out
+
+    def time_grid(self, steps, order=1, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.001)):
+        """The sampling times of `sample` (Alg. 2's schedule T), for inspection: `time_grid` of this transport."""
+        return time_grid(self.transport_name, steps, order, warp, gaps)
+
+
+#################################################################################
+#                   UCGM-S: the unified sampler (paper Alg. 2)                  #
+#################################################################################
+
+def time_grid(transport, steps, order=1, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.001)):
+    """The time schedule T of Alg. 2 in float64: n points u in [g0, 1 − g1] (README rule "gaps"), n halved for
+    order 2 (Alg. 2 l.1), warped by (1 − (1 − u^a)^b)^c (App. C.1.3), from the noise end, then the data end."""
+    require(isinstance(steps, int) and steps >= 1, f"steps: expected an integer >= 1, got {steps!r}")
+    require(order in (1, 2), f"order: expected 1 or 2, got {order!r}")
+    require(len(warp) == 3 and min(warp) > 0, f"warp: expected three positive numbers (a, b, c), got {warp}")
+    start_gap, end_gap = gaps
+    require(start_gap >= 0 and end_gap >= 0 and start_gap + end_gap < 1, "gaps: expected g0, g1 >= 0 with g0 + g1 "
+            f"< 1 so that [g0, 1 - g1] is not empty, got {tuple(gaps)}")
+    n = (steps + 1) // 2 if order == 2 else steps
+    if end_gap == 0:  # n + 1 points up to u = 1, the last dropped
+        u = torch.linspace(start_gap, 1.0, n + 1, dtype=torch.float64)[:-1]
+    else:
+        u = torch.linspace(start_gap, 1.0 - end_gap, n, dtype=torch.float64)
+    a, b, c = warp
+    f = (1 - (1 - u ** a) ** b) ** c
+    noise_at_one = get_transport(transport).noise_time == 1.0
+    times = 1 - f if noise_at_one else f
+    return torch.cat([times, times.new_tensor([0.0 if noise_at_one else 1.0])])
+
+
+def guided(model, x, t, cfg_scale, cfg_interval, cfg_channels, model_kwargs):
+    """(F, evaluations): F(x, t) of Alg. 2 l.3, with classifier-free guidance inside `cfg_interval` on the first
+    `cfg_channels` channels (README rules "cfg interval", "cfg channels") as one doubled batch."""
+    t_batch = torch.full((x.shape[0],), float(t), device=x.device)
+    x = x.float()  # the network runs in float32 (or under the caller's bf16 autocast)
+    if cfg_scale == 1.0 or not cfg_interval[0] <= float(t) <= cfg_interval[1]:
+        return model(x, t_batch, **model_kwargs).double(), 1
+    y = model_kwargs["y"]
+    kwargs = {**model_kwargs, "y": torch.cat([y, torch.full_like(y, unwrap(model).num_classes)])}
+    F_cond, F_uncond = model(torch.cat([x, x]), t_batch.repeat(2), **kwargs).double().chunk(2)
+    k = F_cond.shape[1] if cfg_channels is None else cfg_channels
+    F_guided = F_uncond[:, :k] + cfg_scale * (F_cond[:, :k] - F_uncond[:, :k])
+    return torch.cat([F_guided, F_cond[:, k:]], dim=1), 2  # one doubled batch costs two evaluations
+
+
+def check_sampler(noise, transport, times, rho, order, cfg_scale, cfg_interval, cfg_channels, model_kwargs):
+    """The arguments of ucgm_sampler, one line each."""
+    require(rho == "auto" or (isinstance(rho, (int, float)) and 0.0 <= rho <= 1.0),
+            f"rho: expected a number in [0, 1] or 'auto', got {rho!r}")
+    require(cfg_interval[0] <= cfg_interval[1], f"cfg_interval: expected (low, high) with low <= high, got "
+            f"{tuple(cfg_interval)}")
+    require(cfg_scale == 1.0 or "y" in model_kwargs, "cfg_scale: guidance needs class labels, pass y=...")
+    require(cfg_channels is None or 1 <= cfg_channels <= noise.shape[1],
+            f"cfg_channels: expected None or 1..{noise.shape[1]}, got {cfg_channels}")
+    require(order == 1 or get_transport(transport).gamma(times[0]) != 0, "gaps: order 2 divides by gamma(t_0), which "
+            f"is 0 at t_0 = {times[0].item()}; start the grid inside (0, 1), e.g. gaps[0] > 0")
+
+
+@torch.no_grad()
+def ucgm_sampler(model, noise, transport="Linear", steps=40, rho=0.0, kappa=0.0, order=1, warp=(1.0, 1.0, 1.0),
+                 gaps=(0.001, 0.001), cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=None, return_all=False,
+                 generator=None, stats=None, **model_kwargs):
+    """UCGM-S (Alg. 2): noise -> x̂ for any network F = model(x, t, **model_kwargs); with return_all also every raw
+    x̂ (steps, *noise.shape); a dict `stats` receives the network evaluations per sample as "nfe"."""
+    tr = get_transport(transport)
+    times = time_grid(transport, steps, order, warp, gaps)  # on the CPU: reading a time never syncs a GPU
+    check_sampler(noise, transport, times, rho, order, cfg_scale, cfg_interval, cfg_channels, model_kwargs)
+    evaluate = partial(guided, model, cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_channels=cfg_channels,
+                       model_kwargs=model_kwargs)
+    nfe, n, x_cur = 0, len(times) - 1, noise.double()  # the state x̃ stays in float64 between steps
+    trajectory, previous = [], None
+    for i in range(n):  # Alg. 2 l.2
+        t_cur, t_next = times[i], times[i + 1]
+        F_cur, evaluations = evaluate(x_cur, t_cur)  # Alg. 2 l.3
+        x_hat, z_hat = raw = tr.readout(F_cur, x_cur, t_cur)  # Alg. 2 l.3, Eq. (2)
+        nfe += evaluations
+        if return_all:
+            trajectory.append(x_hat.float())
+        if kappa != 0 and i >= 2:  # Alg. 2 l.4-5, from i = 2 as released (README "Paper and this code")
+            x_hat = x_hat + kappa * (x_hat - previous[0])
+            z_hat = z_hat + kappa * (z_hat - previous[1])
+        previous = raw
+        if rho == "auto":  # Alg. 2 l.7's example choice, recomputed at every step (released: first step only)
+            step_rho = ((t_next - t_cur).abs().sqrt() * (2 * tr.alpha(t_cur)).sqrt() / tr.alpha(t_next)) ** 2
+            step_rho = step_rho.clamp(0, 1)
+        else:
+            step_rho = torch.tensor(float(rho), dtype=torch.float64)
+        x_next = tr.gamma(t_next) * x_hat + tr.alpha(t_next) * (1 - step_rho).sqrt() * z_hat  # Alg. 2 l.8
+        if step_rho > 0:  # Alg. 2 l.7-8: fresh noise for the stochastic part
+            fresh = torch.randn(x_cur.shape, generator=generator, dtype=torch.float64, device=x_cur.device)
+            x_next = x_next + tr.alpha(t_next) * step_rho.sqrt() * fresh
+        if order == 2 and i < n - 1:  # Alg. 2 l.9-11, averaging ẑ (README "Paper and this code")
+            F_next, evaluations = evaluate(x_next, t_next)  # Alg. 2 l.10
+            z_next, nfe = tr.readout(F_next, x_next, t_next)[1], nfe + evaluations
+            ratio = tr.gamma(t_next) / tr.gamma(t_cur)
+            x_next = x_cur * ratio + (tr.alpha(t_next) - tr.alpha(t_cur) * ratio) * (z_hat + z_next) / 2  # l.11
+        x_cur = x_next  # Alg. 2 l.13
+    if stats is not None:
+        stats["nfe"] = nfe
+    x_out = raw[0].float()  # the raw x̂ of the last evaluation, as released (README "Paper and this code")
+    return (x_out, torch.stack(trajectory)) if return_all else x_out
+
+
+# the released presets of UCGM-S for multi-step (lam <= 0.5) and few-step (lam > 0.5) models (App. C.1.3, Table 5)
+SAMPLER_PRESETS = {"multistep": dict(steps=40, rho=0.0, kappa=0.5, warp=(1.17, 0.8, 1.1), gaps=(0.001, 0.001)),
+                   "fewstep": dict(steps=2, rho=1.0, kappa=0.0, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.3))}
+
+
+#################################################################################
+#                  The network: DiT / SiT, TiT and LightningDiT                 #
 #################################################################################
 
 class RMSNorm(nn.Module):
@@ -383,286 +685,6 @@ def create_model(name, **kwargs):
     return DiT(**{**MODELS[name], **kwargs})
 
 
-def unwrap(model):
-    """The bare network inside DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-#################################################################################
-#                 UCGM-T: the unified trainer (paper Alg. 1; M3)                #
-#################################################################################
-
-def view_as_batch(t, x):
-    """Reshape per-sample t (N,) to (N, 1, ..., 1) so it broadcasts against x."""
-    return t.reshape(-1, *[1] * (x.dim() - 1))
-
-
-def widened(output):
-    """A network output in the wider of float32 and its own dtype: the loss of a bf16 network is computed in
-    float32, that of a float64 one in float64."""
-    return output.to(torch.promote_types(output.dtype, torch.float32))
-
-
-class UCGM(nn.Module):
-    """UCGM-T loss (paper Alg. 1) and UCGM-S sampler (paper Alg. 2); holds the teacher and its momentum."""
-
-    def __init__(self, transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1,
-                 huber_c=0.0, cosine_loss=False, weighting=None, time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
-                 eps=0.005):
-        super().__init__()
-        self.transport = get_transport(transport)
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam: the consistency ratio must lie in [0, 1], got {lam}")
-        if not math.isfinite(zeta) or (lam == 0.0 and zeta >= 1.0):
-            raise ValueError(f"zeta: with lam = 0 the enhancement needs zeta < 1 (guidance scale 1/(1 - zeta) "
-                             f"must be positive and finite), and it must be finite; got {zeta}")
-        if not 0.0 <= teacher_decay <= 1.0:
-            raise ValueError(f"teacher_decay: expected a value in [0, 1], got {teacher_decay}")
-        if zeta != 0.0 and lam == 0.0 and teacher_decay == 1.0:
-            raise ValueError("teacher_decay: 1 (a frozen teacher) needs lam > 0; with lam = 0 the unconditional "
-                             "branch must follow training, use 0 <= teacher_decay < 1")
-        if not 0.0 <= label_drop <= 1.0:
-            raise ValueError(f"label_drop: expected a fraction in [0, 1], got {label_drop}")
-        if weighting not in (None, "cosine"):
-            raise ValueError(f"weighting: expected 'cosine' or None, got {weighting!r}")
-        if len(time_dist) != 3 or min(time_dist) <= 0:
-            raise ValueError(f"time_dist: expected three positive numbers (theta1, theta2, s), got {time_dist}")
-        if len(enhance_range) != 2 or enhance_range[0] > enhance_range[1]:
-            raise ValueError(f"enhance_range: expected (low, high) with low <= high, got {enhance_range}")
-        if huber_c < 0 or eps <= 0:
-            raise ValueError(f"huber_c must be >= 0 and eps > 0, got huber_c={huber_c}, eps={eps}")
-        self.transport_name, self.lam, self.zeta = transport, float(lam), float(zeta)
-        self.enhance_range, self.label_drop, self.huber_c = tuple(enhance_range), label_drop, huber_c
-        self.cosine_loss, self.weighting, self.time_dist = cosine_loss, weighting, tuple(time_dist)
-        self.teacher_decay, self.eps = teacher_decay, eps
-        self.needs_teacher = zeta != 0.0 and teacher_decay > 0.0  # d = 0 uses the online model itself
-        self.teacher = None  # built from the model at the first loss call (or by make_teacher)
-        self.teacher_momentum = 0.0  # the warm-up momentum m of T4
-        self.nfe = 0  # network evaluations per sample in the last sample() call
-
-    # ----- state: the teacher is a submodule, its momentum an extra state ----------------------
-
-    def get_extra_state(self):
-        return {"teacher_momentum": self.teacher_momentum}
-
-    def set_extra_state(self, state):
-        self.teacher_momentum = state["teacher_momentum"]
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        """Load the trainer state; a saved teacher needs make_teacher(model) first, to know its architecture."""
-        if self.teacher is None and any(k.startswith("teacher.") for k in state_dict):
-            raise ValueError("UCGM state holds a teacher: call make_teacher(model) before load_state_dict")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def make_teacher(self, model):
-        """Create the teacher as a frozen copy of `model` if this trainer keeps one and has none yet."""
-        if self.needs_teacher and self.teacher is None:
-            self.teacher = copy.deepcopy(unwrap(model)).requires_grad_(False)
-
-    @torch.no_grad()
-    def update_teacher(self, model):
-        """T4: return the network for the teacher branch, updating the EMA teacher first."""
-        if not self.needs_teacher:
-            return getattr(model, "module", model)  # d = 0: the online model, skipping DDP's hooks
-        self.make_teacher(model)
-        if self.teacher_decay < 1.0:
-            m = self.teacher_momentum
-            online = [p.detach() for p in unwrap(model).parameters()]
-            torch._foreach_lerp_(list(self.teacher.parameters()), online, 1.0 - m)  # p_T <- m p_T + (1-m) p
-            self.teacher_momentum = m + (1 - m) * (self.teacher_decay - m) / 2  # warm-up towards d
-        return self.teacher
-
-    # ----- pieces of one training step ----------------------------------------------------------
-
-    def sample_time(self, n, device):
-        """t = clamp(s · Beta(theta1, theta2), 0, 1) (T1); sync-free: the concentrations are filled on the device
-        (no host-to-device copy) and not validated (no host read)."""
-        a, b, s = self.time_dist
-        beta = torch.distributions.Beta(torch.full((n,), float(a), device=device),
-                                        torch.full((n,), float(b), device=device), validate_args=False)
-        return (s * beta.sample()).clamp(0, 1)
-
-    def drop_labels(self, y, null_label):
-        """Give the last round(label_drop · N) samples the null label (T2); return (y, dropped)."""
-        n = y.shape[0]
-        k = round(self.label_drop * n)
-        dropped = torch.arange(n, device=y.device) >= n - k  # all False when k = 0
-        return torch.where(dropped, torch.full_like(y, null_label), y), dropped
-
-    def enhance(self, net, x, z, x_t, t, y, dropped, F_t):
-        """Enhanced targets (x*, z*) of T4 (paper Eq. 9); identity when zeta = 0."""
-        if self.zeta == 0.0:
-            return x, z
-        tr, tb = self.transport, view_as_batch(t, x)
-        inside = view_as_batch((t > self.enhance_range[0]) & (t < self.enhance_range[1]), x)
-        kept = view_as_batch(~dropped, x)
-        teacher = self.update_teacher(net)
-        def mix(in_range, out_range, dropped_row):  # the three row rules of T4
-            return torch.where(kept, torch.where(inside, in_range, out_range), dropped_row)
-        if self.lam == 0.0:  # the unconditional teacher against the model's own conditional prediction
-            null = torch.full_like(y, unwrap(net).num_classes)
-            x_c, z_c = tr.readout(F_t.detach(), x_t, tb)
-            x_u, z_u = tr.readout(widened(teacher(x_t, t, null)), x_t, tb)
-            return (mix(x + self.zeta * (x_c - x_u), (x + x_c) / 2, (x + x_u) / 2),
-                    mix(z + self.zeta * (z_c - z_u), (z + z_c) / 2, (z + z_u) / 2))
-        x_T, z_T = tr.readout(widened(teacher(x_t, t, y)), x_t, tb)  # a (pre-trained) conditional teacher
-        return mix(x + self.zeta * (x_T - x), (x + x_T) / 2, x), mix(z + self.zeta * (z_T - z), (z + z_T) / 2, z)
-
-    def denoised(self, net, x_star, z_star, r, y):
-        """g(r): the x-readout of the online model at x*_r = alpha(r) z* + gamma(r) x* (T5)."""
-        tr, rb = self.transport, view_as_batch(r, x_star)
-        x_r = tr.alpha(rb) * z_star + tr.gamma(rb) * x_star
-        return tr.readout(widened(net(x_r, r, y)), x_r, rb)[0]
-
-    def delta_f(self, net, x_star, z_star, t, y, F_t):
-        """Δf, the consistency difference of T5 (paper Eq. 11), before clamping."""
-        tr, tb = self.transport, view_as_batch(t, x_star)
-        if self.lam == 1.0:  # central difference of g at t, g(t + eps) and g(t - eps) in one doubled batch
-            doubled = lambda v: torch.cat([v, v])  # noqa: E731
-            g_plus, g_minus = self.denoised(net, doubled(x_star), doubled(z_star),
-                                            torch.cat([t + self.eps, t - self.eps]), doubled(y)).chunk(2)
-            step = 1 / (2 * self.eps)
-            return g_plus * step - g_minus * step  # each term scaled first, safe in bf16
-        h = view_as_batch(t - self.lam * t, x_star)  # distance to the earlier time lam·t
-        x_star_t = tr.alpha(tb) * z_star + tr.gamma(tb) * x_star
-        x_hat_t = tr.readout(F_t.detach(), x_star_t, tb)[0]
-        return x_hat_t / h - self.denoised(net, x_star, z_star, self.lam * t, y) / h
-
-    def target(self, net, x, z, x_t, t, y, dropped, F_t):
-        """F_target of T5 (paper Eq. 10 for lam = 0, Eq. 12 for lam > 0); no gradient."""
-        tr, tb = self.transport, view_as_batch(t, x)
-        x_star, z_star = self.enhance(net, x, z, x_t, t, y, dropped, F_t)
-        if self.lam == 0.0:
-            return tr.alpha_hat(tb) * z_star + tr.gamma_hat(tb) * x_star
-        delta = self.delta_f(net, x_star, z_star, t, y, F_t).clamp(-1, 1)
-        weight = tr.alpha(tb) / tr.D(tb) * 4 / torch.sin(tb * HALF_PI)
-        return F_t.detach() - weight * delta
-
-    def loss(self, model, x, y, t=None, noise=None):
-        """UCGM-T loss of one batch (paper Alg. 1): a scalar with gradient through F_t only."""
-        if noise is None:
-            noise = torch.randn_like(x)
-        elif noise.shape != x.shape:
-            raise ValueError(f"noise: expected the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
-        if t is None:
-            t = self.sample_time(x.shape[0], x.device)
-        elif t.shape != (x.shape[0],):
-            raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
-        tr, tb = self.transport, view_as_batch(t, x)
-        y, dropped = self.drop_labels(y, unwrap(model).num_classes)
-        x_t = tr.alpha(tb) * noise + tr.gamma(tb) * x  # Eq. 1
-        F_t = widened(model(x_t, t, y))  # float32 under bf16 autocast, float64 for float64 checks
-        with torch.no_grad():
-            net = getattr(model, "module", model)  # no-grad forwards skip DDP's gradient hooks
-            F_target = self.target(net, x, noise, x_t, t, y, dropped, F_t)
-        reduce = tuple(range(1, x.dim()))
-        per_sample = torch.sqrt(((F_t - F_target) ** 2).mean(reduce) + self.huber_c ** 2) - self.huber_c
-        if self.cosine_loss:
-            cosine = F.cosine_similarity(F_t, F_target, dim=1)  # along channels, per position
-            per_sample = per_sample + (1 - cosine).reshape(x.shape[0], -1).mean(1)
-        if self.weighting == "cosine":
-            per_sample = per_sample * torch.cos(t * HALF_PI)
-        return per_sample.mean()
-
-    #############################################################################
-    #               UCGM-S: the unified sampler (paper Alg. 2; M4)              #
-    #############################################################################
-
-    def time_grid(self, steps, order=1, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.001)):
-        """The n + 1 sampling times of S1 in float64: warped, from the noise end to the data end."""
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
-        if order not in (1, 2):
-            raise ValueError(f"order: expected 1 or 2, got {order!r}")
-        if len(warp) != 3 or min(warp) <= 0:
-            raise ValueError(f"warp: expected three positive numbers (a, b, c), got {warp}")
-        start_gap, end_gap = gaps
-        if start_gap < 0 or end_gap < 0 or start_gap + end_gap >= 1:
-            raise ValueError(f"gaps: expected g0, g1 >= 0 with g0 + g1 < 1 so that [g0, 1 - g1] is not empty, "
-                             f"got {tuple(gaps)}")
-        n = (steps + 1) // 2 if order == 2 else steps
-        if end_gap == 0:  # n + 1 points up to u = 1, the last dropped
-            u = torch.linspace(start_gap, 1.0, n + 1, dtype=torch.float64)[:-1]
-        else:
-            u = torch.linspace(start_gap, 1.0 - end_gap, n, dtype=torch.float64)
-        a, b, c = warp
-        f = (1 - (1 - u ** a) ** b) ** c  # Kumaraswamy-style warp of [0, 1]
-        noise_at_one = self.transport.noise_time == 1.0
-        times = 1 - f if noise_at_one else f
-        return torch.cat([times, times.new_tensor([0.0 if noise_at_one else 1.0])])
-
-    def guided(self, model, x, t, cfg_scale, cfg_interval, cfg_channels, model_kwargs):
-        """One network evaluation F(x, t), with classifier-free guidance inside cfg_interval (S2)."""
-        t_batch = torch.full((x.shape[0],), float(t), device=x.device)
-        x = x.float()  # the network runs in float32 (or under the caller's bf16 autocast)
-        if cfg_scale == 1.0 or not cfg_interval[0] <= float(t) <= cfg_interval[1]:
-            self.nfe += 1
-            return model(x, t_batch, **model_kwargs).double()
-        y = model_kwargs["y"]
-        kwargs = {**model_kwargs, "y": torch.cat([y, torch.full_like(y, unwrap(model).num_classes)])}
-        F_cond, F_uncond = model(torch.cat([x, x]), t_batch.repeat(2), **kwargs).double().chunk(2)
-        self.nfe += 2  # one doubled batch costs two evaluations
-        k = F_cond.shape[1] if cfg_channels is None else cfg_channels
-        F_guided = F_uncond[:, :k] + cfg_scale * (F_cond[:, :k] - F_uncond[:, :k])
-        return torch.cat([F_guided, F_cond[:, k:]], dim=1)
-
-    @torch.no_grad()
-    def sample(self, model, noise, steps=40, rho=0.0, kappa=0.0, order=1, warp=(1.0, 1.0, 1.0),
-               gaps=(0.001, 0.001), cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=None, return_all=False,
-               generator=None, **model_kwargs):
-        """UCGM-S (paper Alg. 2): noise -> x̂; with return_all also every raw x̂ (steps, *noise.shape)."""
-        tr = self.transport
-        times = self.time_grid(steps, order, warp, gaps)  # on the CPU: reading a time never syncs a GPU
-        if not (rho == "auto" or (isinstance(rho, (int, float)) and 0.0 <= rho <= 1.0)):
-            raise ValueError(f"rho: expected a number in [0, 1] or 'auto', got {rho!r}")
-        if cfg_interval[0] > cfg_interval[1]:
-            raise ValueError(f"cfg_interval: expected (low, high) with low <= high, got {tuple(cfg_interval)}")
-        if cfg_scale != 1.0 and "y" not in model_kwargs:
-            raise ValueError("cfg_scale: guidance needs class labels, pass y=...")
-        if cfg_channels is not None and not 1 <= cfg_channels <= noise.shape[1]:
-            raise ValueError(f"cfg_channels: expected None or 1..{noise.shape[1]}, got {cfg_channels}")
-        if order == 2 and tr.gamma(times[0]) == 0:
-            raise ValueError(f"gaps: order 2 divides by gamma(t_0), which is 0 at t_0 = {times[0].item()}; "
-                             f"start the grid inside (0, 1), e.g. gaps[0] > 0")
-        evaluate = partial(self.guided, model, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                           cfg_channels=cfg_channels, model_kwargs=model_kwargs)
-        self.nfe, n = 0, len(times) - 1
-        x_cur = noise.double()  # the state stays in float64 between steps
-        trajectory, previous = [], None
-        for i in range(n):
-            t_cur, t_next = times[i], times[i + 1]
-            x_hat, z_hat = tr.readout(evaluate(x_cur, t_cur), x_cur, t_cur)
-            raw = (x_hat, z_hat)
-            if return_all:
-                trajectory.append(x_hat.float())
-            if kappa != 0 and i >= 2:  # extrapolate from the previous raw predictions (Eq. 14; from i = 2 as released)
-                x_hat = x_hat + kappa * (x_hat - previous[0])
-                z_hat = z_hat + kappa * (z_hat - previous[1])
-            previous = raw
-            if rho == "auto":  # recomputed at every step (S4; released: first step only)
-                step_rho = ((t_next - t_cur).abs().sqrt() * (2 * tr.alpha(t_cur)).sqrt() / tr.alpha(t_next)) ** 2
-                step_rho = step_rho.clamp(0, 1)
-            else:
-                step_rho = torch.tensor(float(rho), dtype=torch.float64)
-            x_next = tr.gamma(t_next) * x_hat + tr.alpha(t_next) * (1 - step_rho).sqrt() * z_hat  # Eq. 13
-            if step_rho > 0:  # fresh noise for the stochastic part
-                fresh = torch.randn(x_cur.shape, generator=generator, dtype=torch.float64, device=x_cur.device)
-                x_next = x_next + tr.alpha(t_next) * step_rho.sqrt() * fresh
-            if order == 2 and i < n - 1:  # second-order correction with the slope at t_next (Eq. 15)
-                z_next = tr.readout(evaluate(x_next, t_next), x_next, t_next)[1]
-                ratio = tr.gamma(t_next) / tr.gamma(t_cur)
-                x_next = x_cur * ratio + (tr.alpha(t_next) - tr.alpha(t_cur) * ratio) * (z_hat + z_next) / 2
-            x_cur = x_next
-        x_out = raw[0].float()  # the raw x̂ of the last evaluation, as released
-        return (x_out, torch.stack(trajectory)) if return_all else x_out
-
-
-# the released presets of UCGM-S for multi-step (lam <= 0.5) and few-step (lam > 0.5) models
-SAMPLER_PRESETS = {"multistep": dict(steps=40, rho=0.0, kappa=0.5, warp=(1.17, 0.8, 1.1), gaps=(0.001, 0.001)),
-                   "fewstep": dict(steps=2, rho=1.0, kappa=0.0, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.3))}
-
-
 #################################################################################
 #                       The autoencoder: LDM AutoencoderKL                      #
 #################################################################################
@@ -890,6 +912,114 @@ def create_autoencoder(name, path=None):
 
 
 #################################################################################
+#          Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT          #
+#################################################################################
+
+def weights_of(checkpoint, key, where):
+    """The `key` weights (model or ema) of a checkpoint that holds them, else the checkpoint itself as a bare state
+    dict, without the prefixes that DDP and torch.compile add."""
+    state = next((checkpoint[k] for k in (key, "ema", "model") if isinstance(checkpoint.get(k), dict)), checkpoint) \
+        if isinstance(checkpoint, dict) else checkpoint
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in tensor_dict(state, where).items()}
+
+
+# a released UCGM config's `sample` section (the settings behind its published FID) under our argument names
+RELEASED_SAMPLER_NAMES = {"sampling_steps": "steps", "stochast_ratio": "rho", "extrapol_ratio": "kappa",
+                          "sampling_order": "order", "time_dist_ctrl": "warp", "rfba_gap_steps": "gaps",
+                          "cfg_scale": "cfg_scale", "cfg_interval": "cfg_interval"}
+# what the weights of each family imply (README, "Reproducing the paper"): LightningDiT was trained on the ReLinear
+# path, and its released results guide only the first 3 of its 32 latent channels
+FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3))}
+# weights in REPA / REPA-E checkpoints that neither sampling nor UCGM training uses
+REPA_EXTRAS = {"projectors.": "REPA's feature-alignment heads", "bn.": "REPA-E's latent BatchNorm statistics"}
+
+
+def family_of(state):
+    """DiT (also SiT, REPA, REPA-E), TiT or LightningDiT, told from the weight names."""
+    if "blocks.0.norm1.weight" in state:  # only LightningDiT's RMSNorm has a weight
+        return "LightningDiT"
+    return "TiT" if "blocks.0.mlp.w12.weight" in state else "DiT"
+
+
+def released_settings(config, where):
+    """Model, transport, lam, latent handling and sampler defaults of a released UCGM training config."""
+    model = re.sub(r"^SiT-", "DiT-", config["model"]["type"])  # UCGM's SiT is our DiT family
+    if model not in MODELS:
+        raise ValueError(f"{where}: its config names model {config['model']['type']!r}, which is not supported here "
+                         f"(DiT/SiT, TiT and LightningDiT are; DDT, EDM2 and U-Nets are not)")
+    vae = config.get("vae", {}).get("type")
+    if vae is not None and vae not in RELEASED_AUTOENCODERS:
+        raise ValueError(f"{where}: its config names autoencoder {vae!r}, which is not supported here "
+                         f"(supported: {', '.join(RELEASED_AUTOENCODERS)})")
+    data, sample, family = config.get("data", {}), config.get("sample", {}), FAMILY_SETTINGS[model.split("-")[0]]
+    sampler = {ours: sample[theirs] for theirs, ours in RELEASED_SAMPLER_NAMES.items() if theirs in sample}
+    if "cfg_scale" in sampler and sampler["cfg_scale"] <= 0:  # the released evaluation guides only when > 0
+        sampler["cfg_scale"] = 1.0
+    return dict(family, model=model, transport=config["transport"]["type"],
+                lam=config["transport"].get("consistc_ratio", 0.0), sampler={**family.get("sampler", {}), **sampler},
+                latent_multiplier=data.get("latent_multiplier", 1.0), latent_norm=data.get("latent_norm", False),
+                vae=RELEASED_AUTOENCODERS.get(vae),
+                released_stats=f"buffers/vaes/stat/{vae}_{data.get('image_size')}.pt")  # its eval.py's stats file
+
+
+def read_checkpoint(path, weights, flag):
+    """(state dict, settings) of our checkpoints, released UCGM ones (with their `config`) or the weights of SiT,
+    REPA, REPA-E and LightningDiT; settings say how the model was trained and is meant to be sampled."""
+    torch.serialization.add_safe_globals([argparse.Namespace])  # REPA and REPA-E save their flags as a Namespace
+    checkpoint = load_tensor_file(path, flag)
+    where = f"{flag} {path}"
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    released = isinstance(config, dict) and "type" in config.get("model", {})  # LightningDiT's says model_type
+    settings = released_settings(config, where) if released else None  # an unsupported model is named first
+    state = weights_of(checkpoint, weights, where)
+    for prefix, what in REPA_EXTRAS.items():
+        extra = [key for key in state if key.startswith(prefix)]
+        if extra:
+            print(f"{where}: dropping the {len(extra)} weights {prefix}* ({what}), unused here")
+            state = {key: value for key, value in state.items() if not key.startswith(prefix)}
+    if isinstance(checkpoint.get("args"), dict):  # ours: the resolved train.py flags and the latent statistics
+        args = checkpoint["args"]
+        settings = dict(model=args["model"], transport=args["transport"], lam=args["lam"],
+                        latent_multiplier=args["latent_multiplier"], vae=args["vae"], vae_path=args.get("vae_path"),
+                        latent_stats=checkpoint.get("latent_stats"))
+    elif not released:
+        settings = dict(FAMILY_SETTINGS[family_of(state)])
+    return state, settings
+
+
+def infer_model(state, name=None, where="--ckpt"):
+    """(model name, create_model kwargs): the data shape from the weights, the name given or matched by shape."""
+    width, channels, patch, _ = state["x_embedder.proj.weight"].shape
+    grid = math.isqrt(state["pos_embed"].shape[1])
+    table = state.get("y_embedder.embedding_table.weight")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    if name is None:
+        family = family_of(state)
+        matches = [n for n, c in MODELS.items() if n.split("-")[0] == family
+                   and (c["hidden_size"], c["depth"], c["patch_size"]) == (width, depth, patch)]
+        if not matches:
+            raise ValueError(f"{where}: a {family} of width {width}, depth {depth}, patch {patch} matches no model; "
+                             f"give --model")
+        name = matches[0]
+    out_channels = state["final_layer.linear.weight"].shape[0] // patch ** 2
+    return name, dict(input_size=grid * patch, in_channels=channels, learn_sigma=out_channels == 2 * channels,
+                      num_classes=table.shape[0] - 1 if table is not None else 1)
+
+
+def load_network(path, weights="ema", name=None, flag="--ckpt"):
+    """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly."""
+    state, settings = read_checkpoint(path, weights, flag)
+    if "x_embedder.proj.weight" not in state:
+        raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight)")
+    name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}")
+    with torch.device("meta"):  # shapes only: initialising weights that are then overwritten takes 10 s at XL size
+        model = create_model(name, **kwargs)
+    where = f"{flag} {path} (as --model {name})"
+    model.load_state_dict(checked_state_dict(model.state_dict(), state, where, strict=True), assign=True)
+    return model.float(), name, settings
+
+
+#################################################################################
 #               File I/O: safetensors, tensor files, atomic writes              #
 #################################################################################
 
@@ -1039,114 +1169,6 @@ def stats_file(folder):
     """The latents_stats.pt (or .safetensors) file of a latent folder, or None."""
     paths = [os.path.join(folder, f"latents_stats.{ext}") for ext in ("pt", "safetensors")]
     return next((path for path in paths if os.path.exists(path)), None)
-
-
-#################################################################################
-#          Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT          #
-#################################################################################
-
-def weights_of(checkpoint, key, where):
-    """The `key` weights (model or ema) of a checkpoint that holds them, else the checkpoint itself as a bare state
-    dict, without the prefixes that DDP and torch.compile add."""
-    state = next((checkpoint[k] for k in (key, "ema", "model") if isinstance(checkpoint.get(k), dict)), checkpoint) \
-        if isinstance(checkpoint, dict) else checkpoint
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in tensor_dict(state, where).items()}
-
-
-# a released UCGM config's `sample` section (the settings behind its published FID) under our argument names
-RELEASED_SAMPLER_NAMES = {"sampling_steps": "steps", "stochast_ratio": "rho", "extrapol_ratio": "kappa",
-                          "sampling_order": "order", "time_dist_ctrl": "warp", "rfba_gap_steps": "gaps",
-                          "cfg_scale": "cfg_scale", "cfg_interval": "cfg_interval"}
-# what the weights of each family imply (README, "Reproducing the paper"): LightningDiT was trained on the ReLinear
-# path, and its released results guide only the first 3 of its 32 latent channels
-FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3))}
-# weights in REPA / REPA-E checkpoints that neither sampling nor UCGM training uses
-REPA_EXTRAS = {"projectors.": "REPA's feature-alignment heads", "bn.": "REPA-E's latent BatchNorm statistics"}
-
-
-def family_of(state):
-    """DiT (also SiT, REPA, REPA-E), TiT or LightningDiT, told from the weight names."""
-    if "blocks.0.norm1.weight" in state:  # only LightningDiT's RMSNorm has a weight
-        return "LightningDiT"
-    return "TiT" if "blocks.0.mlp.w12.weight" in state else "DiT"
-
-
-def released_settings(config, where):
-    """Model, transport, lam, latent handling and sampler defaults of a released UCGM training config."""
-    model = re.sub(r"^SiT-", "DiT-", config["model"]["type"])  # UCGM's SiT is our DiT family
-    if model not in MODELS:
-        raise ValueError(f"{where}: its config names model {config['model']['type']!r}, which is not supported here "
-                         f"(DiT/SiT, TiT and LightningDiT are; DDT, EDM2 and U-Nets are not)")
-    vae = config.get("vae", {}).get("type")
-    if vae is not None and vae not in RELEASED_AUTOENCODERS:
-        raise ValueError(f"{where}: its config names autoencoder {vae!r}, which is not supported here "
-                         f"(supported: {', '.join(RELEASED_AUTOENCODERS)})")
-    data, sample, family = config.get("data", {}), config.get("sample", {}), FAMILY_SETTINGS[model.split("-")[0]]
-    sampler = {ours: sample[theirs] for theirs, ours in RELEASED_SAMPLER_NAMES.items() if theirs in sample}
-    if "cfg_scale" in sampler and sampler["cfg_scale"] <= 0:  # the released evaluation guides only when > 0
-        sampler["cfg_scale"] = 1.0
-    return dict(family, model=model, transport=config["transport"]["type"],
-                lam=config["transport"].get("consistc_ratio", 0.0), sampler={**family.get("sampler", {}), **sampler},
-                latent_multiplier=data.get("latent_multiplier", 1.0), latent_norm=data.get("latent_norm", False),
-                vae=RELEASED_AUTOENCODERS.get(vae),
-                released_stats=f"buffers/vaes/stat/{vae}_{data.get('image_size')}.pt")  # its eval.py's stats file
-
-
-def read_checkpoint(path, weights, flag):
-    """(state dict, settings) of our checkpoints, released UCGM ones (with their `config`) or the weights of SiT,
-    REPA, REPA-E and LightningDiT; settings say how the model was trained and is meant to be sampled."""
-    torch.serialization.add_safe_globals([argparse.Namespace])  # REPA and REPA-E save their flags as a Namespace
-    checkpoint = load_tensor_file(path, flag)
-    where = f"{flag} {path}"
-    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    released = isinstance(config, dict) and "type" in config.get("model", {})  # LightningDiT's says model_type
-    settings = released_settings(config, where) if released else None  # an unsupported model is named first
-    state = weights_of(checkpoint, weights, where)
-    for prefix, what in REPA_EXTRAS.items():
-        extra = [key for key in state if key.startswith(prefix)]
-        if extra:
-            print(f"{where}: dropping the {len(extra)} weights {prefix}* ({what}), unused here")
-            state = {key: value for key, value in state.items() if not key.startswith(prefix)}
-    if isinstance(checkpoint.get("args"), dict):  # ours: the resolved train.py flags and the latent statistics
-        args = checkpoint["args"]
-        settings = dict(model=args["model"], transport=args["transport"], lam=args["lam"],
-                        latent_multiplier=args["latent_multiplier"], vae=args["vae"], vae_path=args.get("vae_path"),
-                        latent_stats=checkpoint.get("latent_stats"))
-    elif not released:
-        settings = dict(FAMILY_SETTINGS[family_of(state)])
-    return state, settings
-
-
-def infer_model(state, name=None, where="--ckpt"):
-    """(model name, create_model kwargs): the data shape from the weights, the name given or matched by shape."""
-    width, channels, patch, _ = state["x_embedder.proj.weight"].shape
-    grid = math.isqrt(state["pos_embed"].shape[1])
-    table = state.get("y_embedder.embedding_table.weight")
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    if name is None:
-        family = family_of(state)
-        matches = [n for n, c in MODELS.items() if n.split("-")[0] == family
-                   and (c["hidden_size"], c["depth"], c["patch_size"]) == (width, depth, patch)]
-        if not matches:
-            raise ValueError(f"{where}: a {family} of width {width}, depth {depth}, patch {patch} matches no model; "
-                             f"give --model")
-        name = matches[0]
-    out_channels = state["final_layer.linear.weight"].shape[0] // patch ** 2
-    return name, dict(input_size=grid * patch, in_channels=channels, learn_sigma=out_channels == 2 * channels,
-                      num_classes=table.shape[0] - 1 if table is not None else 1)
-
-
-def load_network(path, weights="ema", name=None, flag="--ckpt"):
-    """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly."""
-    state, settings = read_checkpoint(path, weights, flag)
-    if "x_embedder.proj.weight" not in state:
-        raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight)")
-    name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}")
-    with torch.device("meta"):  # shapes only: initialising weights that are then overwritten takes 10 s at XL size
-        model = create_model(name, **kwargs)
-    where = f"{flag} {path} (as --model {name})"
-    model.load_state_dict(checked_state_dict(model.state_dict(), state, where, strict=True), assign=True)
-    return model.float(), name, settings
 
 
 #################################################################################
