@@ -47,6 +47,7 @@ PRESETS = {
 DEMO = dict(model="TiT-T/4", global_batch_size=48, max_steps=1800, lr=2e-3, weighting="none", log_every=50,
             ckpt_every=600, sample_every=600, sample_cfg=3.5)
 STEPS_PICTURE = (1, 2, 4, 8, 40)  # the sampling steps of the final steps_*.png, one column each
+BENCH_WARMUP = 3  # --bench times the steps after these (compilation, allocator and cuDNN warm-up)
 # dense bf16 TFLOP/s of torch.cuda.get_device_name(), for MFU: the first pattern found in the name decides
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
               ("B200", 2250e12)]
@@ -290,62 +291,42 @@ def sha256_of(state):
 #                                   Training                                    #
 #################################################################################
 
-def main(args):
-    """Train until --max-steps; resumable at any point from the newest checkpoint."""
-    started = time.time()
-    rank, world, device = ucgm.setup_distributed()
-    distributed = dist.is_initialized()
-    budget = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # free, before anything is built
-    args.compile = device.type == "cuda" if args.compile is None else args.compile  # compiled by default on CUDA
-    if args.global_batch_size % (world * args.grad_accum):
-        raise ValueError(f"--global-batch-size {args.global_batch_size} must divide by processes × --grad-accum "
-                         f"= {world * args.grad_accum}")
+def build(args, rank, device):
+    """(data, model, trainer, ema, optimizer, teacher_file) of a run: the start weights of --init or a new network,
+    the EMA on rank 0 only (it alone samples and saves), a frozen --teacher named by its path and checksum."""
     init = ucgm.load_network(args.init, args.init_weights, args.model, "--init") if args.init else None
-    teacher_file = None
     if init:  # unless given, the architecture and the transport are those of the start weights
         args.model, args.transport = init[1], args.transport or init[2].get("transport", "Linear")
-    checkpoints = os.path.join(args.out, "checkpoints")
-    writer = rank == 0 and not args.bench  # a benchmark writes nothing
-    if writer:
-        os.makedirs(checkpoints, exist_ok=True)
-        for stale in glob.glob(os.path.join(checkpoints, "*.tmp*")):  # left by a run killed while saving
-            os.remove(stale)
-        ucgm.write_json(os.path.join(args.out, "args.json"), vars(args))
-        print(json.dumps(vars(args)))
-
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     if args.bench:
         data = SyntheticLatents(*args.bench_shape, length=args.global_batch_size)
-    elif args.data:
-        data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats)
     else:
-        data = DigitsDataset(args.seed)
+        data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats) if args.data else DigitsDataset(args.seed)
     if init:
         model = init[0].to(device)
         model.grad_checkpoint = args.grad_checkpoint
-        if (model.in_channels, model.input_size) != (data.channels, data.size) or model.num_classes < data.num_classes:
-            raise ValueError(f"--init {args.init}: the weights are for {model.num_classes} classes of {model.in_channels}"
-                             f"×{model.input_size}×{model.input_size} latents, the data has {data.num_classes} classes "
-                             f"of {data.channels}×{data.size}×{data.size}")
-    elif data.size % ucgm.MODELS[args.model]["patch_size"]:
-        raise ValueError(f"--model {args.model}: its patch size does not divide the {data.size}×{data.size} latents")
+        ucgm.require((model.in_channels, model.input_size) == (data.channels, data.size) and model.num_classes >=
+                     data.num_classes, f"--init {args.init}: the weights are for {model.num_classes} classes of "
+                     f"{model.in_channels}×{model.input_size}×{model.input_size} latents, the data has "
+                     f"{data.num_classes} classes of {data.channels}×{data.size}×{data.size}")
     else:
+        ucgm.require(data.size % ucgm.MODELS[args.model]["patch_size"] == 0, f"--model {args.model}: its patch size "
+                     f"does not divide the {data.size}×{data.size} latents")
         model = ucgm.create_model(args.model, input_size=data.size, in_channels=data.channels,
                                   num_classes=data.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
+    vae_channels = ucgm.AUTOENCODERS.get(args.vae, {"channels": ucgm.PixelSpace.channels})["channels"]
+    ucgm.require(args.bench or vae_channels == data.channels,
+                 f"--vae {args.vae} decodes {vae_channels}-channel latents, the data has {data.channels}")
     trainer = ucgm.UCGM(args.transport, args.lam, args.zeta, args.enhance_range, args.label_drop, args.huber_c,
                         args.cosine_loss, args.weighting, args.time_dist, args.teacher_decay).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 else None  # only rank 0 samples and saves
-    vae_channels = ucgm.AUTOENCODERS.get(args.vae, {"channels": ucgm.PixelSpace.channels})["channels"]
-    if not args.bench and vae_channels != data.channels:
-        raise ValueError(f"--vae {args.vae} decodes {vae_channels}-channel latents, the data has {data.channels}")
-    autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device) if writer else None  # for grids
-    optimizer_class = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[args.optimizer]
-    fused = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(optimizer_class).parameters else {}
-    opt = optimizer_class(model.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, **fused)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 else None
+    optimizer = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[args.optimizer]
+    fused = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(optimizer).parameters else {}
+    opt = optimizer(model.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, **fused)
+    teacher_file = None
     if args.teacher:
-        if not trainer.needs_teacher:
-            raise ValueError(f"--teacher {args.teacher}: this run has no teacher (it needs --zeta != 0 and "
-                             f"--teacher-decay > 0)")
+        ucgm.require(trainer.needs_teacher, f"--teacher {args.teacher}: this run has no teacher (it needs --zeta != 0 "
+                     "and --teacher-decay > 0)")
         trainer.make_teacher(model)
         state, _ = ucgm.read_checkpoint(args.teacher, "ema", "--teacher")
         where = f"--teacher {args.teacher} (for --model {args.model})"
@@ -353,51 +334,124 @@ def main(args):
         trainer.teacher.load_state_dict(state)
         if args.teacher_decay == 1:  # frozen: checkpoints name the file and its checksum instead of a 2.7 GB copy
             teacher_file = {"path": os.path.abspath(args.teacher), "sha256": sha256_of(state)}
+    return data, model, trainer, ema, opt, teacher_file
 
+
+def resume(path, model, ema, opt, trainer, teacher_file):
+    """(step, skipped) of the checkpoint at path, loaded into the run, memory-mapped (8 ranks share the page cache)."""
+    state = ucgm.load_tensor_file(path, "--resume", mmap=True)
+    missing = {"model", "ema", "opt", "ucgm", "step", "rng"} - set(state if isinstance(state, dict) else ())
+    ucgm.require(not missing, f"--resume {path}: not a train.py checkpoint (it lacks {sorted(missing)})")
+    model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    if any(k.startswith("teacher.") for k in state["ucgm"]):
+        trainer.make_teacher(model)
+    saved = state.get("teacher_file")
+    if saved:  # the frozen teacher is the --teacher file the run started with
+        ucgm.require(teacher_file is not None and teacher_file["sha256"] == saved["sha256"], f"--resume {path}: "
+                     f"trained with the frozen teacher {saved['path']} (sha256 {saved['sha256'][:12]}...); give that "
+                     "file as --teacher")
+        state["ucgm"] = {**state["ucgm"], **{f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()}}
+    trainer.load_state_dict(state["ucgm"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["step"], state["skipped"]
+
+
+def save(args, step, skipped, data, model, ema, opt, trainer, teacher_file):
+    """Save everything that moves, so that a resumed run repeats this one exactly (a frozen --teacher by name)."""
+    trainer_state = {k: v for k, v in trainer.state_dict().items() if not (teacher_file and k.startswith("teacher."))}
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "ucgm": trainer_state,
+             "teacher_file": teacher_file, "args": vars(args), "latent_stats": {"mean": data.mean, "std": data.std},
+             "step": step, "skipped": skipped, "rng": {"torch": torch.get_rng_state()},
+             "data_position": dict(zip(("epoch", "batch"), divmod(step, len(data) // args.global_batch_size)))}
+    save_checkpoint(state, os.path.join(args.out, "checkpoints"), step, args.ckpt_every)
+
+
+def sample_grids(args, step, trainer, ema, autoencoder, data, autocast):
+    """EMA samples with the UCGM-S preset of the model, eight per class (a row each), as OUT/samples_{step}.png;
+    after the last step also OUT/steps_{step}.png: the first sample of each class with 1, 2, 4, 8, 40 steps."""
+    preset, device = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"], next(ema.parameters()).device
+    noise = torch.randn(80, data.channels, data.size, data.size, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(80) // 8 % data.num_classes  # eight per class, a row each
+
+    @torch.no_grad()
+    def decoded(noise, labels, steps):
+        with autocast:
+            images = trainer.sample(ema, noise.to(device), y=labels.to(device), cfg_scale=args.sample_cfg,
+                                    **{**preset, "steps": steps})
+        latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
+        return torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # in float32; 16 at a time bounds memory
+    ucgm.save_image_grid(decoded(noise, labels, preset["steps"]), 8, os.path.join(args.out, f"samples_{step:07d}.png"))
+    if step == args.max_steps:  # the same noise through ever more steps: a column per step count
+        columns = [decoded(noise[::8], labels[::8], steps) for steps in STEPS_PICTURE]
+        ucgm.save_image_grid(torch.stack(columns, 1).flatten(0, 1), len(STEPS_PICTURE),
+                             os.path.join(args.out, f"steps_{step:07d}.png"))
+
+
+def train_step(args, net, model, trainer, opt, x, y, autocast):
+    """Alg. 1 on one global batch over --grad-accum micro-batches, the gradient norm (clipped with --grad-clip) and,
+    if every rank's loss and norm are finite, the optimiser step; returns (loss, grad norm, whether it stepped)."""
+    step_loss = torch.zeros((), device=x.device)
+    for micro, (xm, ym) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
+        last = micro == args.grad_accum - 1
+        with (contextlib.nullcontext() if last or net is model else net.no_sync()), autocast:
+            loss = trainer.loss(net, xm, ym) / args.grad_accum
+        loss.backward()
+        step_loss += loss.detach()
+    if args.grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    else:  # the norm for the log and the guard, without clipping's rescale pass over every gradient
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    bad = ucgm.all_reduce((~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float(), x.device, "max")
+    stepped = not bad.item()  # the guard's one host sync a step, read after the backward has queued; ranks agree
+    if stepped:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, stepped
+
+
+def main(args):
+    """Train until --max-steps; resumable at any point from the newest checkpoint."""
+    started = time.time()
+    rank, world, device = ucgm.setup_distributed()
+    budget = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # free, before anything is built
+    args.compile = device.type == "cuda" if args.compile is None else args.compile  # compiled by default on CUDA
+    ucgm.require(args.global_batch_size % (world * args.grad_accum) == 0, f"--global-batch-size "
+                 f"{args.global_batch_size} must divide by processes × --grad-accum = {world * args.grad_accum}")
+    checkpoints, writer = os.path.join(args.out, "checkpoints"), rank == 0 and not args.bench  # --bench writes nothing
+    data, model, trainer, ema, opt, teacher_file = build(args, rank, device)
+    if writer:
+        os.makedirs(checkpoints, exist_ok=True)
+        for stale in glob.glob(os.path.join(checkpoints, "*.tmp*")):  # left by a run killed while saving
+            os.remove(stale)
+        ucgm.write_json(os.path.join(args.out, "args.json"), vars(args))
+        print(json.dumps(vars(args)))
     start_step, skipped = 0, 0
-    resume = os.path.join(checkpoints, "latest.pt") if args.resume == "auto" else args.resume
-    if resume and os.path.exists(resume) and not args.bench:
-        state = ucgm.load_tensor_file(resume, "--resume", mmap=True)  # 8 ranks share the page cache, not 8 copies
-        missing = {"model", "ema", "opt", "ucgm", "step", "rng"} - set(state if isinstance(state, dict) else ())
-        if missing:
-            raise ValueError(f"--resume {resume}: not a train.py checkpoint (it lacks {sorted(missing)})")
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        if any(k.startswith("teacher.") for k in state["ucgm"]):
-            trainer.make_teacher(model)
-        saved_file = state.get("teacher_file")
-        if saved_file:  # the frozen teacher is the --teacher file the run started with
-            if teacher_file is None or teacher_file["sha256"] != saved_file["sha256"]:
-                raise ValueError(f"--resume {resume}: trained with the frozen teacher {saved_file['path']} (sha256 "
-                                 f"{saved_file['sha256'][:12]}...); give that file as --teacher")
-            state["ucgm"] = {**state["ucgm"], **{f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()}}
-        trainer.load_state_dict(state["ucgm"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start_step, skipped = state["step"], state["skipped"]
+    path = os.path.join(checkpoints, "latest.pt") if args.resume == "auto" else args.resume
+    if path and os.path.exists(path) and not args.bench:
+        start_step, skipped = resume(path, model, ema, opt, trainer, teacher_file)
         if rank == 0:
-            print(f"resumed from {resume} at step {start_step}")
-    elif args.resume not in (None, "auto"):
-        raise ValueError(f"--resume {args.resume}: no such checkpoint")
+            print(f"resumed from {path} at step {start_step}")
+    ucgm.require(args.resume in (None, "auto") or os.path.exists(args.resume), f"--resume {args.resume}: no such "
+                 "checkpoint")
     if writer:
         append_log(os.path.join(args.out, "log.jsonl"), None, keep_through=start_step)
+    autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device) if writer else None  # for grids
 
     trainer.make_teacher(model)  # before compiling: the teacher is a copy of the plain network
     if args.compile:  # fuses the elementwise work of every block: ~2.5x less memory traffic on a GPU
-        compile_blocks(model)
-        if trainer.teacher is not None:  # its no-grad forwards are a quarter of a lam = 1, zeta > 0 step
-            compile_blocks(trainer.teacher)
+        for network in filter(None, (model, trainer.teacher)):  # the teacher's no-grad forwards: 1/4 of a step
+            compile_blocks(network)
     # the gradients are views of DDP's buckets (one copy, not two); the RoPE tables never change, so no broadcast
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-              gradient_as_bucket_view=True) if distributed else model
+              gradient_as_bucket_view=True) if dist.is_initialized() else model
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=StepBatches(len(data), args.global_batch_size, rank, world, args.seed, start_step,
                                         args.max_steps), num_workers=args.num_workers, pin_memory=device.type == "cuda")
     precision = ucgm.resolve_precision(args.precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    sample_noise = torch.randn(80, data.channels, data.size, data.size, generator=torch.Generator().manual_seed(0))
-    sample_labels = torch.arange(80) // 8 % data.num_classes  # eight per class, a row each
     flops = model.flops_per_forward() * args.global_batch_size * (3 + (args.lam > 0) + (args.lam == 1) + (args.zeta != 0))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = next((v for k, v in PEAK_FLOPS if k in name), None)
@@ -408,36 +462,8 @@ def main(args):
         print(f"memory: ~{estimate / 2**30:.1f} GiB estimated for {micro_batch} images a micro-batch, "
               f"{budget / 2**30:.1f} GiB free on {name}" + ("" if peak else "; MFU: peak FLOP/s of this GPU unknown"))
 
-    def sample_grid(step):
-        """EMA samples with the UCGM-S preset of the model, eight per class (a row each), as OUT/samples_{step}.png;
-        after the last step also OUT/steps_{step}.png: the first sample of each class with 1, 2, 4, 8, 40 steps."""
-        preset = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"]
-
-        def decoded(noise, labels, steps):
-            with torch.no_grad():
-                with autocast:
-                    images = trainer.sample(ema, noise.to(device), y=labels.to(device), cfg_scale=args.sample_cfg,
-                                            **{**preset, "steps": steps})
-                latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
-                return torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # 16 at a time bounds memory
-        ucgm.save_image_grid(decoded(sample_noise, sample_labels, preset["steps"]), 8,
-                             os.path.join(args.out, f"samples_{step:07d}.png"))
-        if step == args.max_steps:  # the same noise through ever more steps: a column per step count
-            columns = [decoded(sample_noise[::8], sample_labels[::8], steps) for steps in STEPS_PICTURE]
-            ucgm.save_image_grid(torch.stack(columns, 1).flatten(0, 1), len(STEPS_PICTURE),
-                                 os.path.join(args.out, f"steps_{step:07d}.png"))
-
-    def checkpoint(step):
-        """Save everything that moves, so that a resumed run repeats this one exactly."""
-        trainer_state = {k: v for k, v in trainer.state_dict().items() if not (teacher_file and k.startswith("teacher."))}
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "ucgm": trainer_state, "teacher_file": teacher_file, "args": vars(args),
-                 "latent_stats": {"mean": data.mean, "std": data.std}, "step": step, "skipped": skipped,
-                 "rng": {"torch": torch.get_rng_state()},
-                 "data_position": dict(zip(("epoch", "batch"), divmod(step, len(data) // args.global_batch_size)))}
-        save_checkpoint(state, checkpoints, step, args.ckpt_every)
-
     model.train()
+    warmup, record = min(BENCH_WARMUP, args.max_steps - 1), {}  # --bench reports the steps after the warm-up
     bad_in_a_row, window_loss, window_steps, window_start = 0, torch.zeros((), device=device), 0, time.time()
     window_first = start_step + 1
     bar = tqdm(total=args.max_steps, initial=start_step, disable=rank != 0, dynamic_ncols=True)
@@ -448,120 +474,110 @@ def main(args):
         with first_step_memory(step == start_step + 1 and budget is not None,  # the first step allocates the most
                                functools.partial(what_fits, model, args, micro_batch, budget, **setting),
                                f"{micro_batch} images a micro-batch on {name}"):
-            step_loss = torch.zeros((), device=device)
-            for micro, (xm, ym) in enumerate(zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum))):
-                last = micro == args.grad_accum - 1
-                with (contextlib.nullcontext() if last or not distributed else net.no_sync()), autocast:
-                    loss = trainer.loss(net, xm, ym) / args.grad_accum
-                loss.backward()
-                step_loss += loss.detach()
-            if args.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            else:  # the norm for the log and the guard, without clipping's rescale pass over every gradient
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
-            bad = ucgm.all_reduce((~finite).float(), device, "max")  # every rank skips together
-            if bad.item():  # the guard's one host sync a step: a bool, read after the backward has queued
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-                if bad_in_a_row >= args.max_bad_steps:
-                    raise RuntimeError(f"stopping: {bad_in_a_row} consecutive non-finite losses or gradients at step "
-                                       f"{step}; the last good checkpoint is kept in {checkpoints}")
-            else:
-                opt.step()
-                decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
-                if ema is not None:
-                    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
-                bad_in_a_row, window_loss, window_steps = 0, window_loss + step_loss, window_steps + 1
-            opt.zero_grad(set_to_none=True)
+            step_loss, grad_norm, stepped = train_step(args, net, model, trainer, opt, x, y, autocast)
+        if stepped and ema is not None:
+            decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
+            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+        bad_in_a_row, skipped = (0, skipped) if stepped else (bad_in_a_row + 1, skipped + 1)
+        ucgm.require(bad_in_a_row < args.max_bad_steps, f"stopping: {bad_in_a_row} consecutive non-finite losses or "
+                     f"gradients at step {step}; the last good checkpoint is kept in {checkpoints}")
+        if stepped:
+            window_loss, window_steps = window_loss + step_loss, window_steps + 1
         bar.update(1)
-        if args.bench and step == min(3, args.max_steps - 1):  # time from here: compilation and warm-up are done
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            bench_start, bench_first = time.time(), step + 1
-
-        if every(step, args.log_every) or step == args.max_steps:
-            window_loss = ucgm.all_reduce(window_loss, device)
+        if every(step, args.log_every) or step == args.max_steps or (args.bench and step == warmup):
+            window_loss = ucgm.all_reduce(window_loss, device).item()  # waits for the GPU: the window's time is true
             elapsed, steps_done = time.time() - window_start, step - window_first + 1
-            record = {"step": step, "loss": window_loss.item() / world / window_steps if window_steps else None,
+            memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            record = {"step": step, "loss": window_loss / world / window_steps if window_steps else None,
                       "grad_norm": grad_norm.item(), "lr": opt.param_groups[0]["lr"],
-                      "img_per_s": steps_done * args.global_batch_size / elapsed,
-                      "skipped": skipped, "peak_mem_gb": (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                                                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30}
-            if peak:
-                record["mfu"] = flops * steps_done / elapsed / world / peak
+                      "img_per_s": steps_done * args.global_batch_size / elapsed, "ms_per_step": 1000 * elapsed / steps_done,
+                      "skipped": skipped, "peak_mem_gb": memory / 2 ** 30}
+            record.update({"mfu": flops * steps_done / elapsed / world / peak} if peak else {})
             if writer:
                 append_log(os.path.join(args.out, "log.jsonl"), record)
-                bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", steps_s=f"{steps_done / elapsed:.2f}",
-                                img_s=f"{record['img_per_s']:.0f}")
+                bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", img_s=f"{record['img_per_s']:.0f}")
             window_loss, window_steps, window_start, window_first = torch.zeros((), device=device), 0, time.time(), step + 1
         if writer and (every(step, args.ckpt_every) or step == args.max_steps) and not bad_in_a_row:
-            checkpoint(step)
+            save(args, step, skipped, data, model, ema, opt, trainer, teacher_file)
         grid = args.sample_every and (every(step, args.sample_every) or step == args.max_steps)
         if writer and grid:
-            sample_grid(step)
-        if distributed and (every(step, args.ckpt_every) or grid):  # the others wait here, not inside a collective
+            sample_grids(args, step, trainer, ema, autoencoder, data, autocast)
+        if dist.is_initialized() and (every(step, args.ckpt_every) or grid):  # the others wait here, not in a collective
             dist.barrier()
     bar.close()
-    if args.bench and rank == 0:
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        seconds = (time.time() - bench_start) / (args.max_steps - bench_first + 1)
-        memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else record["peak_mem_gb"]
-        precision += ", compiled" if args.compile else ", eager"
+    report(args, record, data, world, precision, started, start_step, model, device)
+
+
+def report(args, record, data, world, precision, started, start_step, model, device):
+    """The last line: the benchmark (its last log window, after the warm-up steps) or the run's wall time; with
+    several processes, a checksum of the weights, which DDP keeps equal on every rank."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and args.bench:
         print(f"bench {args.model} on {data.channels}×{data.size}×{data.size}, batch {args.global_batch_size // world}"
-              f"/process, lam {args.lam}, {precision}: "
-              f"{args.global_batch_size / seconds:.1f} img/s, {1000 * seconds:.1f} ms/step, peak memory {memory:.2f} GiB"
-              + (f", MFU {flops / seconds / world / peak:.1%}" if peak else ""))
+              f"/process, lam {args.lam}, {precision}, {'compiled' if args.compile else 'eager'}: "
+              f"{record['img_per_s']:.1f} img/s, {record['ms_per_step']:.1f} ms/step, peak memory "
+              f"{record['peak_mem_gb']:.2f} GiB" + (f", MFU {record['mfu']:.1%}" if "mfu" in record else ""))
     elif rank == 0:
         minutes, seconds = divmod(round(time.time() - started), 60)
         print(f"{args.out}: steps {start_step + 1}-{args.max_steps} done, train.py took {minutes} min {seconds} s")
-    if world > 1:  # DDP keeps the replicas equal: check it once at the end with a checksum of the weights
+    if world > 1:
         total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
         low, high = ucgm.all_reduce(total, device, "min"), ucgm.all_reduce(total, device, "max")
         if rank == 0:
             print(f"weights identical on all {world} ranks: {bool(low == high)}")
-    if distributed:
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def defaults(key):
+    """How --help shows the default of a preset-controlled flag: the paper's, then each preset's and the demo's."""
+    def text(value):
+        return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    layers = [("", BASE), *((f"{name} ", PRESETS[name]) for name in sorted(PRESETS)), ("demo ", DEMO)]
+    return " (" + "; ".join(f"{label}{text(layer[key])}" for label, layer in layers if key in layer) + ")"
 
 
 def parse_args(argv=None):
     """Flags grouped by topic; preset-controlled ones default to None and are resolved by resolve()."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("method (UCGM-T, README M3)")
+    g = p.add_argument_group("method (UCGM-T, paper Alg. 1)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="paper recipe; explicit flags override it")
-    g.add_argument("--transport", choices=sorted(ucgm.TRANSPORTS), help="transport (Linear)")
-    g.add_argument("--lam", type=ucgm.number("[0, 1]"), help="consistency ratio λ: 0 multi-step .. 1 few-step (0)")
-    g.add_argument("--zeta", type=ucgm.number(), help="enhanced-target strength ζ; λ = 0 needs ζ < 1 (0)")
+    g.add_argument("--transport", choices=sorted(ucgm.TRANSPORTS), help="transport" + defaults("transport"))
+    g.add_argument("--lam", type=ucgm.number("[0, 1]"), help="consistency ratio λ: 0 multi-step .. 1 few-step" + defaults("lam"))
+    g.add_argument("--zeta", type=ucgm.number(), help="enhanced-target strength ζ; λ = 0 needs ζ < 1" + defaults("zeta"))
     g.add_argument("--enhance-range", type=ucgm.number("[0, 1]"), nargs=2,
-                   help="open t interval where ζ acts (0 0.75)")
-    g.add_argument("--label-drop", type=ucgm.number("[0, 1]"), help="fraction of labels nulled for guidance (0.1)")
-    g.add_argument("--huber-c", type=ucgm.number("[0, inf)"), help="pseudo-Huber constant c; 0 is an RMS loss (0)")
-    g.add_argument("--cosine-loss", action=argparse.BooleanOptionalAction, help="add 1 - cosine similarity (off)")
-    g.add_argument("--weighting", choices=["cosine", "none"], help="loss weight cos(πt/2) or none (cosine; demo none)")
+                   help="open t interval where ζ acts" + defaults("enhance_range"))
+    g.add_argument("--label-drop", type=ucgm.number("[0, 1]"), help="fraction of labels nulled for guidance" + defaults("label_drop"))
+    g.add_argument("--huber-c", type=ucgm.number("[0, inf)"), help="pseudo-Huber constant c; 0 is an RMS loss" + defaults("huber_c"))
+    g.add_argument("--cosine-loss", action=argparse.BooleanOptionalAction, help="add 1 - cosine similarity" + defaults("cosine_loss"))
+    g.add_argument("--weighting", choices=["cosine", "none"], help="loss weight cos(πt/2) or none" + defaults("weighting"))
     g.add_argument("--time-dist", type=ucgm.number("(0, inf)"), nargs=3,
-                   help="t = clamp(s·Beta(θ1, θ2)): θ1 θ2 s (1 1 1)")
+                   help="t = clamp(s·Beta(θ1, θ2)): θ1 θ2 s" + defaults("time_dist"))
     g.add_argument("--teacher-decay", type=ucgm.number("[0, 1]"),
-                   help="teacher: 0 online, (0,1) EMA, 1 frozen (0.999)")
+                   help="teacher: 0 online, (0,1) EMA, 1 frozen" + defaults("teacher_decay"))
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=sorted(ucgm.MODELS), metavar="NAME",
-                   help="network, {DiT,TiT}-{T,S,B,L,XL}/{1,2,4} (TiT-XL/1; demo TiT-T/4)")
+                   help="network, {DiT,TiT}-{T,S,B,L,XL}/{1,2,4}" + defaults("model"))
     g.add_argument("--data", help="folder of latent shards; without it, the built-in digits demo")
     g.add_argument("--latent-multiplier", type=ucgm.number("(0, inf)"), default=1.0,
                    help="scale after normalising (0.18215 SD-VAE)")
-    g.add_argument("--latent-stats", help="mean/std file, or 'none' (default: DATA/latents_stats.pt if present)")
+    g.add_argument("--latent-stats", help="mean/std file, or 'none' for raw latents (default: DATA/latents_stats.pt, required)")
     g.add_argument("--vae", choices=["identity", *ucgm.AUTOENCODERS], default="identity",
                    help="autoencoder that decodes the sample grids")
     g.add_argument("--vae-path", help="its local weight file (LDM, diffusers or VA-VAE layout)")
     g.add_argument("--out", default="runs/demo", help="output folder: checkpoints/, log.jsonl, samples (runs/demo)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch-size", type=ucgm.number("[1, inf)", int),
-                   help="images per step over all processes (1024; demo 48)")
+                   help="images per step over all processes" + defaults("global_batch_size"))
     g.add_argument("--grad-accum", type=ucgm.number("[1, inf)", int), default=1,
                    help="micro-batches per step and process (1)")
-    g.add_argument("--max-steps", type=ucgm.number("[1, inf)", int), help="training steps (1e6; demo 1800)")
-    g.add_argument("--optimizer", choices=["adamw", "radam"], help="optimiser (adamw)")
-    g.add_argument("--lr", type=ucgm.number("(0, inf)"), help="learning rate (2e-4; demo 2e-3)")
-    g.add_argument("--betas", type=ucgm.number("[0, 1)"), nargs=2, help="Adam betas (0.9 0.95)")
-    g.add_argument("--weight-decay", type=ucgm.number("[0, inf)"), help="decoupled weight decay (0)")
-    g.add_argument("--grad-clip", type=ucgm.number("[0, inf)"), help="gradient-norm clip, 0 = off (0)")
+    g.add_argument("--max-steps", type=ucgm.number("[1, inf)", int), help="training steps" + defaults("max_steps"))
+    g.add_argument("--optimizer", choices=["adamw", "radam"], help="optimiser" + defaults("optimizer"))
+    g.add_argument("--lr", type=ucgm.number("(0, inf)"), help="learning rate" + defaults("lr"))
+    g.add_argument("--betas", type=ucgm.number("[0, 1)"), nargs=2, help="Adam betas" + defaults("betas"))
+    g.add_argument("--weight-decay", type=ucgm.number("[0, inf)"), help="decoupled weight decay" + defaults("weight_decay"))
+    g.add_argument("--grad-clip", type=ucgm.number("[0, inf)"), help="gradient-norm clip, 0 = off" + defaults("grad_clip"))
     g.add_argument("--ema-decay", type=ucgm.number("[0, 1]"), default=0.9999,
                    help="EMA of the weights for sampling (0.9999)")
     g.add_argument("--max-bad-steps", type=ucgm.number("[1, inf)", int), default=10,
@@ -581,12 +597,12 @@ def parse_args(argv=None):
                    help="latent channels and size of the --bench data (32 16: VA-VAE at 256 px)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=ucgm.number("[0, inf)", int),
-                   help="steps between log.jsonl lines, 0: only the last (100; demo 50)")
+                   help="steps between log.jsonl lines, 0: only the last" + defaults("log_every"))
     g.add_argument("--ckpt-every", type=ucgm.number("[0, inf)", int),
-                   help="keep a checkpoint every this many steps, 0: only the last (20000; demo 600)")
+                   help="keep a checkpoint every this many steps, 0: only the last" + defaults("ckpt_every"))
     g.add_argument("--sample-every", type=ucgm.number("[0, inf)", int),
-                   help="steps between EMA sample grids, 0: none (20000; demo 600)")
-    g.add_argument("--sample-cfg", type=ucgm.number(), help="guidance scale of the sample grids (1; demo 3.5)")
+                   help="steps between EMA sample grids, 0: none" + defaults("sample_every"))
+    g.add_argument("--sample-cfg", type=ucgm.number(), help="guidance scale of the sample grids" + defaults("sample_cfg"))
     g.add_argument("--resume", default="auto", help="'auto' (newest in OUT/checkpoints), a path, or 'none'")
     g.add_argument("--init", help="start weights, and unless given --model and --transport: any checkpoint "
                    "sample.py reads (ours, released UCGM, SiT, REPA, REPA-E, LightningDiT)")
