@@ -1,8 +1,17 @@
 """Tests for ucgm.py: every equation against an independent computation (README, "The method in one page"),
 and the scripts end to end. Run: python -m pytest -q test_ucgm.py"""
 
+import argparse
+import copy
+import json
 import math
+import os
 import re
+import signal
+import struct
+import subprocess
+import sys
+import time
 import warnings
 
 import numpy as np
@@ -12,7 +21,12 @@ import scipy.stats
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
+import extract_latents
+import fid
+import sample
+import train
 import ucgm
 from ucgm import UCGM
 
@@ -138,6 +152,7 @@ def exact_flow(transport, mu, sigma, noise, t0):
 
 @pytest.mark.parametrize("name", sorted(ucgm.TRANSPORTS))
 def test_transport_coefficients_match_the_table(name):
+    """Table 6: the six transports' α, γ, α̂, γ̂ against the table written out again in numpy."""
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
     tr = ucgm.TRANSPORTS[name]
     ours = [f(t).numpy() for f in (tr.alpha, tr.gamma, tr.alpha_hat, tr.gamma_hat)]
@@ -149,6 +164,7 @@ def test_transport_coefficients_match_the_table(name):
 
 @pytest.mark.parametrize("name", sorted(ucgm.TRANSPORTS))
 def test_readout_inverts_transport(name):
+    """Eq. (2): f^x and f^z invert x_t = α z + γ x and F = α̂ z + γ̂ x (Eq. (1)) exactly."""
     tr = ucgm.TRANSPORTS[name]
     g = torch.Generator().manual_seed(1)
     t = torch.linspace(0.01, 0.99, 197, dtype=torch.float64)
@@ -162,6 +178,7 @@ def test_readout_inverts_transport(name):
 
 
 def test_noise_end_of_each_transport():
+    """Eq. (1) constraints: x_t is pure noise at t = 1 (t = 0 for ReLinear, Table 6)."""
     for name, tr in ucgm.TRANSPORTS.items():
         noise_end, data_end = torch.tensor(tr.noise_time), torch.tensor(1 - tr.noise_time)
         assert float(tr.alpha(data_end)) < 0.005, name  # x_t is (almost) data at the data end
@@ -170,8 +187,518 @@ def test_noise_end_of_each_transport():
 
 
 def test_unknown_transport_is_refused():
+    """A transport outside Table 6 is named in the error."""
     with pytest.raises(ValueError, match="transport"):
         UCGM(transport="Cosine")
+
+
+#################################################################################
+#                              UCGM-T: the loss                                 #
+#################################################################################
+
+def batch(n=8, dim=4, seed=0):
+    """A batch (x, y, t, noise) of flat toy data."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, dim, generator=g), torch.randint(0, 3, (n,), generator=g),
+            0.05 + 0.9 * torch.rand(n, generator=g), torch.randn(n, dim, generator=g))
+
+
+def test_lam0_equals_rms_flow_matching():
+    """Alg. 1 l.16 at λ = 0 with the Linear transport: an RMS flow-matching loss, last rows nulled."""
+    model = tiny_dit()
+    g = torch.Generator().manual_seed(0)
+    x, z, t = torch.randn(6, 2, 8, 8, generator=g), torch.randn(6, 2, 8, 8, generator=g), torch.rand(6, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    got = UCGM(label_drop=0.5).loss(model, x, y, t=t, noise=z)
+    # independently: rectified flow, x_t = t z + (1 - t) x, velocity target z - x, the last 3 labels nulled
+    tt = t[:, None, None, None]
+    pred = model(tt * z + (1 - tt) * x, t, torch.tensor([0, 1, 2, 3, 3, 3]))
+    want = ((pred - (z - x)) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("lam, zeta", [(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (1.0, 0.0), (1.0, 2.0), (0.3, 1.5)])
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow", "EDM"])
+def test_exact_model_has_zero_loss(lam, zeta, transport):
+    """Alg. 1 l.2-16: the exact F of point data has zero loss for every λ, ζ and transport."""
+    x, y, t, z = batch()
+    oracle = PointOracle(transport, x.double())  # each sample's data is its own point
+    trainer = UCGM(transport, lam=lam, zeta=zeta, cosine_loss=True, weighting="cosine", teacher_decay=0.0)
+    assert trainer.loss(oracle, x.double(), y, t=t.double(), noise=z.double()) < 1e-5
+
+
+def lam_target_by_hand(model, x, z, t, y, lam, eps=0.005):
+    """The target of T5 for Linear (alpha = t, D = -1, x̂ = x_t - t F) without enhancement."""
+    readout = lambda x_t, r, F: x_t - r[:, None] * F  # noqa: E731
+    at = lambda r: r[:, None] * z + (1 - r[:, None]) * x  # noqa: E731
+    F_t = model(at(t), t, y)
+    if lam == 1.0:
+        g_plus = readout(at(t + eps), t + eps, model(at(t + eps), t + eps, y))
+        g_minus = readout(at(t - eps), t - eps, model(at(t - eps), t - eps, y))
+        delta = (g_plus - g_minus) / (2 * eps)
+    else:
+        r, h = lam * t, (t - lam * t)[:, None]
+        delta = (readout(at(t), t, F_t) - readout(at(r), r, model(at(r), r, y))) / h
+    return F_t, delta, F_t + (t * 4 / torch.sin(t * math.pi / 2))[:, None] * delta.clamp(-1, 1)
+
+
+def test_intermediate_lam_delta_is_the_two_point_difference():
+    """Eq. (6), Alg. 1 l.9-10: Δf for 0 < λ < 1 by hand."""
+    model = ToyNet().double()
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
+    trainer = UCGM(lam=0.4, label_drop=0.0)
+    F_t, want, _ = lam_target_by_hand(model, x, z, t, y, 0.4)
+    got = trainer.delta_f(model, x, z, t, y, F_t)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_consistency_loss_matches_hand_computation(lam):
+    """Alg. 1 l.9-16 for λ = 0.5 and 1 against a hand computation (Linear)."""
+    model = ToyNet()
+    x, y, t, z = batch()
+    got = UCGM(lam=lam, label_drop=0.0).loss(model, x, y, t=t, noise=z)
+    F_t, _, target = lam_target_by_hand(model, x, z, t, y, lam)
+    want = ((F_t - target.detach()) ** 2).mean(1).sqrt().mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow"])
+def test_lam1_finite_difference_matches_jvp(transport):
+    """Alg. 1 l.12-13: the central difference is the derivative of f^x along the path (jvp)."""
+    model = ToyNet().double()
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
+    tr = ucgm.get_transport(transport)
+
+    def g(r):  # the x-readout along the fixed (x, z) pair, written out again
+        rb = r[:, None]
+        x_r = tr.alpha(rb) * z + tr.gamma(rb) * x
+        F_r = model(x_r, r, y)
+        return (tr.alpha(rb) * F_r - tr.alpha_hat(rb) * x_r) / tr.D(rb)
+
+    _, derivative = torch.func.jvp(g, (t,), (torch.ones_like(t),))
+    finite_difference = UCGM(transport, lam=1.0).delta_f(model, x, z, t, y, F_t=None)
+    assert (finite_difference - derivative).abs().max() < 1e-3
+    assert derivative.abs().max() > 0.05  # the comparison is not between two zeros
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+def test_lam1_loss_in_float64_matches_jvp_to_1e8():
+    """Float64 in, float64 out: the whole lam = 1 loss against the exact derivative, with a small eps."""
+    model = ToyNet().double()
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
+    tr = ucgm.get_transport("Linear")
+
+    def g(r):  # the x-readout (x_r - r F) along the fixed pair, Linear written out again
+        x_r = r[:, None] * z + (1 - r[:, None]) * x
+        return x_r - r[:, None] * model(x_r, r, y)
+
+    _, derivative = torch.func.jvp(g, (t,), (torch.ones_like(t),))
+    trainer = UCGM(lam=1.0, label_drop=0.0, eps=1e-5)
+    torch.testing.assert_close(trainer.delta_f(model, x, z, t, y, F_t=None), derivative, rtol=0, atol=1e-8)
+    loss = trainer.loss(model, x, y, t=t, noise=z)
+    F_t = model(t[:, None] * z + (1 - t[:, None]) * x, t, y)
+    target = F_t + t[:, None] * 4 / torch.sin(t * math.pi / 2)[:, None] * derivative.clamp(-1, 1)  # D = -1
+    assert loss.dtype == torch.float64 and abs(loss - ((F_t - target) ** 2).mean(1).sqrt().mean()) < 1e-8
+    assert derivative.abs().max() > 0.05 and tr.D(torch.tensor(0.3)) == -1
+
+
+# lam = 1 differences two bf16 outputs 2·eps = 0.01 apart: their rounding (~0.4%) is amplified 100 times, as in the
+# released bf16 training; the loss stays finite and near, the central difference is noisy
+@pytest.mark.parametrize("lam, zeta, decay, tolerance", [(0.0, 0.5, 0.9, 0.02), (1.0, 1.0, 1.0, 0.2)])
+def test_bf16_autocast_on_cpu_gives_a_float32_loss_close_to_float32(lam, zeta, decay, tolerance):
+    """Alg. 1 under bf16 autocast: a float32 loss near the float32 one."""
+    model = tiny_dit()
+    x, y = torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3
+    t, z = torch.linspace(0.1, 0.9, 8), torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for precision in ("fp32", "bf16"):
+        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            results[precision] = trainer.loss(model, x, y, t=t, noise=z)
+    assert results["bf16"].dtype == torch.float32 and torch.isfinite(results["bf16"])
+    assert abs(results["bf16"] - results["fp32"]) < tolerance * results["fp32"]
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor reads that move a value to the host (on CUDA each one waits for the GPU)."""
+    READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lam, zeta, decay", [(0.0, 0.0, 0.0), (0.0, 0.5, 0.99), (0.5, 1.0, 0.0), (1.0, 2.0, 1.0)])
+def test_loss_and_backward_read_no_tensor_on_the_host(lam, zeta, decay):
+    """Alg. 1 l.2-16 as one queue of GPU work: no sync between the sampled t and the backward."""
+    model = tiny_dit()
+    trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25, huber_c=0.1, cosine_loss=True,
+                   weighting="cosine", time_dist=(0.8, 1.0, 1.0))
+    x, y = torch.randn(8, 2, 8, 8), torch.arange(8) % 3
+    trainer.loss(model, x, y)  # the teacher is built by the first call
+    with HostReads() as counter:
+        trainer.loss(model, x, y).backward()
+    assert counter.reads == []
+
+
+def test_lam1_difference_runs_as_one_doubled_batch_equal_to_two_forwards():
+    """Alg. 1 l.12-13 (λ = 1): g(t + ε) and g(t − ε) of one doubled no-grad batch equal two separate evaluations."""
+    model, trainer = ToyNet().double(), UCGM(lam=1.0)
+    x_star, y, t, z_star = (v.double() if v.is_floating_point() else v for v in batch())
+    batches = []
+    counted = lambda x_r, r, labels: batches.append(len(x_r)) or model(x_r, r, labels)  # noqa: E731
+    delta = trainer.delta_f(counted, x_star, z_star, t, y, None)
+    two = [trainer.denoised(model, x_star, z_star, t + sign * trainer.eps, y) for sign in (1, -1)]
+    assert batches == [2 * len(x_star)]
+    torch.testing.assert_close(delta, (two[0] - two[1]) / (2 * trainer.eps), rtol=1e-12, atol=1e-9)
+
+
+def test_gradients_reach_only_the_F_t_branch():
+    """Alg. 1 l.15: sg(F_t); the gradient flows through F_t of l.4 only."""
+    x, y, t, z = batch()
+    trainer = UCGM(lam=1.0, zeta=1.5, teacher_decay=1.0, label_drop=0.25)  # a frozen teacher: same in every call
+    model = ToyNet()
+    trainer.make_teacher(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the online model moves away from its teacher
+    trainer.loss(model, x, y, t=t, noise=z).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+    # the same loss with a target built separately and detached gives the same gradient ...
+    y_dropped, dropped = trainer.drop_labels(y, 3)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    grads = []
+    for detach in (True, False):
+        model.zero_grad()
+        F_t = model(x_t, t, y_dropped)
+        with torch.set_grad_enabled(not detach):
+            target = trainer.target(model, x, z, x_t, t, y_dropped, dropped, F_t if not detach else F_t.detach())
+        ((F_t - target) ** 2).mean(1).sqrt().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(got, grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # ... and not the one where gradient also flows through the target
+    assert max((a - b).abs().max() for a, b in zip(got, grads[1])) > 1e-4
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_enhanced_targets_follow_the_three_row_rules(lam):
+    """Alg. 1 l.5-6 (App. C.1.3 for λ > 0) and README rules "enhance range", "dropped rows"."""
+    x, y, t, z = batch(n=10)
+    t[:5] = torch.tensor([0.1, 0.5, 0.8, 0.9, 0.3])  # rows 2 and 3 fall outside enhance_range (0, 0.75)
+    zeta = 0.4 if lam == 0.0 else 1.7
+    trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=0.0, label_drop=0.3)
+    model = ToyNet()
+    y_dropped, dropped = trainer.drop_labels(y, 3)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    F_t = model(x_t, t, y_dropped)
+    got_x, got_z = trainer.enhance(model, x, z, x_t, t, y_dropped, dropped, F_t)
+    with torch.no_grad():  # Linear readouts: x̂ = x_t - t F, ẑ = x_t + (1 - t) F
+        F_other = model(x_t, t, torch.full_like(y, 3) if lam == 0.0 else y_dropped)
+    for i in range(10):
+        ti = float(t[i])
+        pred = [(x_t[i] - ti * F[i], x_t[i] + (1 - ti) * F[i]) for F in (F_t.detach(), F_other)]
+        for k, (data, got) in enumerate([(x[i], got_x[i]), (z[i], got_z[i])]):
+            cond, other = pred[0][k], pred[1][k]
+            if lam == 0.0:  # other = the unconditional prediction
+                want = (data + other) / 2 if i >= 7 else data + zeta * (cond - other) if 0 < ti < 0.75 \
+                    else (data + cond) / 2
+            else:  # other = the teacher's conditional prediction
+                want = data if i >= 7 else data + zeta * (other - data) if 0 < ti < 0.75 else (data + other) / 2
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_huber_cosine_term_and_weighting():
+    """Alg. 1 l.16 with README rule "Huber and cosine" and the cos(πt/2) weight."""
+    model = tiny_dit()
+    g = torch.Generator().manual_seed(3)
+    x, z, t = torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 2, 8, 8, generator=g), torch.rand(4, generator=g)
+    y = torch.tensor([0, 1, 2, 1])
+    got = UCGM(label_drop=0.0, huber_c=0.7, cosine_loss=True, weighting="cosine").loss(model, x, y, t=t, noise=z)
+    tt = t[:, None, None, None]
+    pred = model(tt * z + (1 - tt) * x, t, y).detach().double().numpy()
+    target = (z - x).double().numpy()
+    want = []
+    for i in range(4):
+        huber = math.sqrt(((pred[i] - target[i]) ** 2).mean() + 0.49) - 0.7
+        dots = (pred[i] * target[i]).sum(0) / np.maximum(
+            np.linalg.norm(pred[i], axis=0) * np.linalg.norm(target[i], axis=0), 1e-8)  # per pixel, over channels
+        want.append((huber + (1 - dots).mean()) * math.cos(math.pi * float(t[i]) / 2))
+    assert abs(got.item() - np.mean(want)) < 1e-5
+
+
+@pytest.mark.parametrize("p, n, k", [(0.1, 10, 1), (0.25, 8, 2), (0.1, 32, 3), (0.04, 10, 0), (0.0, 8, 0)])
+def test_label_dropout_takes_the_last_round_pn_rows(p, n, k):
+    """README rule "label dropping": the last round(p·N) rows get ∅."""
+    seen = []
+
+    class Spy(ToyNet):
+        def forward(self, x, t, y):
+            seen.append(y.clone())
+            return super().forward(x, t, y)
+
+    x, y, t, z = batch(n=n)
+    UCGM(label_drop=p).loss(Spy(), x, y, t=t, noise=z)
+    want = y.clone()
+    want[n - k:] = 3
+    assert torch.equal(seen[0], want) and (seen[0] == 3).sum() == k
+
+
+def test_teacher_ema_warmup_follows_t4():
+    """README rule "teacher": the EMA of θ⁻ (Alg. 1 l.6) with its warm-up momentum."""
+    decay = 0.9
+    trainer = UCGM(zeta=0.3, teacher_decay=decay)
+    model = ToyNet()
+    x, y, t, z = batch()
+    expected, m = None, 0.0
+    for step in range(5):
+        trainer.loss(model, x, y, t=t, noise=z)
+        online = [p.detach().clone() for p in model.parameters()]
+        expected = online if expected is None else [m * e + (1 - m) * o for e, o in zip(expected, online)]
+        m = m + (1 - m) * (decay - m) / 2
+        for e, got in zip(expected, trainer.teacher.parameters()):
+            torch.testing.assert_close(got, e)
+        assert trainer.teacher_momentum == pytest.approx(m)
+        if step == 0:
+            assert all(torch.equal(a, b) for a, b in zip(online, trainer.teacher.parameters()))  # m = 0 copies
+        with torch.no_grad():  # stand-in for an optimiser step
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def test_teacher_modes():
+    """README rule "teacher": θ⁻ online (d = 0), EMA (0 < d < 1) or frozen (d = 1)."""
+    x, y, t, z = batch()
+    online = UCGM(zeta=0.3, teacher_decay=0.0)  # d = 0: the online model, no copy
+    online.loss(ToyNet(), x, y, t=t, noise=z)
+    assert online.teacher is None
+    frozen, model = UCGM(lam=1.0, zeta=2.0, teacher_decay=1.0), ToyNet()
+    frozen.loss(model, x, y, t=t, noise=z)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    frozen.loss(model, x, y, t=t, noise=z)
+    assert all(torch.equal(a, b) for a, b in zip(start, frozen.teacher.parameters()))
+    assert UCGM(lam=1.0, zeta=0.0, teacher_decay=0.999).needs_teacher is False  # no zeta: no teacher
+    with pytest.raises(ValueError, match="teacher_decay"):
+        UCGM(lam=0.0, zeta=0.5, teacher_decay=1.0)
+
+
+def test_trainer_state_dict_roundtrip(tmp_path):
+    """The teacher θ⁻ and its momentum survive a state-dict round trip."""
+    x, y, t, z = batch()
+    trainer, model = UCGM(zeta=0.4, teacher_decay=0.99), ToyNet()
+    for _ in range(3):
+        trainer.loss(model, x, y, t=t, noise=z)
+        with torch.no_grad():
+            model.out.bias.add_(0.3)
+    torch.save(trainer.state_dict(), tmp_path / "ucgm.pt")
+    restored = UCGM(zeta=0.4, teacher_decay=0.99)
+    with pytest.raises(ValueError, match="make_teacher"):
+        restored.load_state_dict(torch.load(tmp_path / "ucgm.pt", weights_only=True))
+    restored.make_teacher(ToyNet(seed=5))
+    restored.load_state_dict(torch.load(tmp_path / "ucgm.pt", weights_only=True))
+    assert restored.teacher_momentum == trainer.teacher_momentum > 0
+    for a, b in zip(trainer.teacher.parameters(), restored.teacher.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(trainer.loss(model, x, y, t=t, noise=z), restored.loss(model, x, y, t=t, noise=z))
+
+
+def test_time_distribution_is_scaled_clamped_beta():
+    """Alg. 1 l.2 with README rule "time scale": t = clamp(s·Beta(θ1, θ2)) (a KS test)."""
+    torch.manual_seed(0)
+    t = UCGM(time_dist=(0.8, 1.0, 1.0)).sample_time(20000, "cpu").numpy()
+    assert scipy.stats.kstest(t, scipy.stats.beta(0.8, 1.0).cdf).pvalue > 1e-3
+    t = UCGM(time_dist=(2.4, 2.4, 1.5)).sample_time(20000, "cpu").numpy()
+    clamped = 1 - scipy.stats.beta(2.4, 2.4).cdf(1 / 1.5)  # P(1.5·B >= 1)
+    assert abs((t == 1.0).mean() - clamped) < 4 * math.sqrt(clamped * (1 - clamped) / 20000)
+    inner = t[t < 1] / 1.5
+    assert scipy.stats.kstest(inner, lambda v: scipy.stats.beta(2.4, 2.4).cdf(v) / (1 - clamped)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lam=1.5), "lam"), (dict(lam=-0.1), "lam"), (dict(zeta=1.0), "zeta"), (dict(zeta=float("inf"), lam=1.0),
+                                                                                  "zeta"),
+    (dict(weighting="uniform"), "weighting"), (dict(time_dist=(1, 1)), "time_dist"), (dict(label_drop=2), "label_drop"),
+    (dict(enhance_range=(0.8, 0.2)), "enhance_range")])
+def test_bad_trainer_arguments_are_refused(kwargs, match):
+    """One-line errors for arguments outside Alg. 1's ranges."""
+    with pytest.raises(ValueError, match=match):
+        UCGM(**kwargs)
+
+
+def test_bad_loss_inputs_are_refused():
+    """One-line errors for inputs of the wrong shape."""
+    x, y, t, z = batch()
+    with pytest.raises(ValueError, match="noise"):
+        UCGM().loss(ToyNet(), x, y, t=t, noise=z[:, :2])
+    with pytest.raises(IndexError):
+        UCGM().loss(tiny_dit(), torch.randn(2, 2, 8, 8), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="t: expected"):
+        UCGM().loss(ToyNet(), x, y, t=t[:3], noise=z)
+
+
+#################################################################################
+#                             UCGM-S: the sampler                               #
+#################################################################################
+
+def test_time_grids_are_exact():
+    """Alg. 2 l.1 and the schedule T (App. C.1.3 warp, README rule "gaps") against hand-computed grids."""
+    linear = UCGM("Linear")
+    step = 0.998 / 3  # u = linspace(0.001, 0.999, 4), t = 1 - u, then the data end
+    want = [0.999, 0.999 - step, 0.999 - 2 * step, 0.001, 0.0]
+    torch.testing.assert_close(linear.time_grid(4), torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(linear.time_grid(4, gaps=(0.0, 0.0)),  # n + 1 points, the last dropped
+                               torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(linear.time_grid(5, order=2, gaps=(0.1, 0.3)),  # (5 + 1) // 2 = 3 points
+                               torch.tensor([0.9, 0.6, 0.3, 0.0], dtype=torch.float64))
+    u = np.linspace(0.001, 0.999, 6)
+    warped = (1 - (1 - u ** 1.17) ** 0.8) ** 1.1
+    np.testing.assert_allclose(linear.time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(1 - warped, 0), rtol=1e-12)
+    np.testing.assert_allclose(UCGM("ReLinear").time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(warped, 1))
+    np.testing.assert_allclose(linear.time_grid(1, gaps=(0.001, 0.3)).numpy(), [0.999, 0.0])
+
+
+@pytest.mark.parametrize("transport", sorted(ucgm.TRANSPORTS))
+def test_one_step_returns_a_point_mass(transport):
+    """Alg. 2 l.3 and the output: one step of the exact point-mass denoiser returns the point."""
+    x0 = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64).repeat(5, 1)
+    noise = torch.randn(5, 3)
+    out = UCGM(transport).sample(PointOracle(transport, x0), noise, steps=1, rho=1.0, gaps=(0.001, 0.3))
+    torch.testing.assert_close(out, x0.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow", "ReLinear"])
+def test_gaussian_data_is_sampled_with_its_mean_and_covariance(transport):
+    """Tolerances: N = 20000 samples give standard errors se(mean_i) = sqrt(S_ii / N) and se(cov_ij) =
+    sqrt((S_ii S_jj + S_ij²) / N); we allow 4 of them plus the discretisation error, which is bounded by the
+    RMS distance to the exact probability-flow solution from the same noise (checked to fall as 1/steps)."""
+    mu, sigma = gaussian_problem()
+    oracle, sampler = GaussianOracle(transport, mu, sigma), UCGM(transport)
+    noise = torch.randn(20000, 3, generator=torch.Generator().manual_seed(0))
+    rms = {}
+    for steps in (64, 128, 256):
+        out = sampler.sample(oracle, noise, steps=steps).double()
+        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
+        rms[steps] = ((out - exact) ** 2).sum(1).mean().sqrt().item()
+    assert rms[64] < 0.06 and 1.8 < rms[64] / rms[128] < 2.2 and 1.8 < rms[128] / rms[256] < 2.2  # first order
+    n, s = len(noise), sigma.diag()
+    assert ((out.mean(0) - mu).abs() < 4 * (s / n).sqrt() + rms[256]).all()
+    se_cov = ((s[:, None] * s[None, :] + sigma ** 2) / n).sqrt()
+    assert ((torch.cov(out.T) - sigma).abs() < 4 * se_cov + 2 * rms[256] * s.max().sqrt()).all()
+
+
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow"])
+def test_extrapolation_reduces_the_error_against_the_exact_ode(transport):
+    """Alg. 2 l.4-5: κ = 0.5 brings 8-16 steps nearer the exact ODE."""
+    mu, sigma = gaussian_problem()
+    oracle, sampler = GaussianOracle(transport, mu, sigma), UCGM(transport)
+    noise = torch.randn(4000, 3, generator=torch.Generator().manual_seed(1))
+    for steps in (8, 12, 16):
+        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
+        err = {kappa: ((sampler.sample(oracle, noise, steps=steps, kappa=kappa).double() - exact) ** 2).mean().sqrt()
+               for kappa in (0.0, 0.5)}
+        assert err[0.5] < 0.8 * err[0.0], (steps, err)
+
+
+def test_second_order_step_matches_hand_computation():
+    """Alg. 2 l.9-11 (with ẑ) against a hand computation."""
+    mu, sigma = gaussian_problem()
+    oracle, sampler, tr = GaussianOracle("Linear", mu, sigma), UCGM("Linear"), ucgm.TRANSPORTS["Linear"]
+    noise = torch.randn(6, 3, dtype=torch.float64)
+    got = sampler.sample(oracle, noise, steps=3, order=2, gaps=(0.1, 0.2))  # n = 2: times 0.9, 0.2, 0
+    assert sampler.nfe == 3
+    t0, t1 = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
+    F = lambda x, t: oracle(x.float(), t.float().expand(len(x)))  # noqa: E731  (the sampler feeds float32)
+    x_hat, z_hat = tr.readout(F(noise, t0), noise, t0)
+    euler = (1 - t1) * x_hat + t1 * z_hat
+    z_next = tr.readout(F(euler, t1), euler, t1)[1]
+    heun = noise * (1 - t1) / (1 - t0) + (t1 - t0 * (1 - t1) / (1 - t0)) * (z_hat + z_next) / 2
+    torch.testing.assert_close(got, tr.readout(F(heun, t1), heun, t1)[0].float())
+    with pytest.raises(ValueError, match="gaps"):  # gamma(t_0) = 0 would divide by zero
+        sampler.sample(oracle, noise, steps=4, order=2, gaps=(0.0, 0.1))
+
+
+def test_auto_rho_is_recomputed_every_step_with_generator_noise():
+    """Alg. 2 l.7-8: ρ = "auto" at every step, noise from the generator."""
+    mu, sigma = gaussian_problem()
+    oracle, sampler, tr = GaussianOracle("Linear", mu, sigma), UCGM("Linear"), ucgm.TRANSPORTS["Linear"]
+    noise = torch.randn(6, 3, dtype=torch.float64)
+    got = sampler.sample(oracle, noise, steps=3, rho="auto", gaps=(0.1, 0.1), generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    times = [0.9, 0.5, 0.1, 0.0]
+    x = noise
+    for t_cur, t_next in zip(times[:-1], times[1:]):
+        t_cur, t_next = torch.tensor(t_cur, dtype=torch.float64), torch.tensor(t_next, dtype=torch.float64)
+        x_hat, z_hat = tr.readout(oracle(x.float(), t_cur.float().expand(6)), x, t_cur)
+        rho = min(abs(t_next - t_cur) * 2 * t_cur / t_next ** 2, 1.0) if t_next > 0 else 1.0
+        eps = torch.randn(6, 3, generator=g, dtype=torch.float64)
+        x = (1 - t_next) * x_hat + t_next * (math.sqrt(1 - rho) * z_hat + math.sqrt(rho) * eps)
+    torch.testing.assert_close(got, x_hat.float())
+    again = sampler.sample(oracle, noise, steps=3, rho="auto", gaps=(0.1, 0.1),
+                           generator=torch.Generator().manual_seed(7))
+    other = sampler.sample(oracle, noise, steps=3, rho=1.0, gaps=(0.1, 0.1), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(got, again) and not torch.allclose(got, other)
+
+
+def test_return_all_gives_the_raw_trajectory():
+    """Alg. 2 Ensure: the history of raw x̂_i."""
+    mu, sigma = gaussian_problem()
+    out, trajectory = UCGM().sample(GaussianOracle("Linear", mu, sigma), torch.randn(5, 3), steps=6, kappa=0.5,
+                                    return_all=True)
+    assert trajectory.shape == (6, 5, 3) and torch.equal(trajectory[-1], out)
+
+
+class CountingNet(ToyNet):
+    """ToyNet that counts the rows it evaluates."""
+    rows = 0
+
+    def forward(self, x, t, y):
+        self.rows += len(x)
+        return super().forward(x, t, y)
+
+
+def test_cfg_interval_and_nfe():
+    """README rule "cfg interval": guided steps inside the interval count two evaluations."""
+    model, sampler = CountingNet(dim=4), UCGM()
+    noise, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    sampler.sample(model, noise, steps=10, cfg_scale=3.0, cfg_interval=(0.0, 0.5), y=y)
+    inside = int(((sampler.time_grid(10)[:-1] >= 0) & (sampler.time_grid(10)[:-1] <= 0.5)).sum())
+    assert 0 < inside < 10 and sampler.nfe == 10 + inside and model.rows == 5 * sampler.nfe
+    sampler.sample(model, noise, steps=10, y=y)
+    assert sampler.nfe == 10
+
+
+@pytest.mark.parametrize("channels", [None, 2])
+def test_cfg_guides_the_requested_channels(channels):
+    """README rule "cfg channels": guidance on the first k channels only."""
+    model, sampler = ToyNet(dim=4), UCGM()
+    noise, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    got = sampler.sample(model, noise, steps=1, cfg_scale=2.5, cfg_channels=channels, y=y, gaps=(0.2, 0.3))
+    t = torch.full((5,), 0.8)
+    F_c, F_u = model(noise, t, y).double(), model(noise, t, torch.full_like(y, 3)).double()
+    F = F_u + 2.5 * (F_c - F_u)
+    if channels is not None:
+        F[:, channels:] = F_c[:, channels:]
+    torch.testing.assert_close(got, (noise - 0.8 * F).float())  # Linear x̂ = x_t - t F
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(order=3), "order"), (dict(steps=0), "steps"), (dict(gaps=(0.6, 0.5)), "gaps"), (dict(rho=2.0), "rho"),
+    (dict(gaps=(-0.1, 0.1)), "gaps"), (dict(cfg_scale=2.0), "cfg_scale"), (dict(warp=(1, 0, 1)), "warp")])
+def test_bad_sampler_arguments_are_refused(kwargs, match):
+    """One-line errors for arguments outside Alg. 2's ranges."""
+    with pytest.raises(ValueError, match=match):
+        UCGM().sample(ToyNet(), torch.randn(2, 4), **{"steps": 4, **kwargs})
 
 
 #################################################################################
@@ -225,6 +752,7 @@ def released_lightningdit_xl1_layout(width=1152, depth=28):
     ("LightningDiT-XL/1", dict(input_size=16, in_channels=32), released_lightningdit_xl1_layout(), 351, 675.26),
     ("DiT-XL/2", dict(input_size=32, in_channels=4, learn_sigma=True), released_sit_xl2_layout(), 292, 675.13)])
 def test_released_layout_loads_strict(name, kwargs, layout, n_keys, n_params):
+    """The released TiT-XL/1 and SiT-XL/2 key layouts load with strict=True."""
     with torch.device("meta"):  # shapes only: no 2.7 GB of weights on a CI machine
         model = ucgm.create_model(name, **kwargs)
         state = {k: torch.empty(shape) for k, shape in layout.items()}
@@ -236,6 +764,7 @@ def test_released_layout_loads_strict(name, kwargs, layout, n_keys, n_params):
 
 
 def test_state_dict_roundtrip_gives_same_outputs():
+    """A saved and reloaded network gives the same F."""
     src, dst = tiny_dit(seed=0), tiny_dit(seed=1)
     x, t, y = torch.randn(3, 2, 8, 8), torch.rand(3), torch.tensor([0, 2, 3])
     assert not torch.allclose(src(x, t, y), dst(x, t, y))
@@ -244,6 +773,7 @@ def test_state_dict_roundtrip_gives_same_outputs():
 
 
 def test_sincos_pos_embed_matches_numpy():
+    """DiT's fixed 2-D sin-cos table against numpy."""
     dim, grid = 16, 4
     ours = ucgm.sincos_2d(dim, grid).numpy()
     omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
@@ -255,6 +785,7 @@ def test_sincos_pos_embed_matches_numpy():
 
 
 def test_rope_matches_complex_rotation():
+    """TiT's 2-D RoPE against a complex rotation."""
     head_dim, grid = 16, 3
     rope = ucgm.Rope2D(head_dim, grid)
     q = torch.randn(1, 1, grid * grid, head_dim, dtype=torch.float64)
@@ -271,6 +802,7 @@ def test_rope_matches_complex_rotation():
 
 
 def test_timestep_embedding_and_rmsnorm_match_formulas():
+    """The t embedding (t as is) and RMSNorm against their formulas."""
     emb = ucgm.TimestepEmbedder(8)
     t = torch.tensor([0.0, 0.3, 1.0])
     with torch.no_grad():
@@ -288,6 +820,7 @@ def test_timestep_embedding_and_rmsnorm_match_formulas():
 
 
 def test_dit_init_forward_shapes_and_switches():
+    """DiT initialisation, shapes and the TiT switches."""
     for switches in ucgm.FAMILIES.values():
         model = ucgm.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
                          num_classes=5, **switches)
@@ -304,6 +837,7 @@ def test_dit_init_forward_shapes_and_switches():
 
 
 def test_patchify_roundtrip_and_flops():
+    """Unpatchify inverts patchify; DiT-XL/2 is 237 GFLOP a forward."""
     model = tiny_dit()
     x = torch.randn(2, 2, 8, 8)
     p = 2
@@ -314,6 +848,7 @@ def test_patchify_roundtrip_and_flops():
 
 
 def test_grad_checkpoint_gives_same_gradients():
+    """Activation checkpointing leaves the gradients unchanged."""
     x, t, y = torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([1, 3])
     grads = []
     for flag in (False, True):
@@ -324,6 +859,7 @@ def test_grad_checkpoint_gives_same_gradients():
 
 
 def test_bad_labels_and_shapes_are_refused():
+    """Wrong shapes are refused; out-of-range labels fail in the embedding."""
     model = tiny_dit()
     with pytest.raises(IndexError):  # the forward reads no label (that would sync): the embedding refuses it
         model(torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([0, 4]))
@@ -357,6 +893,7 @@ def test_every_sdpa_call_gets_a_last_dimension_of_stride_1(monkeypatch):
 
 @cuda
 def test_cuda_bf16_autocast_forward_loss_and_sample():
+    """On CUDA under bf16 autocast: forward, Alg. 1 and Alg. 2 run and are finite."""
     model = tiny_dit().cuda()
     x, t, y = torch.randn(4, 2, 8, 8, device="cuda"), torch.rand(4, device="cuda"), torch.tensor([0, 1, 2, 3]).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -369,786 +906,9 @@ def test_cuda_bf16_autocast_forward_loss_and_sample():
 
 
 #################################################################################
-#                              UCGM-T: the loss                                 #
-#################################################################################
-
-def batch(n=8, dim=4, seed=0):
-    """A batch (x, y, t, noise) of flat toy data."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, dim, generator=g), torch.randint(0, 3, (n,), generator=g),
-            0.05 + 0.9 * torch.rand(n, generator=g), torch.randn(n, dim, generator=g))
-
-
-def test_lam0_equals_rms_flow_matching():
-    model = tiny_dit()
-    g = torch.Generator().manual_seed(0)
-    x, z, t = torch.randn(6, 2, 8, 8, generator=g), torch.randn(6, 2, 8, 8, generator=g), torch.rand(6, generator=g)
-    y = torch.tensor([0, 1, 2, 0, 1, 2])
-    got = UCGM(label_drop=0.5).loss(model, x, y, t=t, noise=z)
-    # independently: rectified flow, x_t = t z + (1 - t) x, velocity target z - x, the last 3 labels nulled
-    tt = t[:, None, None, None]
-    pred = model(tt * z + (1 - tt) * x, t, torch.tensor([0, 1, 2, 3, 3, 3]))
-    want = ((pred - (z - x)) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()
-    torch.testing.assert_close(got, want)
-
-
-@pytest.mark.parametrize("lam, zeta", [(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (1.0, 0.0), (1.0, 2.0), (0.3, 1.5)])
-@pytest.mark.parametrize("transport", ["Linear", "TrigFlow", "EDM"])
-def test_exact_model_has_zero_loss(lam, zeta, transport):
-    x, y, t, z = batch()
-    oracle = PointOracle(transport, x.double())  # each sample's data is its own point
-    trainer = UCGM(transport, lam=lam, zeta=zeta, cosine_loss=True, weighting="cosine", teacher_decay=0.0)
-    assert trainer.loss(oracle, x.double(), y, t=t.double(), noise=z.double()) < 1e-5
-
-
-def lam_target_by_hand(model, x, z, t, y, lam, eps=0.005):
-    """The target of T5 for Linear (alpha = t, D = -1, x̂ = x_t - t F) without enhancement."""
-    readout = lambda x_t, r, F: x_t - r[:, None] * F  # noqa: E731
-    at = lambda r: r[:, None] * z + (1 - r[:, None]) * x  # noqa: E731
-    F_t = model(at(t), t, y)
-    if lam == 1.0:
-        g_plus = readout(at(t + eps), t + eps, model(at(t + eps), t + eps, y))
-        g_minus = readout(at(t - eps), t - eps, model(at(t - eps), t - eps, y))
-        delta = (g_plus - g_minus) / (2 * eps)
-    else:
-        r, h = lam * t, (t - lam * t)[:, None]
-        delta = (readout(at(t), t, F_t) - readout(at(r), r, model(at(r), r, y))) / h
-    return F_t, delta, F_t + (t * 4 / torch.sin(t * math.pi / 2))[:, None] * delta.clamp(-1, 1)
-
-
-def test_intermediate_lam_delta_is_the_two_point_difference():
-    model = ToyNet().double()
-    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
-    trainer = UCGM(lam=0.4, label_drop=0.0)
-    F_t, want, _ = lam_target_by_hand(model, x, z, t, y, 0.4)
-    got = trainer.delta_f(model, x, z, t, y, F_t)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("lam", [0.5, 1.0])
-def test_consistency_loss_matches_hand_computation(lam):
-    model = ToyNet()
-    x, y, t, z = batch()
-    got = UCGM(lam=lam, label_drop=0.0).loss(model, x, y, t=t, noise=z)
-    F_t, _, target = lam_target_by_hand(model, x, z, t, y, lam)
-    want = ((F_t - target.detach()) ** 2).mean(1).sqrt().mean()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
-@pytest.mark.parametrize("transport", ["Linear", "TrigFlow"])
-def test_lam1_finite_difference_matches_jvp(transport):
-    model = ToyNet().double()
-    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
-    tr = ucgm.get_transport(transport)
-
-    def g(r):  # the x-readout along the fixed (x, z) pair, written out again
-        rb = r[:, None]
-        x_r = tr.alpha(rb) * z + tr.gamma(rb) * x
-        F_r = model(x_r, r, y)
-        return (tr.alpha(rb) * F_r - tr.alpha_hat(rb) * x_r) / tr.D(rb)
-
-    _, derivative = torch.func.jvp(g, (t,), (torch.ones_like(t),))
-    finite_difference = UCGM(transport, lam=1.0).delta_f(model, x, z, t, y, F_t=None)
-    assert (finite_difference - derivative).abs().max() < 1e-3
-    assert derivative.abs().max() > 0.05  # the comparison is not between two zeros
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
-def test_lam1_loss_in_float64_matches_jvp_to_1e8():
-    """Float64 in, float64 out: the whole lam = 1 loss against the exact derivative, with a small eps."""
-    model = ToyNet().double()
-    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
-    tr = ucgm.get_transport("Linear")
-
-    def g(r):  # the x-readout (x_r - r F) along the fixed pair, Linear written out again
-        x_r = r[:, None] * z + (1 - r[:, None]) * x
-        return x_r - r[:, None] * model(x_r, r, y)
-
-    _, derivative = torch.func.jvp(g, (t,), (torch.ones_like(t),))
-    trainer = UCGM(lam=1.0, label_drop=0.0, eps=1e-5)
-    torch.testing.assert_close(trainer.delta_f(model, x, z, t, y, F_t=None), derivative, rtol=0, atol=1e-8)
-    loss = trainer.loss(model, x, y, t=t, noise=z)
-    F_t = model(t[:, None] * z + (1 - t[:, None]) * x, t, y)
-    target = F_t + t[:, None] * 4 / torch.sin(t * math.pi / 2)[:, None] * derivative.clamp(-1, 1)  # D = -1
-    assert loss.dtype == torch.float64 and abs(loss - ((F_t - target) ** 2).mean(1).sqrt().mean()) < 1e-8
-    assert derivative.abs().max() > 0.05 and tr.D(torch.tensor(0.3)) == -1
-
-
-# lam = 1 differences two bf16 outputs 2·eps = 0.01 apart: their rounding (~0.4%) is amplified 100 times, as in the
-# released bf16 training; the loss stays finite and near, the central difference is noisy
-@pytest.mark.parametrize("lam, zeta, decay, tolerance", [(0.0, 0.5, 0.9, 0.02), (1.0, 1.0, 1.0, 0.2)])
-def test_bf16_autocast_on_cpu_gives_a_float32_loss_close_to_float32(lam, zeta, decay, tolerance):
-    model = tiny_dit()
-    x, y = torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3
-    t, z = torch.linspace(0.1, 0.9, 8), torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(2))
-    results = {}
-    for precision in ("fp32", "bf16"):
-        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            results[precision] = trainer.loss(model, x, y, t=t, noise=z)
-    assert results["bf16"].dtype == torch.float32 and torch.isfinite(results["bf16"])
-    assert abs(results["bf16"] - results["fp32"]) < tolerance * results["fp32"]
-
-
-class HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the tensor reads that move a value to the host (on CUDA each one waits for the GPU)."""
-    READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", None) in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("lam, zeta, decay", [(0.0, 0.0, 0.0), (0.0, 0.5, 0.99), (0.5, 1.0, 0.0), (1.0, 2.0, 1.0)])
-def test_loss_and_backward_read_no_tensor_on_the_host(lam, zeta, decay):
-    """Alg. 1 l.3-17 as one queue of GPU work: no sync between the sampled t and the backward."""
-    model = tiny_dit()
-    trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25, huber_c=0.1, cosine_loss=True,
-                   weighting="cosine", time_dist=(0.8, 1.0, 1.0))
-    x, y = torch.randn(8, 2, 8, 8), torch.arange(8) % 3
-    trainer.loss(model, x, y)  # the teacher is built by the first call
-    with HostReads() as counter:
-        trainer.loss(model, x, y).backward()
-    assert counter.reads == []
-
-
-def test_lam1_difference_runs_as_one_doubled_batch_equal_to_two_forwards():
-    """Alg. 1 l.11 (λ = 1): g(t + ε) and g(t − ε) of one doubled no-grad batch equal two separate evaluations."""
-    model, trainer = ToyNet().double(), UCGM(lam=1.0)
-    x_star, y, t, z_star = (v.double() if v.is_floating_point() else v for v in batch())
-    batches = []
-    counted = lambda x_r, r, labels: batches.append(len(x_r)) or model(x_r, r, labels)  # noqa: E731
-    delta = trainer.delta_f(counted, x_star, z_star, t, y, None)
-    two = [trainer.denoised(model, x_star, z_star, t + sign * trainer.eps, y) for sign in (1, -1)]
-    assert batches == [2 * len(x_star)]
-    torch.testing.assert_close(delta, (two[0] - two[1]) / (2 * trainer.eps), rtol=1e-12, atol=1e-9)
-
-
-def test_gradients_reach_only_the_F_t_branch():
-    x, y, t, z = batch()
-    trainer = UCGM(lam=1.0, zeta=1.5, teacher_decay=1.0, label_drop=0.25)  # a frozen teacher: same in every call
-    model = ToyNet()
-    trainer.make_teacher(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # the online model moves away from its teacher
-    trainer.loss(model, x, y, t=t, noise=z).backward()
-    got = [p.grad.clone() for p in model.parameters()]
-    assert all(p.grad is None for p in trainer.teacher.parameters())
-    # the same loss with a target built separately and detached gives the same gradient ...
-    y_dropped, dropped = trainer.drop_labels(y, 3)
-    x_t = t[:, None] * z + (1 - t[:, None]) * x
-    grads = []
-    for detach in (True, False):
-        model.zero_grad()
-        F_t = model(x_t, t, y_dropped)
-        with torch.set_grad_enabled(not detach):
-            target = trainer.target(model, x, z, x_t, t, y_dropped, dropped, F_t if not detach else F_t.detach())
-        ((F_t - target) ** 2).mean(1).sqrt().mean().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(got, grads[0]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    # ... and not the one where gradient also flows through the target
-    assert max((a - b).abs().max() for a, b in zip(got, grads[1])) > 1e-4
-
-
-@pytest.mark.parametrize("lam", [0.0, 1.0])
-def test_enhanced_targets_follow_the_three_row_rules(lam):
-    x, y, t, z = batch(n=10)
-    t[:5] = torch.tensor([0.1, 0.5, 0.8, 0.9, 0.3])  # rows 2 and 3 fall outside enhance_range (0, 0.75)
-    zeta = 0.4 if lam == 0.0 else 1.7
-    trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=0.0, label_drop=0.3)
-    model = ToyNet()
-    y_dropped, dropped = trainer.drop_labels(y, 3)
-    x_t = t[:, None] * z + (1 - t[:, None]) * x
-    F_t = model(x_t, t, y_dropped)
-    got_x, got_z = trainer.enhance(model, x, z, x_t, t, y_dropped, dropped, F_t)
-    with torch.no_grad():  # Linear readouts: x̂ = x_t - t F, ẑ = x_t + (1 - t) F
-        F_other = model(x_t, t, torch.full_like(y, 3) if lam == 0.0 else y_dropped)
-    for i in range(10):
-        ti = float(t[i])
-        pred = [(x_t[i] - ti * F[i], x_t[i] + (1 - ti) * F[i]) for F in (F_t.detach(), F_other)]
-        for k, (data, got) in enumerate([(x[i], got_x[i]), (z[i], got_z[i])]):
-            cond, other = pred[0][k], pred[1][k]
-            if lam == 0.0:  # other = the unconditional prediction
-                want = (data + other) / 2 if i >= 7 else data + zeta * (cond - other) if 0 < ti < 0.75 \
-                    else (data + cond) / 2
-            else:  # other = the teacher's conditional prediction
-                want = data if i >= 7 else data + zeta * (other - data) if 0 < ti < 0.75 else (data + other) / 2
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-def test_huber_cosine_term_and_weighting():
-    model = tiny_dit()
-    g = torch.Generator().manual_seed(3)
-    x, z, t = torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 2, 8, 8, generator=g), torch.rand(4, generator=g)
-    y = torch.tensor([0, 1, 2, 1])
-    got = UCGM(label_drop=0.0, huber_c=0.7, cosine_loss=True, weighting="cosine").loss(model, x, y, t=t, noise=z)
-    tt = t[:, None, None, None]
-    pred = model(tt * z + (1 - tt) * x, t, y).detach().double().numpy()
-    target = (z - x).double().numpy()
-    want = []
-    for i in range(4):
-        huber = math.sqrt(((pred[i] - target[i]) ** 2).mean() + 0.49) - 0.7
-        dots = (pred[i] * target[i]).sum(0) / np.maximum(
-            np.linalg.norm(pred[i], axis=0) * np.linalg.norm(target[i], axis=0), 1e-8)  # per pixel, over channels
-        want.append((huber + (1 - dots).mean()) * math.cos(math.pi * float(t[i]) / 2))
-    assert abs(got.item() - np.mean(want)) < 1e-5
-
-
-@pytest.mark.parametrize("p, n, k", [(0.1, 10, 1), (0.25, 8, 2), (0.1, 32, 3), (0.04, 10, 0), (0.0, 8, 0)])
-def test_label_dropout_takes_the_last_round_pn_rows(p, n, k):
-    seen = []
-
-    class Spy(ToyNet):
-        def forward(self, x, t, y):
-            seen.append(y.clone())
-            return super().forward(x, t, y)
-
-    x, y, t, z = batch(n=n)
-    UCGM(label_drop=p).loss(Spy(), x, y, t=t, noise=z)
-    want = y.clone()
-    want[n - k:] = 3
-    assert torch.equal(seen[0], want) and (seen[0] == 3).sum() == k
-
-
-def test_teacher_ema_warmup_follows_t4():
-    decay = 0.9
-    trainer = UCGM(zeta=0.3, teacher_decay=decay)
-    model = ToyNet()
-    x, y, t, z = batch()
-    expected, m = None, 0.0
-    for step in range(5):
-        trainer.loss(model, x, y, t=t, noise=z)
-        online = [p.detach().clone() for p in model.parameters()]
-        expected = online if expected is None else [m * e + (1 - m) * o for e, o in zip(expected, online)]
-        m = m + (1 - m) * (decay - m) / 2
-        for e, got in zip(expected, trainer.teacher.parameters()):
-            torch.testing.assert_close(got, e)
-        assert trainer.teacher_momentum == pytest.approx(m)
-        if step == 0:
-            assert all(torch.equal(a, b) for a, b in zip(online, trainer.teacher.parameters()))  # m = 0 copies
-        with torch.no_grad():  # stand-in for an optimiser step
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-
-
-def test_teacher_modes():
-    x, y, t, z = batch()
-    online = UCGM(zeta=0.3, teacher_decay=0.0)  # d = 0: the online model, no copy
-    online.loss(ToyNet(), x, y, t=t, noise=z)
-    assert online.teacher is None
-    frozen, model = UCGM(lam=1.0, zeta=2.0, teacher_decay=1.0), ToyNet()
-    frozen.loss(model, x, y, t=t, noise=z)
-    start = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    frozen.loss(model, x, y, t=t, noise=z)
-    assert all(torch.equal(a, b) for a, b in zip(start, frozen.teacher.parameters()))
-    assert UCGM(lam=1.0, zeta=0.0, teacher_decay=0.999).needs_teacher is False  # no zeta: no teacher
-    with pytest.raises(ValueError, match="teacher_decay"):
-        UCGM(lam=0.0, zeta=0.5, teacher_decay=1.0)
-
-
-def test_trainer_state_dict_roundtrip(tmp_path):
-    x, y, t, z = batch()
-    trainer, model = UCGM(zeta=0.4, teacher_decay=0.99), ToyNet()
-    for _ in range(3):
-        trainer.loss(model, x, y, t=t, noise=z)
-        with torch.no_grad():
-            model.out.bias.add_(0.3)
-    torch.save(trainer.state_dict(), tmp_path / "ucgm.pt")
-    restored = UCGM(zeta=0.4, teacher_decay=0.99)
-    with pytest.raises(ValueError, match="make_teacher"):
-        restored.load_state_dict(torch.load(tmp_path / "ucgm.pt", weights_only=True))
-    restored.make_teacher(ToyNet(seed=5))
-    restored.load_state_dict(torch.load(tmp_path / "ucgm.pt", weights_only=True))
-    assert restored.teacher_momentum == trainer.teacher_momentum > 0
-    for a, b in zip(trainer.teacher.parameters(), restored.teacher.parameters()):
-        assert torch.equal(a, b)
-    assert torch.equal(trainer.loss(model, x, y, t=t, noise=z), restored.loss(model, x, y, t=t, noise=z))
-
-
-def test_time_distribution_is_scaled_clamped_beta():
-    torch.manual_seed(0)
-    t = UCGM(time_dist=(0.8, 1.0, 1.0)).sample_time(20000, "cpu").numpy()
-    assert scipy.stats.kstest(t, scipy.stats.beta(0.8, 1.0).cdf).pvalue > 1e-3
-    t = UCGM(time_dist=(2.4, 2.4, 1.5)).sample_time(20000, "cpu").numpy()
-    clamped = 1 - scipy.stats.beta(2.4, 2.4).cdf(1 / 1.5)  # P(1.5·B >= 1)
-    assert abs((t == 1.0).mean() - clamped) < 4 * math.sqrt(clamped * (1 - clamped) / 20000)
-    inner = t[t < 1] / 1.5
-    assert scipy.stats.kstest(inner, lambda v: scipy.stats.beta(2.4, 2.4).cdf(v) / (1 - clamped)).pvalue > 1e-3
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(lam=1.5), "lam"), (dict(lam=-0.1), "lam"), (dict(zeta=1.0), "zeta"), (dict(zeta=float("inf"), lam=1.0),
-                                                                                  "zeta"),
-    (dict(weighting="uniform"), "weighting"), (dict(time_dist=(1, 1)), "time_dist"), (dict(label_drop=2), "label_drop"),
-    (dict(enhance_range=(0.8, 0.2)), "enhance_range")])
-def test_bad_trainer_arguments_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        UCGM(**kwargs)
-
-
-def test_bad_loss_inputs_are_refused():
-    x, y, t, z = batch()
-    with pytest.raises(ValueError, match="noise"):
-        UCGM().loss(ToyNet(), x, y, t=t, noise=z[:, :2])
-    with pytest.raises(IndexError):
-        UCGM().loss(tiny_dit(), torch.randn(2, 2, 8, 8), torch.tensor([0, 7]))
-    with pytest.raises(ValueError, match="t: expected"):
-        UCGM().loss(ToyNet(), x, y, t=t[:3], noise=z)
-
-
-#################################################################################
-#                             UCGM-S: the sampler                               #
-#################################################################################
-
-def test_time_grids_are_exact():
-    linear = UCGM("Linear")
-    step = 0.998 / 3  # u = linspace(0.001, 0.999, 4), t = 1 - u, then the data end
-    want = [0.999, 0.999 - step, 0.999 - 2 * step, 0.001, 0.0]
-    torch.testing.assert_close(linear.time_grid(4), torch.tensor(want, dtype=torch.float64))
-    torch.testing.assert_close(linear.time_grid(4, gaps=(0.0, 0.0)),  # n + 1 points, the last dropped
-                               torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(linear.time_grid(5, order=2, gaps=(0.1, 0.3)),  # (5 + 1) // 2 = 3 points
-                               torch.tensor([0.9, 0.6, 0.3, 0.0], dtype=torch.float64))
-    u = np.linspace(0.001, 0.999, 6)
-    warped = (1 - (1 - u ** 1.17) ** 0.8) ** 1.1
-    np.testing.assert_allclose(linear.time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(1 - warped, 0), rtol=1e-12)
-    np.testing.assert_allclose(UCGM("ReLinear").time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(warped, 1))
-    np.testing.assert_allclose(linear.time_grid(1, gaps=(0.001, 0.3)).numpy(), [0.999, 0.0])
-
-
-@pytest.mark.parametrize("transport", sorted(ucgm.TRANSPORTS))
-def test_one_step_returns_a_point_mass(transport):
-    x0 = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64).repeat(5, 1)
-    noise = torch.randn(5, 3)
-    out = UCGM(transport).sample(PointOracle(transport, x0), noise, steps=1, rho=1.0, gaps=(0.001, 0.3))
-    torch.testing.assert_close(out, x0.float(), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("transport", ["Linear", "TrigFlow", "ReLinear"])
-def test_gaussian_data_is_sampled_with_its_mean_and_covariance(transport):
-    """Tolerances: N = 20000 samples give standard errors se(mean_i) = sqrt(S_ii / N) and se(cov_ij) =
-    sqrt((S_ii S_jj + S_ij²) / N); we allow 4 of them plus the discretisation error, which is bounded by the
-    RMS distance to the exact probability-flow solution from the same noise (checked to fall as 1/steps)."""
-    mu, sigma = gaussian_problem()
-    oracle, sampler = GaussianOracle(transport, mu, sigma), UCGM(transport)
-    noise = torch.randn(20000, 3, generator=torch.Generator().manual_seed(0))
-    rms = {}
-    for steps in (64, 128, 256):
-        out = sampler.sample(oracle, noise, steps=steps).double()
-        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
-        rms[steps] = ((out - exact) ** 2).sum(1).mean().sqrt().item()
-    assert rms[64] < 0.06 and 1.8 < rms[64] / rms[128] < 2.2 and 1.8 < rms[128] / rms[256] < 2.2  # first order
-    n, s = len(noise), sigma.diag()
-    assert ((out.mean(0) - mu).abs() < 4 * (s / n).sqrt() + rms[256]).all()
-    se_cov = ((s[:, None] * s[None, :] + sigma ** 2) / n).sqrt()
-    assert ((torch.cov(out.T) - sigma).abs() < 4 * se_cov + 2 * rms[256] * s.max().sqrt()).all()
-
-
-@pytest.mark.parametrize("transport", ["Linear", "TrigFlow"])
-def test_extrapolation_reduces_the_error_against_the_exact_ode(transport):
-    mu, sigma = gaussian_problem()
-    oracle, sampler = GaussianOracle(transport, mu, sigma), UCGM(transport)
-    noise = torch.randn(4000, 3, generator=torch.Generator().manual_seed(1))
-    for steps in (8, 12, 16):
-        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
-        err = {kappa: ((sampler.sample(oracle, noise, steps=steps, kappa=kappa).double() - exact) ** 2).mean().sqrt()
-               for kappa in (0.0, 0.5)}
-        assert err[0.5] < 0.8 * err[0.0], (steps, err)
-
-
-def test_second_order_step_matches_hand_computation():
-    mu, sigma = gaussian_problem()
-    oracle, sampler, tr = GaussianOracle("Linear", mu, sigma), UCGM("Linear"), ucgm.TRANSPORTS["Linear"]
-    noise = torch.randn(6, 3, dtype=torch.float64)
-    got = sampler.sample(oracle, noise, steps=3, order=2, gaps=(0.1, 0.2))  # n = 2: times 0.9, 0.2, 0
-    assert sampler.nfe == 3
-    t0, t1 = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
-    F = lambda x, t: oracle(x.float(), t.float().expand(len(x)))  # noqa: E731  (the sampler feeds float32)
-    x_hat, z_hat = tr.readout(F(noise, t0), noise, t0)
-    euler = (1 - t1) * x_hat + t1 * z_hat
-    z_next = tr.readout(F(euler, t1), euler, t1)[1]
-    heun = noise * (1 - t1) / (1 - t0) + (t1 - t0 * (1 - t1) / (1 - t0)) * (z_hat + z_next) / 2
-    torch.testing.assert_close(got, tr.readout(F(heun, t1), heun, t1)[0].float())
-    with pytest.raises(ValueError, match="gaps"):  # gamma(t_0) = 0 would divide by zero
-        sampler.sample(oracle, noise, steps=4, order=2, gaps=(0.0, 0.1))
-
-
-def test_auto_rho_is_recomputed_every_step_with_generator_noise():
-    mu, sigma = gaussian_problem()
-    oracle, sampler, tr = GaussianOracle("Linear", mu, sigma), UCGM("Linear"), ucgm.TRANSPORTS["Linear"]
-    noise = torch.randn(6, 3, dtype=torch.float64)
-    got = sampler.sample(oracle, noise, steps=3, rho="auto", gaps=(0.1, 0.1), generator=torch.Generator().manual_seed(7))
-    g = torch.Generator().manual_seed(7)
-    times = [0.9, 0.5, 0.1, 0.0]
-    x = noise
-    for t_cur, t_next in zip(times[:-1], times[1:]):
-        t_cur, t_next = torch.tensor(t_cur, dtype=torch.float64), torch.tensor(t_next, dtype=torch.float64)
-        x_hat, z_hat = tr.readout(oracle(x.float(), t_cur.float().expand(6)), x, t_cur)
-        rho = min(abs(t_next - t_cur) * 2 * t_cur / t_next ** 2, 1.0) if t_next > 0 else 1.0
-        eps = torch.randn(6, 3, generator=g, dtype=torch.float64)
-        x = (1 - t_next) * x_hat + t_next * (math.sqrt(1 - rho) * z_hat + math.sqrt(rho) * eps)
-    torch.testing.assert_close(got, x_hat.float())
-    again = sampler.sample(oracle, noise, steps=3, rho="auto", gaps=(0.1, 0.1),
-                           generator=torch.Generator().manual_seed(7))
-    other = sampler.sample(oracle, noise, steps=3, rho=1.0, gaps=(0.1, 0.1), generator=torch.Generator().manual_seed(8))
-    assert torch.equal(got, again) and not torch.allclose(got, other)
-
-
-def test_return_all_gives_the_raw_trajectory():
-    mu, sigma = gaussian_problem()
-    out, trajectory = UCGM().sample(GaussianOracle("Linear", mu, sigma), torch.randn(5, 3), steps=6, kappa=0.5,
-                                    return_all=True)
-    assert trajectory.shape == (6, 5, 3) and torch.equal(trajectory[-1], out)
-
-
-class CountingNet(ToyNet):
-    """ToyNet that counts the rows it evaluates."""
-    rows = 0
-
-    def forward(self, x, t, y):
-        self.rows += len(x)
-        return super().forward(x, t, y)
-
-
-def test_cfg_interval_and_nfe():
-    model, sampler = CountingNet(dim=4), UCGM()
-    noise, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    sampler.sample(model, noise, steps=10, cfg_scale=3.0, cfg_interval=(0.0, 0.5), y=y)
-    inside = int(((sampler.time_grid(10)[:-1] >= 0) & (sampler.time_grid(10)[:-1] <= 0.5)).sum())
-    assert 0 < inside < 10 and sampler.nfe == 10 + inside and model.rows == 5 * sampler.nfe
-    sampler.sample(model, noise, steps=10, y=y)
-    assert sampler.nfe == 10
-
-
-@pytest.mark.parametrize("channels", [None, 2])
-def test_cfg_guides_the_requested_channels(channels):
-    model, sampler = ToyNet(dim=4), UCGM()
-    noise, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    got = sampler.sample(model, noise, steps=1, cfg_scale=2.5, cfg_channels=channels, y=y, gaps=(0.2, 0.3))
-    t = torch.full((5,), 0.8)
-    F_c, F_u = model(noise, t, y).double(), model(noise, t, torch.full_like(y, 3)).double()
-    F = F_u + 2.5 * (F_c - F_u)
-    if channels is not None:
-        F[:, channels:] = F_c[:, channels:]
-    torch.testing.assert_close(got, (noise - 0.8 * F).float())  # Linear x̂ = x_t - t F
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(order=3), "order"), (dict(steps=0), "steps"), (dict(gaps=(0.6, 0.5)), "gaps"), (dict(rho=2.0), "rho"),
-    (dict(gaps=(-0.1, 0.1)), "gaps"), (dict(cfg_scale=2.0), "cfg_scale"), (dict(warp=(1, 0, 1)), "warp")])
-def test_bad_sampler_arguments_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        UCGM().sample(ToyNet(), torch.randn(2, 4), **{"steps": 4, **kwargs})
-
-
-#################################################################################
-#                       train.py: data, presets, resume, DDP                    #
-#################################################################################
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import struct  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import train  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--global-batch-size", "16", "--log-every", "1", "--num-workers", "0", "--sample-every", "0"]  # no grids
-
-
-def run_train(out, *flags, torchrun=0, wait=True, timeout=600):
-    """Start train.py (under torchrun with that many processes, if given) on the demo data."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
-        if torchrun else [sys.executable]
-    cmd = launcher + [os.path.join(HERE, "train.py"), "--out", str(out), *TINY, *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def losses(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
-
-
-def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
-    straight = run_train(tmp_path / "a", "--max-steps", "6", "--ckpt-every", "1")
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = run_train(tmp_path / "b", "--max-steps", "6", "--ckpt-every", "1", wait=False)
-    third = tmp_path / "b" / "checkpoints" / "0000003.pt"
-    while not third.exists() and killed.poll() is None:
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL, "train.py ended before it could be killed"
-    for path in (tmp_path / "b" / "checkpoints").glob("*.pt"):  # every checkpoint left is whole
-        assert torch.load(path, weights_only=True)["step"] == int(path.stem) if path.stem != "latest" else True
-    assert torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)["step"] >= 3
-    resumed = run_train(tmp_path / "b", "--max-steps", "6", "--ckpt-every", "1", "--sample-every", "1000")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
-    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-6)
-    assert not list((tmp_path / "b" / "checkpoints").glob("*tmp*"))
-    assert (tmp_path / "b" / "samples_0000006.png").exists()
-
-
-def test_two_process_torchrun_trains_and_checkpoints(tmp_path):
-    run = run_train(tmp_path, "--max-steps", "2", "--ckpt-every", "2", torchrun=2)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "weights identical on all 2 ranks: True" in run.stdout
-    state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
-    assert state["step"] == 2 and set(state) >= {"model", "ema", "opt", "ucgm", "args", "step", "rng"}
-
-
-def test_a_failure_on_one_rank_ends_every_rank_with_its_one_line(tmp_path):
-    """Rank 0 alone reads log.jsonl (to trim it for a resume) while rank 1 waits for it in DDP's first collective."""
-    (tmp_path / "log.jsonl").write_text("garbage\n")
-    run = run_train(tmp_path, "--max-steps", "2", torchrun=2, timeout=120)  # a hang would last gloo's 30 minutes
-    line = (f"train.py: error: {tmp_path / 'log.jsonl'}: expected a JSON record with a 'step' on every line, "
-            f"line 1 is 'garbage'")
-    assert run.returncode != 0 and run.stderr.splitlines().count(line) == 1, run.stderr[-3000:]
-    assert "Connection closed" not in run.stderr and "[rank" not in run.stderr  # rank 1 ends without a word
-    both = run_train(tmp_path / "both", "--grad-accum", "3", torchrun=2, timeout=120)  # fails on every rank
-    assert both.returncode != 0 and both.stderr.splitlines().count(
-        "train.py: error: --global-batch-size 16 must divide by processes × --grad-accum = 6") == 1, both.stderr[-3000:]
-
-
-def test_zero_periods_mean_never_yet_the_last_checkpoint_is_written(tmp_path):
-    run = run_train(tmp_path, "--max-steps", "3", "--log-every", "0", "--ckpt-every", "0", "--sample-every", "0",
-                    torchrun=1)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000003.pt", "latest.pt"]
-    assert torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
-    assert [step for step, _ in losses(tmp_path)] == [3]  # the last line only
-    assert not list(tmp_path.glob("samples_*.png"))
-    assert "weights identical" not in run.stdout  # one process has no replicas to compare
-    assert re.search(r"steps 1-3 done, train.py took \d+ min \d+ s", run.stdout)
-
-
-def test_save_checkpoint_keeps_the_multiples_of_keep_and_the_latest(tmp_path):
-    for keep, kept in ((2, ["0000002.pt", "0000004.pt", "0000005.pt"]), (0, ["0000005.pt"])):
-        folder = tmp_path / str(keep)
-        folder.mkdir()
-        for step in range(1, 6):
-            train.save_checkpoint({"step": step}, str(folder), step, keep)
-        assert sorted(p.name for p in folder.iterdir()) == [*kept, "latest.pt"]
-
-
-def test_latest_is_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
-    def refuse(source, target):
-        raise OSError(95, "Operation not supported")
-    monkeypatch.setattr(os, "link", refuse)
-    for step in (1, 2):
-        train.save_checkpoint({"step": step}, str(tmp_path), step, 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000002.pt", "latest.pt"]
-    assert torch.load(tmp_path / "latest.pt", weights_only=True) == {"step": 2}
-
-
-def test_every_collective_takes_a_tensor_on_the_process_device(monkeypatch):
-    """NCCL has no CPU tensors: the scripts reduce through ucgm.all_reduce, which moves the value to the device."""
-    seen = []
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op: seen.append((tensor.device, op)))
-    for value in (3, torch.tensor(2.5)):
-        assert ucgm.all_reduce(value, torch.device("meta"), "max").device.type == "meta"
-    assert seen == [(torch.device("meta"), torch.distributed.ReduceOp.MAX)] * 2
-    for script in ("train.py", "sample.py", "extract_latents.py", "fid.py"):
-        with open(os.path.join(HERE, script)) as f:
-            assert not re.search(r"(?<!ucgm\.)\b(all_reduce|all_gather|reduce|broadcast|gather|scatter)\(", f.read()), script
-
-
-def saved_bytes_per_image(model, precision, compiled=False):
-    """What the grad forward saves for the backward (saved-tensor hooks, each storage once, parameters aside) per
-    image: batch 2 minus batch 1."""
-    if compiled:
-        train.compile_blocks(model)
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = []
-    for n in (1, 2):
-        storages = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in parameters:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-        x = torch.randn(n, model.in_channels, model.input_size, model.input_size)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(x, torch.rand(n), torch.arange(n))
-        out.float().sum().backward()
-        saved.append(sum(storages.values()))
-    return saved[1] - saved[0]
-
-
-@pytest.mark.parametrize("name, precision, compiled", [
-    ("TiT-S/1", "bf16", False), ("TiT-S/1", "fp32", False), ("DiT-S/1", "bf16", False), ("DiT-S/1", "fp32", False),
-    ("LightningDiT-S/1", "bf16", False), ("LightningDiT-S/1", "fp32", False), ("TiT-S/1", "bf16", True)])
-def test_saved_bytes_match_the_memory_estimate(name, precision, compiled):
-    """train.SAVED_BYTES (bytes per image, token, block and unit of width) against a measurement (README, "Memory")."""
-    torch._dynamo.reset()
-    model = ucgm.create_model(name, input_size=16, in_channels=32, depth=2)  # 256 tokens, as TiT-XL/1 at 256 px
-    measured = saved_bytes_per_image(model, precision, compiled)
-    estimate = [train.memory_estimate(model, n, precision, compiled, False, False) for n in (1, 2)]
-    assert abs(estimate[1] - estimate[0] - measured) < 0.03 * measured, (measured, estimate[1] - estimate[0])
-
-
-def test_what_fits_names_the_flags_that_bring_the_estimate_under_the_memory():
-    with torch.device("meta"):
-        model = ucgm.create_model("TiT-XL/1", input_size=16, in_channels=32)
-    args = train.parse_args(["--data", "d", "--global-batch-size", "1024", "--grad-accum", "1"])
-    setting = dict(precision="bf16", compiled=False, teacher=True)
-    per_image = train.memory_estimate(model, 2, **setting, grad_checkpoint=False) - \
-        train.memory_estimate(model, 1, **setting, grad_checkpoint=False)
-    budget = train.memory_estimate(model, 50, **setting, grad_checkpoint=False) + per_image // 2  # 50 images fit
-    assert train.what_fits(model, args, 128, budget, **setting) == \
-        "--grad-checkpoint or --grad-accum 4 or --global-batch-size 400"  # 8 processes: 32 and 50 images
-    assert "--grad-checkpoint" not in train.what_fits(model, args, 128, budget // 10, **setting)
-    with pytest.raises(ValueError, match=r"^CUDA out of memory in the first step \(128 images\): --grad-accum 2 fits$"):
-        with train.first_step_memory(True, lambda: "--grad-accum 2", "128 images"):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    with pytest.raises(torch.OutOfMemoryError):  # a later step's error is left as it is
-        with train.first_step_memory(False, lambda: "", ""):
-            raise torch.OutOfMemoryError("CUDA out of memory")
-
-
-def test_step_batches_shard_the_global_batch():
-    one = list(train.StepBatches(100, 8, 0, 1, seed=3, start_step=0, max_steps=30))
-    ranks = [list(train.StepBatches(100, 8, r, 2, seed=3, start_step=0, max_steps=30)) for r in range(2)]
-    for step in range(30):
-        assert ranks[0][step] + ranks[1][step] == one[step]  # disjoint slices of one global batch
-    per_epoch = 100 // 8
-    epoch0 = [i for b in one[:per_epoch] for i, _ in b]
-    assert len(set(epoch0)) == len(epoch0)  # no repeats inside an epoch
-    assert [i for i, _ in one[per_epoch]] != [i for i, _ in one[0]]  # reshuffled for the next epoch
-    resumed = list(train.StepBatches(100, 8, 0, 1, seed=3, start_step=17, max_steps=30))
-    assert resumed == one[17:]
-
-
-def test_demo_digits_are_bold_deterministic_and_fill_the_square():
-    images, labels = train.render_digits.__wrapped__(count=30, seed=3)  # uncached: a fresh rendering
-    again, _ = train.render_digits.__wrapped__(count=30, seed=3)
-    assert images.shape == (30, 3, 24, 24) and images.dtype == torch.uint8 and torch.equal(images, again)
-    assert labels.tolist() == [i % 10 for i in range(30)]
-    for image in images.int():
-        gray = image.sum(0)
-        ink = gray < (gray.max() + gray.min()) / 2  # dark ink on a light background
-        rows = ink.any(1).nonzero()
-        assert rows.max() - rows.min() + 1 >= 15 and 0.1 < ink.float().mean() < 0.5  # tall, bold, not a blot
-
-
-def test_presets_and_demo_defaults_resolve():
-    args = train.parse_args(["--preset", "fewstep", "--zeta", "1.5", "--data", "somewhere"])
-    assert (args.lam, args.zeta, args.optimizer, args.huber_c, args.teacher_decay, args.grad_clip) == \
-        (1.0, 1.5, "radam", 5.0, 1.0, 0.1)
-    assert args.model == "TiT-XL/1" and args.global_batch_size == 1024
-    demo = train.parse_args(["--lam", "0.5"])
-    assert demo.model == "TiT-T/4" and demo.lam == 0.5 and demo.zeta == 0.0 and demo.max_steps == 1800
-    assert demo.global_batch_size == 48
-    assert demo.weighting is None and demo.lr == 2e-3 and demo.sample_cfg == 3.5
-    multistep = train.parse_args(["--preset", "multistep", "--weighting", "none"])
-    assert multistep.zeta == 0.47 and multistep.cosine_loss and multistep.weighting is None
-
-
-def test_latent_dataset_reads_normalised_shards(tmp_path):
-    latents, flipped = torch.randn(6, 4, 2, 2), torch.randn(6, 4, 2, 2)
-    labels = torch.tensor([0, 1, 2, 3, 4, 5])
-    ucgm.save_safetensors({"latents": latents[:4], "latents_flip": flipped[:4], "labels": labels[:4]},
-                          tmp_path / "shard_000.safetensors")
-    ucgm.save_safetensors({"latents": latents[4:], "latents_flip": flipped[4:], "labels": labels[4:]},
-                          tmp_path / "shard_001.safetensors")
-    mean, std = torch.randn(1, 4, 1, 1), torch.rand(1, 4, 1, 1) + 0.5
-    torch.save({"mean": mean, "std": std}, tmp_path / "latents_stats.pt")
-    data = train.LatentDataset(str(tmp_path), multiplier=0.5)
-    assert len(data) == 6 and data.num_classes == 6 and (data.channels, data.size) == (4, 2)
-    x, y = data[(5, False)]
-    torch.testing.assert_close(x, (latents[5] - mean[0]) / std[0] * 0.5)
-    x, y = data[(1, True)]
-    torch.testing.assert_close(x, (flipped[1] - mean[0]) / std[0] * 0.5)
-    assert y == 1
-
-
-def test_safetensors_roundtrip_and_truncation(tmp_path):
-    tensors = {"f32": torch.randn(3, 2), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16(),
-               "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "u8": torch.arange(7, dtype=torch.uint8)}
-    path = tmp_path / "t.safetensors"
-    ucgm.save_safetensors(tensors, path)
-    back = ucgm.load_safetensors(path)
-    assert all(torch.equal(tensors[k], back[k]) and tensors[k].dtype == back[k].dtype for k in tensors)
-    data = path.read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(data[:-5])
-    with pytest.raises(ValueError, match=r"tensor 'u8': data_offsets \[92, 99\] are not \[start, end\] inside the 94-byte"):
-        ucgm.load_safetensors(tmp_path / "cut.safetensors")
-    (tmp_path / "head.safetensors").write_bytes(data[:20])
-    with pytest.raises(ValueError, match="truncated"):
-        ucgm.load_safetensors(tmp_path / "head.safetensors")
-
-
-def test_numerics_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    run = run_train(tmp_path, "--max-steps", "20", "--ckpt-every", "1", "--lr", "1e30", "--max-bad-steps", "3")
-    assert run.returncode != 0 and "consecutive non-finite" in run.stderr
-    state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
-    with open(tmp_path / "log.jsonl") as f:
-        last = [json.loads(line) for line in f][-1]
-    assert last["skipped"] == 2 and last["loss"] is None and state["step"] == 1  # step 1 was the last good one
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
-
-
-def bad_train_input(tmp_path, *flags):
-    """train.py's one-line error for flags that must be refused before any training."""
-    with pytest.raises(ValueError) as error:
-        train.main(train.parse_args(["--out", str(tmp_path / "out"), *TINY, "--max-steps", "1", *flags]))
-    assert "\n" not in str(error.value)
-    return str(error.value)
-
-
-def test_bad_train_input_is_refused_with_one_clear_line(tmp_path):
-    run = run_train(tmp_path / "run", "--data", str(tmp_path / "missing"))
-    assert run.returncode != 0 and run.stderr.strip().splitlines() == \
-        [f"train.py: error: --data {tmp_path / 'missing'}: expected a folder of latent shards (*.safetensors), found none"]
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    for i, size in enumerate((4, 2)):
-        ucgm.save_safetensors({"latents": torch.randn(4, 4, size, size), "latents_flip": torch.randn(4, 4, size, size),
-                               "labels": torch.arange(4)}, shards / f"latents_{i:05d}.safetensors")
-    assert "latents of shapes" in bad_train_input(tmp_path, "--data", str(shards))
-    (shards / "latents_00000.safetensors").unlink()  # 2×2 latents left
-    assert bad_train_input(tmp_path, "--data", str(shards)) == (
-        f"--data {shards}: expected {shards / 'latents_stats.pt'} (written last by extract_latents.py); give "
-        "--latent-stats FILE, or --latent-stats none for raw latents")  # an unfinished extraction is not trained on
-    assert "patch size does not divide" in bad_train_input(tmp_path, "--data", str(shards), "--model", "TiT-T/4",
-                                                           "--latent-stats", "none")
-    assert bad_train_input(tmp_path, "--data", str(shards), "--latent-stats", str(tmp_path / "nowhere.pt")) == \
-        f"--latent-stats {tmp_path / 'nowhere.pt'}: no such file"
-    other = ucgm.create_model("DiT-T/2", input_size=32, in_channels=3, num_classes=10)
-    torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
-    assert "--init" in bad_train_input(tmp_path, "--init", str(tmp_path / "other.pt"), "--model", "TiT-T/4")
-    assert "must divide" in bad_train_input(tmp_path, "--grad-accum", "3")
-
-
-#################################################################################
 #                        Autoencoders, extract_latents.py                       #
 #################################################################################
 
-import extract_latents  # noqa: E402
-from PIL import Image  # noqa: E402
 
 SMALL_SDVAE = dict(channels=4, ch_mult=(1, 2, 4, 4), ch=32)  # SD-VAE's layout at a quarter of its width
 
@@ -1467,10 +1227,476 @@ def test_extract_latents_writes_the_shards_train_reads(tmp_path):
 
 
 #################################################################################
+#         Released models: configs, LightningDiT, REPA, E2E-VAE, tuning         #
+#################################################################################
+
+
+# configs/sampling_multi_steps/in1k256_lightningdit_xl_vavae_relinear.yaml of LINs-lab/UCGM, as a released
+# checkpoint's `config` holds it (the model made tiny)
+LIGHTNINGDIT_CONFIG = {"data": {"image_size": 256, "latent_norm": True, "latent_multiplier": 1.0},
+                       "vae": {"type": "vavae_f16d32"}, "model": {"type": "LightningDiT-T/4", "in_chans": 3},
+                       "transport": {"type": "ReLinear"},
+                       "sample": {"ckpt": "0000000.pt", "type": "UNI", "cfg_scale": 6.7, "cfg_interval": [0.125, 1.0],
+                                  "sampling_steps": 50, "stochast_ratio": 0.0, "extrapol_ratio": 0.5,
+                                  "sampling_order": 1, "time_dist_ctrl": [1.17, 0.8, 1.1],
+                                  "rfba_gap_steps": [0.001, 0.001], "per_batch_size": 125, "fid_sample_num": 50000}}
+# configs/training_few_steps/in1k256_tit_xl_vavae.yaml (FID 1.42 at 2 steps), the model made tiny
+FEWSTEP_CONFIG = {"data": {"image_size": 256, "latent_norm": True, "latent_multiplier": 1.0},
+                  "vae": {"type": "vavae_f16d32"}, "model": {"type": "TiT-T/4", "in_chans": 3},
+                  "transport": {"type": "Linear", "consistc_ratio": 1.0, "enhanced_ratio": 2.0, "scaled_cbl_eps": 5.0},
+                  "sample": {"cfg_scale": 0.0, "cfg_interval": [0.0, 0.75], "sampling_steps": 2, "stochast_ratio": 1.0,
+                             "extrapol_ratio": 0.0, "sampling_order": 1, "time_dist_ctrl": [1.0, 1.0, 1.0],
+                             "rfba_gap_steps": [0.001, 0.3]}}
+
+
+def perturbed(model, seed=0):
+    """The model with its zero-initialised layers made non-zero, so that outputs depend on every weight."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def test_affine_rmsnorm_matches_numpy():
+    norm, x = ucgm.RMSNorm(6, affine=True), torch.randn(4, 3, 6, dtype=torch.float64)
+    assert torch.equal(norm.weight, torch.ones(6))  # initialised to ones, as released
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-1, 2, 6))
+    want = x.numpy() / np.sqrt((x.numpy() ** 2).mean(-1, keepdims=True) + 1e-6) * np.linspace(-1, 2, 6)
+    np.testing.assert_allclose(norm(x).detach().numpy(), want, rtol=1e-6)
+    model = ucgm.create_model("LightningDiT-T/4", input_size=16, in_channels=3, num_classes=10)
+    keys = model.state_dict().keys()
+    assert "blocks.0.norm1.weight" in keys and "final_layer.norm_final.weight" in keys
+    assert not any("q_norm" in k or "k_norm" in k for k in keys)  # qk-norm off, as released
+
+
+@pytest.mark.parametrize("config, flags, want", [
+    (LIGHTNINGDIT_CONFIG, [], dict(steps=50, rho=0.0, kappa=0.5, warp=(1.17, 0.8, 1.1), gaps=(0.001, 0.001), order=1,
+                                   cfg_scale=6.7, cfg_interval=(0.125, 1.0), cfg_channels=3, transport="ReLinear",
+                                   vae="vavae", latent_multiplier=1.0)),
+    (FEWSTEP_CONFIG, [], dict(steps=2, rho=1.0, kappa=0.0, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.3), order=1,
+                              cfg_scale=1.0, cfg_interval=(0.0, 0.75), cfg_channels=None, transport="Linear",
+                              vae="vavae", latent_multiplier=1.0)),
+    (LIGHTNINGDIT_CONFIG, ["--steps", "8", "--cfg-scale", "2", "--cfg-channels", "32", "--transport", "Linear"],
+     dict(steps=8, cfg_scale=2.0, cfg_channels=32, transport="Linear", kappa=0.5))])
+def test_released_config_sets_the_sampler_defaults(tmp_path, config, flags, want):
+    family = config["model"]["type"].split("-")[0]
+    model = perturbed(ucgm.create_model(config["model"]["type"], input_size=16, in_channels=3, num_classes=10))
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "unigen": {}, "config": config},
+               tmp_path / "released.pt")
+    args = sample.parse_args(["--ckpt", str(tmp_path / "released.pt"), *flags])
+    _, name, settings = ucgm.load_network(args.ckpt)
+    resolved = sample.resolve(args, settings)
+    assert name == config["model"]["type"] and {k: resolved[k][0] for k in want} == want
+    assert all(resolved[k][1] == ("flag" if f"--{k.replace('_', '-')}" in flags else "checkpoint") for k in want
+               if k != "cfg_channels" or family == "LightningDiT")  # cfg 0.0 (no guidance) became our 1.0 above
+    base = ["--ckpt", str(tmp_path / "released.pt"), "--vae", "identity", "--num-samples", "2", "--steps", "1"]
+    with pytest.raises(ValueError, match=r"normalised latents .*buffers/vaes/stat/vavae_f16d32_256.pt"):
+        sample.main(sample.parse_args([*base, "--out", str(tmp_path / "a")]))
+    sample.main(sample.parse_args([*base, "--latent-stats", "none", "--out", str(tmp_path / "b")]))
+    assert np.load(tmp_path / "b" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("model_type, vae_type, match", [
+    ("DDT-XL/2", "sdvae_ema_f8c4", "model 'DDT-XL/2', which is not supported"),
+    ("EDM2-S", "edm2_sdvae_f8c4", "model 'EDM2-S', which is not supported"),
+    ("TiT-T/4", "dcae_f32c32", "autoencoder 'dcae_f32c32', which is not supported")])
+def test_unsupported_released_models_are_named(tmp_path, model_type, vae_type, match):
+    config = {**FEWSTEP_CONFIG, "model": {"type": model_type}, "vae": {"type": vae_type}}
+    torch.save({"model": {}, "ema": {}, "config": config}, tmp_path / "released.pt")
+    run = run_sample(tmp_path / "out", "--ckpt", str(tmp_path / "released.pt"))
+    assert run.returncode != 0 and match in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_repa_extras_are_dropped_and_other_keys_stay_strict(tmp_path, capsys):
+    model = perturbed(ucgm.create_model("DiT-T/4", input_size=16, in_channels=3, num_classes=10, learn_sigma=True))
+    extras = {"projectors.0.0.weight": torch.zeros(8, 128), "projectors.0.0.bias": torch.zeros(8),
+              "bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3)}
+    torch.save({"model": {}, "ema": {**model.state_dict(), **extras}, "args": argparse.Namespace(lr=1e-4), "steps": 4},
+               tmp_path / "repa_e.pt")  # REPA-E's checkpoint layout, its args a Namespace
+    loaded, name, settings = ucgm.load_network(str(tmp_path / "repa_e.pt"))
+    assert name == "DiT-T/4" and loaded.out_channels == 6 and settings == {}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    out = capsys.readouterr().out
+    assert "dropping the 2 weights projectors.*" in out and "dropping the 2 weights bn.*" in out
+    torch.save({**model.state_dict(), "decoder_blocks.0.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="unexpected key 'decoder_blocks.0.weight'"):
+        ucgm.load_network(str(tmp_path / "other.pt"))
+
+
+def test_e2e_vaes_share_the_architectures_and_are_encoded_by_the_mean(tmp_path):
+    for e2e, base in (("e2evavae", "vavae"), ("e2esdvae", "sdvae")):
+        assert {**ucgm.AUTOENCODERS[e2e], "sample_posterior": True} == {**ucgm.AUTOENCODERS[base], "sample_posterior": True}
+        assert not ucgm.AUTOENCODERS[e2e].get("sample_posterior", False)
+    torch.manual_seed(0)
+    state = ucgm.AutoencoderKL(**SMALL_SDVAE).state_dict()
+    torch.save(state, tmp_path / "e2evae_f8d4.ckpt")  # REPA-E's save_vae_weights.py: a bare LDM-named state dict
+    loaded = ucgm.load_autoencoder_weights(ucgm.AutoencoderKL(**SMALL_SDVAE), str(tmp_path / "e2evae_f8d4.ckpt"))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
+def test_train_py_tunes_released_layouts_into_a_few_step_model(tmp_path):
+    size = train.DigitsDataset.size  # the demo data stands in for the latents
+    sit = perturbed(ucgm.create_model("DiT-T/4", input_size=size, in_channels=3, num_classes=10, learn_sigma=True))
+    lightning = perturbed(ucgm.create_model("LightningDiT-T/4", input_size=size, in_channels=3, num_classes=10), 1)
+    torch.save({"ema": {**sit.state_dict(), "projectors.0.0.weight": torch.zeros(8, 128)}}, tmp_path / "repa.pt")
+    torch.save({"model": lightning.state_dict(), "ema": lightning.state_dict(), "opt": {}, "config": {"model": {
+        "model_type": "LightningDiT-T/4", "use_qknorm": False}}}, tmp_path / "lightningdit.pt")  # hustvl's layout
+    for name, model, transport in (("repa", sit, "Linear"), ("lightningdit", lightning, "ReLinear")):
+        ckpt = str(tmp_path / f"{name}.pt")
+        run = run_train(tmp_path / name, "--init", ckpt, "--teacher", ckpt, "--preset", "fewstep", "--zeta", "3",
+                        "--max-steps", "3", "--sample-every", "3", "--ema-decay", "0.99")
+        assert run.returncode == 0, run.stderr[-3000:]
+        state = torch.load(tmp_path / name / "checkpoints" / "latest.pt", weights_only=True)
+        assert (state["args"]["model"], state["args"]["transport"]) == (ucgm.infer_model(model.state_dict())[0],
+                                                                       transport)
+        assert not any(k.startswith("teacher.") for k in state["ucgm"])  # frozen: named and checksummed, not copied
+        assert state["teacher_file"] == {"path": ckpt, "sha256": train.sha256_of(model.state_dict())}
+        assert not torch.equal(state["model"]["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
+        assert all(math.isfinite(loss) for _, loss in losses(tmp_path / name))
+        assert (tmp_path / name / "samples_0000003.png").exists()
+    other = {k: v + 1 if k == "blocks.0.attn.qkv.weight" else v for k, v in sit.state_dict().items()}
+    torch.save(other, tmp_path / "other.pt")
+    resume = ["--init", str(tmp_path / "repa.pt"), "--preset", "fewstep", "--zeta", "3", "--max-steps", "4",
+              "--sample-every", "0"]
+    run = run_train(tmp_path / "repa", *resume, "--teacher", str(tmp_path / "other.pt"))
+    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith(
+        f"train.py: error: --resume {tmp_path / 'repa' / 'checkpoints' / 'latest.pt'}: trained with the frozen "
+        f"teacher {tmp_path / 'repa.pt'} (sha256 "), run.stderr[-2000:]
+    run = run_train(tmp_path / "repa", *resume, "--teacher", str(tmp_path / "repa.pt"))
+    assert run.returncode == 0 and "resumed from" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def real_size_files(tmp_path_factory, inception_file):
+    """A random-weight VA-VAE, a released-format stats file and fid.py statistics of 4 random 256-px images."""
+    root = tmp_path_factory.mktemp("real")
+    torch.manual_seed(0)
+    torch.save({"state_dict": ucgm.AutoencoderKL(**ucgm.AUTOENCODERS["vavae"]).state_dict()}, root / "vavae.pt")
+    torch.save({"mean": torch.randn(1, 32, 1, 1), "std": torch.rand(1, 32, 1, 1) + 0.5}, root / "vavae_f16d32_256.pt")
+    np.savez(root / "ref_images.npz", arr_0=np.random.default_rng(0).integers(0, 256, (4, 256, 256, 3), np.uint8))
+    fid.main(fid.parse_args(["--save-stats", str(root / "ref_images.npz"), str(root / "ref.npz"),
+                             "--inception-weights", inception_file]))
+    return root
+
+
+@pytest.mark.parametrize("name", ["TiT-XL/1", "LightningDiT-XL/1"])
+def test_real_sizes_end_to_end(tmp_path, real_size_files, inception_file, name):
+    """The paper's XL/1 models on 32×16×16 VA-VAE latents, random weights: sample.py at 2 steps, decoded to 256 px,
+    then fid.py's metrics. TiT as a released UCGM checkpoint, LightningDiT as a bare state dict with guidance."""
+    with torch.device("meta"):
+        shapes = ucgm.create_model(name, input_size=16, in_channels=32).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    state = {k: 0.02 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}  # 675M random weights
+    if name == "TiT-XL/1":
+        torch.save({"model": state, "ema": state, "config": {**FEWSTEP_CONFIG, "model": {"type": name}}},
+                   tmp_path / "ckpt.pt")  # one copy of the weights on disk: both entries share storage
+        flags = ["--latent-stats", str(real_size_files / "vavae_f16d32_256.pt")]
+    else:
+        torch.save(state, tmp_path / "ckpt.pt")
+        flags = ["--latent-stats", "none", "--steps", "2", "--cfg-scale", "6.7", "--cfg-interval", "0.125", "1"]
+    del state
+    run = run_sample(tmp_path / "out", "--ckpt", str(tmp_path / "ckpt.pt"), "--num-samples", "2", "--batch-size", "2",
+                     "--vae", "vavae", "--vae-path", str(real_size_files / "vavae.pt"), "--fid-ref",
+                     str(real_size_files / "ref.npz"), "--inception-weights", inception_file, *flags,
+                     threads=os.cpu_count())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "steps = 2 (checkpoint)" in run.stdout if name == "TiT-XL/1" else "cfg_channels = 3 (checkpoint)" in run.stdout
+    images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
+    assert images.shape == (2, 256, 256, 3) and images.dtype == np.uint8 and images.std() > 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and math.isfinite(metrics["fid"]) and math.isfinite(metrics["inception_score"])
+    assert "precision/recall unavailable: they need at least 4 images" in run.stdout
+
+
+#################################################################################
+#                       train.py: data, presets, resume, DDP                    #
+#################################################################################
+
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--global-batch-size", "16", "--log-every", "1", "--num-workers", "0", "--sample-every", "0"]  # no grids
+
+
+def run_train(out, *flags, torchrun=0, wait=True, timeout=600):
+    """Start train.py (under torchrun with that many processes, if given) on the demo data."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    cmd = launcher + [os.path.join(HERE, "train.py"), "--out", str(out), *TINY, *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
+    straight = run_train(tmp_path / "a", "--max-steps", "6", "--ckpt-every", "1")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run_train(tmp_path / "b", "--max-steps", "6", "--ckpt-every", "1", wait=False)
+    third = tmp_path / "b" / "checkpoints" / "0000003.pt"
+    while not third.exists() and killed.poll() is None:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "train.py ended before it could be killed"
+    for path in (tmp_path / "b" / "checkpoints").glob("*.pt"):  # every checkpoint left is whole
+        assert torch.load(path, weights_only=True)["step"] == int(path.stem) if path.stem != "latest" else True
+    assert torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)["step"] >= 3
+    resumed = run_train(tmp_path / "b", "--max-steps", "6", "--ckpt-every", "1", "--sample-every", "1000")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-6)
+    assert not list((tmp_path / "b" / "checkpoints").glob("*tmp*"))
+    assert (tmp_path / "b" / "samples_0000006.png").exists()
+
+
+def test_two_process_torchrun_trains_and_checkpoints(tmp_path):
+    run = run_train(tmp_path, "--max-steps", "2", "--ckpt-every", "2", torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "weights identical on all 2 ranks: True" in run.stdout
+    state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 2 and set(state) >= {"model", "ema", "opt", "ucgm", "args", "step", "rng"}
+
+
+def test_a_failure_on_one_rank_ends_every_rank_with_its_one_line(tmp_path):
+    """Rank 0 alone reads log.jsonl (to trim it for a resume) while rank 1 waits for it in DDP's first collective."""
+    (tmp_path / "log.jsonl").write_text("garbage\n")
+    run = run_train(tmp_path, "--max-steps", "2", torchrun=2, timeout=120)  # a hang would last gloo's 30 minutes
+    line = (f"train.py: error: {tmp_path / 'log.jsonl'}: expected a JSON record with a 'step' on every line, "
+            f"line 1 is 'garbage'")
+    assert run.returncode != 0 and run.stderr.splitlines().count(line) == 1, run.stderr[-3000:]
+    assert "Connection closed" not in run.stderr and "[rank" not in run.stderr  # rank 1 ends without a word
+    both = run_train(tmp_path / "both", "--grad-accum", "3", torchrun=2, timeout=120)  # fails on every rank
+    assert both.returncode != 0 and both.stderr.splitlines().count(
+        "train.py: error: --global-batch-size 16 must divide by processes × --grad-accum = 6") == 1, both.stderr[-3000:]
+
+
+def test_zero_periods_mean_never_yet_the_last_checkpoint_is_written(tmp_path):
+    run = run_train(tmp_path, "--max-steps", "3", "--log-every", "0", "--ckpt-every", "0", "--sample-every", "0",
+                    torchrun=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000003.pt", "latest.pt"]
+    assert torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
+    assert [step for step, _ in losses(tmp_path)] == [3]  # the last line only
+    assert not list(tmp_path.glob("samples_*.png"))
+    assert "weights identical" not in run.stdout  # one process has no replicas to compare
+    assert re.search(r"steps 1-3 done, train.py took \d+ min \d+ s", run.stdout)
+
+
+def test_save_checkpoint_keeps_the_multiples_of_keep_and_the_latest(tmp_path):
+    for keep, kept in ((2, ["0000002.pt", "0000004.pt", "0000005.pt"]), (0, ["0000005.pt"])):
+        folder = tmp_path / str(keep)
+        folder.mkdir()
+        for step in range(1, 6):
+            train.save_checkpoint({"step": step}, str(folder), step, keep)
+        assert sorted(p.name for p in folder.iterdir()) == [*kept, "latest.pt"]
+
+
+def test_latest_is_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    def refuse(source, target):
+        raise OSError(95, "Operation not supported")
+    monkeypatch.setattr(os, "link", refuse)
+    for step in (1, 2):
+        train.save_checkpoint({"step": step}, str(tmp_path), step, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000002.pt", "latest.pt"]
+    assert torch.load(tmp_path / "latest.pt", weights_only=True) == {"step": 2}
+
+
+def test_every_collective_takes_a_tensor_on_the_process_device(monkeypatch):
+    """NCCL has no CPU tensors: the scripts reduce through ucgm.all_reduce, which moves the value to the device."""
+    seen = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op: seen.append((tensor.device, op)))
+    for value in (3, torch.tensor(2.5)):
+        assert ucgm.all_reduce(value, torch.device("meta"), "max").device.type == "meta"
+    assert seen == [(torch.device("meta"), torch.distributed.ReduceOp.MAX)] * 2
+    for script in ("train.py", "sample.py", "extract_latents.py", "fid.py"):
+        with open(os.path.join(HERE, script)) as f:
+            assert not re.search(r"(?<!ucgm\.)\b(all_reduce|all_gather|reduce|broadcast|gather|scatter)\(", f.read()), script
+
+
+def saved_bytes_per_image(model, precision, compiled=False):
+    """What the grad forward saves for the backward (saved-tensor hooks, each storage once, parameters aside) per
+    image: batch 2 minus batch 1."""
+    if compiled:
+        train.compile_blocks(model)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+    for n in (1, 2):
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+        x = torch.randn(n, model.in_channels, model.input_size, model.input_size)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x, torch.rand(n), torch.arange(n))
+        out.float().sum().backward()
+        saved.append(sum(storages.values()))
+    return saved[1] - saved[0]
+
+
+@pytest.mark.parametrize("name, precision, compiled", [
+    ("TiT-S/1", "bf16", False), ("TiT-S/1", "fp32", False), ("DiT-S/1", "bf16", False), ("DiT-S/1", "fp32", False),
+    ("LightningDiT-S/1", "bf16", False), ("LightningDiT-S/1", "fp32", False), ("TiT-S/1", "bf16", True)])
+def test_saved_bytes_match_the_memory_estimate(name, precision, compiled):
+    """train.SAVED_BYTES (bytes per image, token, block and unit of width) against a measurement (README, "Memory")."""
+    torch._dynamo.reset()
+    model = ucgm.create_model(name, input_size=16, in_channels=32, depth=2)  # 256 tokens, as TiT-XL/1 at 256 px
+    measured = saved_bytes_per_image(model, precision, compiled)
+    estimate = [train.memory_estimate(model, n, precision, compiled, False, False) for n in (1, 2)]
+    assert abs(estimate[1] - estimate[0] - measured) < 0.03 * measured, (measured, estimate[1] - estimate[0])
+
+
+def test_what_fits_names_the_flags_that_bring_the_estimate_under_the_memory():
+    with torch.device("meta"):
+        model = ucgm.create_model("TiT-XL/1", input_size=16, in_channels=32)
+    args = train.parse_args(["--data", "d", "--global-batch-size", "1024", "--grad-accum", "1"])
+    setting = dict(precision="bf16", compiled=False, teacher=True)
+    per_image = train.memory_estimate(model, 2, **setting, grad_checkpoint=False) - \
+        train.memory_estimate(model, 1, **setting, grad_checkpoint=False)
+    budget = train.memory_estimate(model, 50, **setting, grad_checkpoint=False) + per_image // 2  # 50 images fit
+    assert train.what_fits(model, args, 128, budget, **setting) == \
+        "--grad-checkpoint or --grad-accum 4 or --global-batch-size 400"  # 8 processes: 32 and 50 images
+    assert "--grad-checkpoint" not in train.what_fits(model, args, 128, budget // 10, **setting)
+    with pytest.raises(ValueError, match=r"^CUDA out of memory in the first step \(128 images\): --grad-accum 2 fits$"):
+        with train.first_step_memory(True, lambda: "--grad-accum 2", "128 images"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError):  # a later step's error is left as it is
+        with train.first_step_memory(False, lambda: "", ""):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def test_step_batches_shard_the_global_batch():
+    one = list(train.StepBatches(100, 8, 0, 1, seed=3, start_step=0, max_steps=30))
+    ranks = [list(train.StepBatches(100, 8, r, 2, seed=3, start_step=0, max_steps=30)) for r in range(2)]
+    for step in range(30):
+        assert ranks[0][step] + ranks[1][step] == one[step]  # disjoint slices of one global batch
+    per_epoch = 100 // 8
+    epoch0 = [i for b in one[:per_epoch] for i, _ in b]
+    assert len(set(epoch0)) == len(epoch0)  # no repeats inside an epoch
+    assert [i for i, _ in one[per_epoch]] != [i for i, _ in one[0]]  # reshuffled for the next epoch
+    resumed = list(train.StepBatches(100, 8, 0, 1, seed=3, start_step=17, max_steps=30))
+    assert resumed == one[17:]
+
+
+def test_demo_digits_are_bold_deterministic_and_fill_the_square():
+    images, labels = train.render_digits.__wrapped__(count=30, seed=3)  # uncached: a fresh rendering
+    again, _ = train.render_digits.__wrapped__(count=30, seed=3)
+    assert images.shape == (30, 3, 24, 24) and images.dtype == torch.uint8 and torch.equal(images, again)
+    assert labels.tolist() == [i % 10 for i in range(30)]
+    for image in images.int():
+        gray = image.sum(0)
+        ink = gray < (gray.max() + gray.min()) / 2  # dark ink on a light background
+        rows = ink.any(1).nonzero()
+        assert rows.max() - rows.min() + 1 >= 15 and 0.1 < ink.float().mean() < 0.5  # tall, bold, not a blot
+
+
+def test_presets_and_demo_defaults_resolve():
+    args = train.parse_args(["--preset", "fewstep", "--zeta", "1.5", "--data", "somewhere"])
+    assert (args.lam, args.zeta, args.optimizer, args.huber_c, args.teacher_decay, args.grad_clip) == \
+        (1.0, 1.5, "radam", 5.0, 1.0, 0.1)
+    assert args.model == "TiT-XL/1" and args.global_batch_size == 1024
+    demo = train.parse_args(["--lam", "0.5"])
+    assert demo.model == "TiT-T/4" and demo.lam == 0.5 and demo.zeta == 0.0 and demo.max_steps == 1800
+    assert demo.global_batch_size == 48
+    assert demo.weighting is None and demo.lr == 2e-3 and demo.sample_cfg == 3.5
+    multistep = train.parse_args(["--preset", "multistep", "--weighting", "none"])
+    assert multistep.zeta == 0.47 and multistep.cosine_loss and multistep.weighting is None
+
+
+def test_latent_dataset_reads_normalised_shards(tmp_path):
+    latents, flipped = torch.randn(6, 4, 2, 2), torch.randn(6, 4, 2, 2)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    ucgm.save_safetensors({"latents": latents[:4], "latents_flip": flipped[:4], "labels": labels[:4]},
+                          tmp_path / "shard_000.safetensors")
+    ucgm.save_safetensors({"latents": latents[4:], "latents_flip": flipped[4:], "labels": labels[4:]},
+                          tmp_path / "shard_001.safetensors")
+    mean, std = torch.randn(1, 4, 1, 1), torch.rand(1, 4, 1, 1) + 0.5
+    torch.save({"mean": mean, "std": std}, tmp_path / "latents_stats.pt")
+    data = train.LatentDataset(str(tmp_path), multiplier=0.5)
+    assert len(data) == 6 and data.num_classes == 6 and (data.channels, data.size) == (4, 2)
+    x, y = data[(5, False)]
+    torch.testing.assert_close(x, (latents[5] - mean[0]) / std[0] * 0.5)
+    x, y = data[(1, True)]
+    torch.testing.assert_close(x, (flipped[1] - mean[0]) / std[0] * 0.5)
+    assert y == 1
+
+
+def test_safetensors_roundtrip_and_truncation(tmp_path):
+    tensors = {"f32": torch.randn(3, 2), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16(),
+               "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "u8": torch.arange(7, dtype=torch.uint8)}
+    path = tmp_path / "t.safetensors"
+    ucgm.save_safetensors(tensors, path)
+    back = ucgm.load_safetensors(path)
+    assert all(torch.equal(tensors[k], back[k]) and tensors[k].dtype == back[k].dtype for k in tensors)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-5])
+    with pytest.raises(ValueError, match=r"tensor 'u8': data_offsets \[92, 99\] are not \[start, end\] inside the 94-byte"):
+        ucgm.load_safetensors(tmp_path / "cut.safetensors")
+    (tmp_path / "head.safetensors").write_bytes(data[:20])
+    with pytest.raises(ValueError, match="truncated"):
+        ucgm.load_safetensors(tmp_path / "head.safetensors")
+
+
+def test_numerics_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = run_train(tmp_path, "--max-steps", "20", "--ckpt-every", "1", "--lr", "1e30", "--max-bad-steps", "3")
+    assert run.returncode != 0 and "consecutive non-finite" in run.stderr
+    state = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    with open(tmp_path / "log.jsonl") as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["skipped"] == 2 and last["loss"] is None and state["step"] == 1  # step 1 was the last good one
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def bad_train_input(tmp_path, *flags):
+    """train.py's one-line error for flags that must be refused before any training."""
+    with pytest.raises(ValueError) as error:
+        train.main(train.parse_args(["--out", str(tmp_path / "out"), *TINY, "--max-steps", "1", *flags]))
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_bad_train_input_is_refused_with_one_clear_line(tmp_path):
+    run = run_train(tmp_path / "run", "--data", str(tmp_path / "missing"))
+    assert run.returncode != 0 and run.stderr.strip().splitlines() == \
+        [f"train.py: error: --data {tmp_path / 'missing'}: expected a folder of latent shards (*.safetensors), found none"]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, size in enumerate((4, 2)):
+        ucgm.save_safetensors({"latents": torch.randn(4, 4, size, size), "latents_flip": torch.randn(4, 4, size, size),
+                               "labels": torch.arange(4)}, shards / f"latents_{i:05d}.safetensors")
+    assert "latents of shapes" in bad_train_input(tmp_path, "--data", str(shards))
+    (shards / "latents_00000.safetensors").unlink()  # 2×2 latents left
+    assert bad_train_input(tmp_path, "--data", str(shards)) == (
+        f"--data {shards}: expected {shards / 'latents_stats.pt'} (written last by extract_latents.py); give "
+        "--latent-stats FILE, or --latent-stats none for raw latents")  # an unfinished extraction is not trained on
+    assert "patch size does not divide" in bad_train_input(tmp_path, "--data", str(shards), "--model", "TiT-T/4",
+                                                           "--latent-stats", "none")
+    assert bad_train_input(tmp_path, "--data", str(shards), "--latent-stats", str(tmp_path / "nowhere.pt")) == \
+        f"--latent-stats {tmp_path / 'nowhere.pt'}: no such file"
+    other = ucgm.create_model("DiT-T/2", input_size=32, in_channels=3, num_classes=10)
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
+    assert "--init" in bad_train_input(tmp_path, "--init", str(tmp_path / "other.pt"), "--model", "TiT-T/4")
+    assert "must divide" in bad_train_input(tmp_path, "--grad-accum", "3")
+
+
+#################################################################################
 #                                   sample.py                                   #
 #################################################################################
 
-import sample  # noqa: E402
 
 
 def tiny_checkpoint(path, lam=0.0):
@@ -1590,7 +1816,6 @@ def test_sample_py_refuses_a_folder_of_another_configuration(tmp_path):
 #                                     fid.py                                    #
 #################################################################################
 
-import fid  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -1814,191 +2039,6 @@ def test_bench_times_synthetic_steps_and_writes_nothing(tmp_path):
     line = run.stdout.strip().splitlines()[-1]
     assert line.startswith("bench TiT-T/2 on 4×8×8, batch 4/process, lam 1.0") and "img/s" in line and "ms/step" in line
     assert not (tmp_path / "bench").exists()
-
-
-#################################################################################
-#         Released models: configs, LightningDiT, REPA, E2E-VAE, tuning         #
-#################################################################################
-
-
-# configs/sampling_multi_steps/in1k256_lightningdit_xl_vavae_relinear.yaml of LINs-lab/UCGM, as a released
-# checkpoint's `config` holds it (the model made tiny)
-LIGHTNINGDIT_CONFIG = {"data": {"image_size": 256, "latent_norm": True, "latent_multiplier": 1.0},
-                       "vae": {"type": "vavae_f16d32"}, "model": {"type": "LightningDiT-T/4", "in_chans": 3},
-                       "transport": {"type": "ReLinear"},
-                       "sample": {"ckpt": "0000000.pt", "type": "UNI", "cfg_scale": 6.7, "cfg_interval": [0.125, 1.0],
-                                  "sampling_steps": 50, "stochast_ratio": 0.0, "extrapol_ratio": 0.5,
-                                  "sampling_order": 1, "time_dist_ctrl": [1.17, 0.8, 1.1],
-                                  "rfba_gap_steps": [0.001, 0.001], "per_batch_size": 125, "fid_sample_num": 50000}}
-# configs/training_few_steps/in1k256_tit_xl_vavae.yaml (FID 1.42 at 2 steps), the model made tiny
-FEWSTEP_CONFIG = {"data": {"image_size": 256, "latent_norm": True, "latent_multiplier": 1.0},
-                  "vae": {"type": "vavae_f16d32"}, "model": {"type": "TiT-T/4", "in_chans": 3},
-                  "transport": {"type": "Linear", "consistc_ratio": 1.0, "enhanced_ratio": 2.0, "scaled_cbl_eps": 5.0},
-                  "sample": {"cfg_scale": 0.0, "cfg_interval": [0.0, 0.75], "sampling_steps": 2, "stochast_ratio": 1.0,
-                             "extrapol_ratio": 0.0, "sampling_order": 1, "time_dist_ctrl": [1.0, 1.0, 1.0],
-                             "rfba_gap_steps": [0.001, 0.3]}}
-
-
-def perturbed(model, seed=0):
-    """The model with its zero-initialised layers made non-zero, so that outputs depend on every weight."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=generator))
-    return model
-
-
-def test_affine_rmsnorm_matches_numpy():
-    norm, x = ucgm.RMSNorm(6, affine=True), torch.randn(4, 3, 6, dtype=torch.float64)
-    assert torch.equal(norm.weight, torch.ones(6))  # initialised to ones, as released
-    with torch.no_grad():
-        norm.weight.copy_(torch.linspace(-1, 2, 6))
-    want = x.numpy() / np.sqrt((x.numpy() ** 2).mean(-1, keepdims=True) + 1e-6) * np.linspace(-1, 2, 6)
-    np.testing.assert_allclose(norm(x).detach().numpy(), want, rtol=1e-6)
-    model = ucgm.create_model("LightningDiT-T/4", input_size=16, in_channels=3, num_classes=10)
-    keys = model.state_dict().keys()
-    assert "blocks.0.norm1.weight" in keys and "final_layer.norm_final.weight" in keys
-    assert not any("q_norm" in k or "k_norm" in k for k in keys)  # qk-norm off, as released
-
-
-@pytest.mark.parametrize("config, flags, want", [
-    (LIGHTNINGDIT_CONFIG, [], dict(steps=50, rho=0.0, kappa=0.5, warp=(1.17, 0.8, 1.1), gaps=(0.001, 0.001), order=1,
-                                   cfg_scale=6.7, cfg_interval=(0.125, 1.0), cfg_channels=3, transport="ReLinear",
-                                   vae="vavae", latent_multiplier=1.0)),
-    (FEWSTEP_CONFIG, [], dict(steps=2, rho=1.0, kappa=0.0, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.3), order=1,
-                              cfg_scale=1.0, cfg_interval=(0.0, 0.75), cfg_channels=None, transport="Linear",
-                              vae="vavae", latent_multiplier=1.0)),
-    (LIGHTNINGDIT_CONFIG, ["--steps", "8", "--cfg-scale", "2", "--cfg-channels", "32", "--transport", "Linear"],
-     dict(steps=8, cfg_scale=2.0, cfg_channels=32, transport="Linear", kappa=0.5))])
-def test_released_config_sets_the_sampler_defaults(tmp_path, config, flags, want):
-    family = config["model"]["type"].split("-")[0]
-    model = perturbed(ucgm.create_model(config["model"]["type"], input_size=16, in_channels=3, num_classes=10))
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "unigen": {}, "config": config},
-               tmp_path / "released.pt")
-    args = sample.parse_args(["--ckpt", str(tmp_path / "released.pt"), *flags])
-    _, name, settings = ucgm.load_network(args.ckpt)
-    resolved = sample.resolve(args, settings)
-    assert name == config["model"]["type"] and {k: resolved[k][0] for k in want} == want
-    assert all(resolved[k][1] == ("flag" if f"--{k.replace('_', '-')}" in flags else "checkpoint") for k in want
-               if k != "cfg_channels" or family == "LightningDiT")  # cfg 0.0 (no guidance) became our 1.0 above
-    base = ["--ckpt", str(tmp_path / "released.pt"), "--vae", "identity", "--num-samples", "2", "--steps", "1"]
-    with pytest.raises(ValueError, match=r"normalised latents .*buffers/vaes/stat/vavae_f16d32_256.pt"):
-        sample.main(sample.parse_args([*base, "--out", str(tmp_path / "a")]))
-    sample.main(sample.parse_args([*base, "--latent-stats", "none", "--out", str(tmp_path / "b")]))
-    assert np.load(tmp_path / "b" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
-
-
-@pytest.mark.parametrize("model_type, vae_type, match", [
-    ("DDT-XL/2", "sdvae_ema_f8c4", "model 'DDT-XL/2', which is not supported"),
-    ("EDM2-S", "edm2_sdvae_f8c4", "model 'EDM2-S', which is not supported"),
-    ("TiT-T/4", "dcae_f32c32", "autoencoder 'dcae_f32c32', which is not supported")])
-def test_unsupported_released_models_are_named(tmp_path, model_type, vae_type, match):
-    config = {**FEWSTEP_CONFIG, "model": {"type": model_type}, "vae": {"type": vae_type}}
-    torch.save({"model": {}, "ema": {}, "config": config}, tmp_path / "released.pt")
-    run = run_sample(tmp_path / "out", "--ckpt", str(tmp_path / "released.pt"))
-    assert run.returncode != 0 and match in run.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "out").exists()  # nothing written
-
-
-def test_repa_extras_are_dropped_and_other_keys_stay_strict(tmp_path, capsys):
-    model = perturbed(ucgm.create_model("DiT-T/4", input_size=16, in_channels=3, num_classes=10, learn_sigma=True))
-    extras = {"projectors.0.0.weight": torch.zeros(8, 128), "projectors.0.0.bias": torch.zeros(8),
-              "bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3)}
-    torch.save({"model": {}, "ema": {**model.state_dict(), **extras}, "args": argparse.Namespace(lr=1e-4), "steps": 4},
-               tmp_path / "repa_e.pt")  # REPA-E's checkpoint layout, its args a Namespace
-    loaded, name, settings = ucgm.load_network(str(tmp_path / "repa_e.pt"))
-    assert name == "DiT-T/4" and loaded.out_channels == 6 and settings == {}
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-    out = capsys.readouterr().out
-    assert "dropping the 2 weights projectors.*" in out and "dropping the 2 weights bn.*" in out
-    torch.save({**model.state_dict(), "decoder_blocks.0.weight": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="unexpected key 'decoder_blocks.0.weight'"):
-        ucgm.load_network(str(tmp_path / "other.pt"))
-
-
-def test_e2e_vaes_share_the_architectures_and_are_encoded_by_the_mean(tmp_path):
-    for e2e, base in (("e2evavae", "vavae"), ("e2esdvae", "sdvae")):
-        assert {**ucgm.AUTOENCODERS[e2e], "sample_posterior": True} == {**ucgm.AUTOENCODERS[base], "sample_posterior": True}
-        assert not ucgm.AUTOENCODERS[e2e].get("sample_posterior", False)
-    torch.manual_seed(0)
-    state = ucgm.AutoencoderKL(**SMALL_SDVAE).state_dict()
-    torch.save(state, tmp_path / "e2evae_f8d4.ckpt")  # REPA-E's save_vae_weights.py: a bare LDM-named state dict
-    loaded = ucgm.load_autoencoder_weights(ucgm.AutoencoderKL(**SMALL_SDVAE), str(tmp_path / "e2evae_f8d4.ckpt"))
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
-
-
-def test_train_py_tunes_released_layouts_into_a_few_step_model(tmp_path):
-    size = train.DigitsDataset.size  # the demo data stands in for the latents
-    sit = perturbed(ucgm.create_model("DiT-T/4", input_size=size, in_channels=3, num_classes=10, learn_sigma=True))
-    lightning = perturbed(ucgm.create_model("LightningDiT-T/4", input_size=size, in_channels=3, num_classes=10), 1)
-    torch.save({"ema": {**sit.state_dict(), "projectors.0.0.weight": torch.zeros(8, 128)}}, tmp_path / "repa.pt")
-    torch.save({"model": lightning.state_dict(), "ema": lightning.state_dict(), "opt": {}, "config": {"model": {
-        "model_type": "LightningDiT-T/4", "use_qknorm": False}}}, tmp_path / "lightningdit.pt")  # hustvl's layout
-    for name, model, transport in (("repa", sit, "Linear"), ("lightningdit", lightning, "ReLinear")):
-        ckpt = str(tmp_path / f"{name}.pt")
-        run = run_train(tmp_path / name, "--init", ckpt, "--teacher", ckpt, "--preset", "fewstep", "--zeta", "3",
-                        "--max-steps", "3", "--sample-every", "3", "--ema-decay", "0.99")
-        assert run.returncode == 0, run.stderr[-3000:]
-        state = torch.load(tmp_path / name / "checkpoints" / "latest.pt", weights_only=True)
-        assert (state["args"]["model"], state["args"]["transport"]) == (ucgm.infer_model(model.state_dict())[0],
-                                                                       transport)
-        assert not any(k.startswith("teacher.") for k in state["ucgm"])  # frozen: named and checksummed, not copied
-        assert state["teacher_file"] == {"path": ckpt, "sha256": train.sha256_of(model.state_dict())}
-        assert not torch.equal(state["model"]["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
-        assert all(math.isfinite(loss) for _, loss in losses(tmp_path / name))
-        assert (tmp_path / name / "samples_0000003.png").exists()
-    other = {k: v + 1 if k == "blocks.0.attn.qkv.weight" else v for k, v in sit.state_dict().items()}
-    torch.save(other, tmp_path / "other.pt")
-    resume = ["--init", str(tmp_path / "repa.pt"), "--preset", "fewstep", "--zeta", "3", "--max-steps", "4",
-              "--sample-every", "0"]
-    run = run_train(tmp_path / "repa", *resume, "--teacher", str(tmp_path / "other.pt"))
-    assert run.returncode != 0 and run.stderr.strip().splitlines()[-1].startswith(
-        f"train.py: error: --resume {tmp_path / 'repa' / 'checkpoints' / 'latest.pt'}: trained with the frozen "
-        f"teacher {tmp_path / 'repa.pt'} (sha256 "), run.stderr[-2000:]
-    run = run_train(tmp_path / "repa", *resume, "--teacher", str(tmp_path / "repa.pt"))
-    assert run.returncode == 0 and "resumed from" in run.stdout, run.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def real_size_files(tmp_path_factory, inception_file):
-    """A random-weight VA-VAE, a released-format stats file and fid.py statistics of 4 random 256-px images."""
-    root = tmp_path_factory.mktemp("real")
-    torch.manual_seed(0)
-    torch.save({"state_dict": ucgm.AutoencoderKL(**ucgm.AUTOENCODERS["vavae"]).state_dict()}, root / "vavae.pt")
-    torch.save({"mean": torch.randn(1, 32, 1, 1), "std": torch.rand(1, 32, 1, 1) + 0.5}, root / "vavae_f16d32_256.pt")
-    np.savez(root / "ref_images.npz", arr_0=np.random.default_rng(0).integers(0, 256, (4, 256, 256, 3), np.uint8))
-    fid.main(fid.parse_args(["--save-stats", str(root / "ref_images.npz"), str(root / "ref.npz"),
-                             "--inception-weights", inception_file]))
-    return root
-
-
-@pytest.mark.parametrize("name", ["TiT-XL/1", "LightningDiT-XL/1"])
-def test_real_sizes_end_to_end(tmp_path, real_size_files, inception_file, name):
-    """The paper's XL/1 models on 32×16×16 VA-VAE latents, random weights: sample.py at 2 steps, decoded to 256 px,
-    then fid.py's metrics. TiT as a released UCGM checkpoint, LightningDiT as a bare state dict with guidance."""
-    with torch.device("meta"):
-        shapes = ucgm.create_model(name, input_size=16, in_channels=32).state_dict()
-    generator = torch.Generator().manual_seed(0)
-    state = {k: 0.02 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}  # 675M random weights
-    if name == "TiT-XL/1":
-        torch.save({"model": state, "ema": state, "config": {**FEWSTEP_CONFIG, "model": {"type": name}}},
-                   tmp_path / "ckpt.pt")  # one copy of the weights on disk: both entries share storage
-        flags = ["--latent-stats", str(real_size_files / "vavae_f16d32_256.pt")]
-    else:
-        torch.save(state, tmp_path / "ckpt.pt")
-        flags = ["--latent-stats", "none", "--steps", "2", "--cfg-scale", "6.7", "--cfg-interval", "0.125", "1"]
-    del state
-    run = run_sample(tmp_path / "out", "--ckpt", str(tmp_path / "ckpt.pt"), "--num-samples", "2", "--batch-size", "2",
-                     "--vae", "vavae", "--vae-path", str(real_size_files / "vavae.pt"), "--fid-ref",
-                     str(real_size_files / "ref.npz"), "--inception-weights", inception_file, *flags,
-                     threads=os.cpu_count())
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "steps = 2 (checkpoint)" in run.stdout if name == "TiT-XL/1" else "cfg_channels = 3 (checkpoint)" in run.stdout
-    images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
-    assert images.shape == (2, 256, 256, 3) and images.dtype == np.uint8 and images.std() > 0
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["num_samples"] == 2 and math.isfinite(metrics["fid"]) and math.isfinite(metrics["inception_score"])
-    assert "precision/recall unavailable: they need at least 4 images" in run.stdout
 
 
 #################################################################################
@@ -2234,7 +2274,6 @@ def test_claim_transports_train_alike():
 #################################################################################
 # README, "GPU readiness": python -m pytest -q -s -m cuda test_ucgm.py runs these, then prints the figures
 
-import copy  # noqa: E402
 
 
 def nccl_run(script, *flags, timeout=600):
