@@ -85,7 +85,8 @@ def main(args):
 
     config = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, model=name, transport=transport, vae=vae,
                   multiplier=multiplier, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
-                  class_id=args.class_id, sampler={k: list(v) if isinstance(v, tuple) else v for k, v in sampler.items()})
+                  class_id=args.class_id, dit_rounding=args.dit_rounding,
+                  sampler={k: list(v) if isinstance(v, tuple) else v for k, v in sampler.items()})
     ucgm.claim_folder(args.out, "sample.json", config, write=rank == 0)
     if rank == 0:
         os.makedirs(os.path.join(args.out, "shards"), exist_ok=True)
@@ -115,7 +116,7 @@ def main(args):
                                          **({"y": labels} if num_classes else {}))
             images = torch.cat([autoencoder.decode(z) for z in  # outside autocast: the released decode is float32
                                 ucgm.denormalise(latents, mean, std, multiplier).split(args.decode_batch)])
-        pixels = ucgm.to_uint8(images).permute(0, 2, 3, 1).cpu()  # NHWC
+        pixels = ucgm.to_uint8(images, args.dit_rounding).permute(0, 2, 3, 1).cpu()  # NHWC
         ucgm.save_safetensors({"images": pixels.contiguous(), "labels": labels.cpu()}, shard_path(args.out, k))
 
     if dist.is_initialized():
@@ -196,6 +197,8 @@ def parse_args(argv=None):
     g.add_argument("--latent-stats", help="mean/std file or latent folder, or 'none' (default: the checkpoint's)")
     g.add_argument("--latent-multiplier", type=ucgm.number("(0, inf)"),
                    help="(default: the checkpoint's; 0.18215 for SD-VAE)")
+    g.add_argument("--dit-rounding", action="store_true",
+                   help="pixels as DiT's sample_ddp.py: + 0.5 before truncating (default: ADM's truncation)")
     g.add_argument("--fid-ref", help="reference .npz (ADM batch or fid.py --save-stats): compute the metrics")
     g.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth, for --fid-ref")
     g.add_argument("--out", default="samples", help="output folder: samples.npz, samples.png, shards/")

@@ -62,38 +62,47 @@ SAVED_BYTES = {"TiT": {"bf16": (65.6, 40.3, 10.2), "fp32": (99.0, 76.3, 12.4)},
 #                                    Data                                       #
 #################################################################################
 
-@functools.cache  # the tests train many times in one process
+@functools.cache  # a font per size, loaded once per process
+def digit_fonts(size):
+    return {s: ImageFont.load_default(size=s) for s in range(size + 2, size + 8)}  # a digit is ~0.75 of its size
+
+
+@functools.lru_cache(maxsize=None)  # each image is drawn once per process (data-loading workers have their own)
+def render_digit(index, size=24, seed=0):
+    """Digit index mod 10 in RGB (uint8 HWC), drawn with Pillow's built-in font in random colours, offset and scale
+    from (seed, index) alone. The bold glyphs fill the square, so that the gap that tells a 5 from a 6 spans a pixel."""
+    rng = np.random.default_rng([seed, index])
+    background = tuple(int(v) for v in rng.integers(144, 256, 3))  # light random colour
+    ink = tuple(int(v) for v in rng.integers(0, 112, 3))  # dark random colour: the class mean shows the digit
+    image = Image.new("RGB", (size, size), background)
+    center = size / 2 + rng.uniform(-1, 1, 2)  # up to 1 px off centre
+    fonts = digit_fonts(size)
+    ImageDraw.Draw(image).text(tuple(center), str(index % 10), fill=ink, font=fonts[int(rng.choice(list(fonts)))],
+                               anchor="mm", stroke_width=1, stroke_fill=ink)  # bold strokes
+    return np.array(image)  # writable, as torch.from_numpy wants
+
+
 def render_digits(count=20_000, size=24, seed=0):
-    """Class-conditional RGB digits drawn with Pillow's built-in font: random colours, offset, scale (uint8 NCHW).
-    The bold glyphs fill the square, so that the gap that tells a 5 from a 6 spans a whole pixel."""
-    images, labels = np.empty((count, size, size, 3), np.uint8), np.arange(count) % 10
-    sizes = range(size + 2, size + 8)  # font sizes: a digit is about 0.75 of its font size tall
-    fonts = {s: ImageFont.load_default(size=s) for s in sizes}
-    for i in range(count):
-        rng = np.random.default_rng([seed, i])
-        background = tuple(int(v) for v in rng.integers(144, 256, 3))  # light random colour
-        ink = tuple(int(v) for v in rng.integers(0, 112, 3))  # dark random colour: the class mean shows the digit
-        image = Image.new("RGB", (size, size), background)
-        center = size / 2 + rng.uniform(-1, 1, 2)  # up to 1 px off centre
-        ImageDraw.Draw(image).text(tuple(center), str(labels[i]), fill=ink, font=fonts[int(rng.choice(sizes))],
-                                   anchor="mm", stroke_width=1, stroke_fill=ink)  # bold strokes
-        images[i] = np.asarray(image)
-    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(labels)
+    """The first `count` demo images (uint8 NCHW) and their labels."""
+    images = np.stack([render_digit(i, size, seed) for i in range(count)])
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.arange(count) % 10
 
 
 class DigitsDataset(torch.utils.data.Dataset):
-    """The built-in demo: 10 classes of 3×24×24 images in [-1, 1] (no flips: a mirrored digit is no digit)."""
-    num_classes, channels, size = 10, 3, 24
+    """The built-in demo: 20,000 images of 10 classes, 3×24×24 in [-1, 1], drawn when first read (no flips: a
+    mirrored digit is no digit)."""
+    num_classes, channels, size, count = 10, 3, 24, 20_000
 
     def __init__(self, seed=0):
-        self.images, self.labels = render_digits(size=self.size, seed=seed)
+        self.seed = seed
 
     def __len__(self):
-        return len(self.labels)
+        return self.count
 
     def __getitem__(self, item):
         index, _ = item
-        return self.images[index].float() / 127.5 - 1, self.labels[index]
+        pixels = torch.from_numpy(render_digit(index, self.size, self.seed)).permute(2, 0, 1)
+        return pixels.float() / 127.5 - 1, torch.tensor(index % 10)
 
     mean, std, multiplier = torch.zeros(3, 1, 1), torch.ones(3, 1, 1), 1.0  # pixels are not normalised
 
@@ -364,8 +373,7 @@ def save(args, step, skipped, data, model, ema, opt, trainer, teacher_file):
     trainer_state = {k: v for k, v in trainer.state_dict().items() if not (teacher_file and k.startswith("teacher."))}
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "ucgm": trainer_state,
              "teacher_file": teacher_file, "args": vars(args), "latent_stats": {"mean": data.mean, "std": data.std},
-             "step": step, "skipped": skipped, "rng": {"torch": torch.get_rng_state()},
-             "data_position": dict(zip(("epoch", "batch"), divmod(step, len(data) // args.global_batch_size)))}
+             "step": step, "skipped": skipped, "rng": {"torch": torch.get_rng_state()}}
     save_checkpoint(state, os.path.join(args.out, "checkpoints"), step, args.ckpt_every)
 
 
