@@ -452,9 +452,11 @@ def main(args):
     if args.compile:  # fuses the elementwise work of every block: ~2.5x less memory traffic on a GPU
         for network in filter(None, (model, trainer.teacher)):  # the teacher's no-grad forwards: 1/4 of a step
             compile_blocks(network)
-    # the gradients are views of DDP's buckets (one copy, not two); the RoPE tables never change, so no broadcast
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-              gradient_as_bucket_view=True) if dist.is_initialized() else model
+    # the gradients are views of DDP's buckets (one copy, not two); the RoPE tables never change, so no buffer sync
+    # before each forward (torch 2.13 renamed broadcast_buffers forward_sync_buffers)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+              **{no_sync: False}) if dist.is_initialized() else model
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=StepBatches(len(data), args.global_batch_size, rank, world, args.seed, start_step,
                                         args.max_steps), num_workers=args.num_workers, pin_memory=device.type == "cuda")
