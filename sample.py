@@ -98,7 +98,7 @@ def main(args):
 
     trainer = ucgm.UCGM(transport)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    if device.type == "cuda" if args.compile is None else args.compile:
+    if ucgm.resolve_compile(args.compile, device):
         model.compile(dynamic=False)  # static graphs: batch B, 2B inside cfg_interval, and a short last shard
     num_shards = math.ceil(args.num_samples / args.batch_size)
     todo = [k for k in range(rank, num_shards, world) if not os.path.exists(shard_path(args.out, k))]

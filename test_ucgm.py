@@ -1594,11 +1594,13 @@ def test_step_batches_shard_the_global_batch():
 
 
 def test_demo_digits_are_bold_deterministic_and_fill_the_square():
-    images, labels = train.render_digits(count=30, seed=3)
+    data = train.DigitsDataset(seed=3)
+    images = torch.stack([torch.from_numpy(train.render_digit(i, data.size, 3)).permute(2, 0, 1) for i in range(30)])
     train.render_digit.cache_clear()  # a fresh rendering
-    again, _ = train.render_digits(count=30, seed=3)
+    again = torch.stack([torch.from_numpy(train.render_digit(i, data.size, 3)).permute(2, 0, 1) for i in range(30)])
     assert images.shape == (30, 3, 24, 24) and images.dtype == torch.uint8 and torch.equal(images, again)
-    assert labels.tolist() == [i % 10 for i in range(30)]
+    assert [int(data[(i, False)][1]) for i in range(30)] == [i % 10 for i in range(30)]
+    torch.testing.assert_close(data[(7, False)][0], images[7].float() / 127.5 - 1)  # what training reads
     for image in images.int():
         gray = image.sum(0)
         ink = gray < (gray.max() + gray.min()) / 2  # dark ink on a light background

@@ -82,12 +82,6 @@ def render_digit(index, size=24, seed=0):
     return np.array(image)  # writable, as torch.from_numpy wants
 
 
-def render_digits(count=20_000, size=24, seed=0):
-    """The first `count` demo images (uint8 NCHW) and their labels."""
-    images = np.stack([render_digit(i, size, seed) for i in range(count)])
-    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.arange(count) % 10
-
-
 class DigitsDataset(torch.utils.data.Dataset):
     """The built-in demo: 20,000 images of 10 classes, 3×24×24 in [-1, 1], drawn when first read (no flips: a
     mirrored digit is no digit)."""
@@ -425,7 +419,7 @@ def main(args):
     started = time.time()
     rank, world, device = ucgm.setup_distributed()
     budget = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # free, before anything is built
-    args.compile = device.type == "cuda" if args.compile is None else args.compile  # compiled by default on CUDA
+    args.compile = ucgm.resolve_compile(args.compile, device)
     ucgm.require(args.global_batch_size % (world * args.grad_accum) == 0, f"--global-batch-size "
                  f"{args.global_batch_size} must divide by processes × --grad-accum = {world * args.grad_accum}")
     checkpoints, writer = os.path.join(args.out, "checkpoints"), rank == 0 and not args.bench  # --bench writes nothing

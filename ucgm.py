@@ -1244,6 +1244,12 @@ def run_script(main, parse_args):
         raise
 
 
+def resolve_compile(compile_flag, device):
+    """--compile / --no-compile; unset: compiled on CUDA (fused elementwise work), eager on CPU (compiling costs
+    more there than it saves in a short run)."""
+    return device.type == "cuda" if compile_flag is None else compile_flag
+
+
 def resolve_precision(precision, device):
     """--precision: auto is bf16 autocast on CUDA and float32 on CPU (where bf16 is slow without AMX units)."""
     return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
