@@ -391,31 +391,68 @@ def test_gradients_reach_only_the_F_t_branch():
     assert max((a - b).abs().max() for a, b in zip(got, grads[1])) > 1e-4
 
 
-@pytest.mark.parametrize("lam", [0.0, 1.0])
-def test_enhanced_targets_follow_the_three_row_rules(lam):
-    """Alg. 1 l.5-6 (App. C.1.3 for λ > 0) and README rules "enhance range", "dropped rows"."""
+@pytest.mark.parametrize("lam, style", [(0.0, None), (1.0, None), (0.0, "fc-vs-fe"), (1.0, "fc-vs-fe"),
+                                        (0.5, "ft-vs-fe"), (0.0, "fc-vs-xz")])
+def test_enhanced_targets_follow_the_three_row_rules(lam, style):
+    """Alg. 1 l.5-6 (App. C.1.3 for λ > 0), README rules "enhanced styles", "enhance range", "dropped rows": with
+    (P, R) the style's two predictions, kept rows get x + ζ(P − R) inside the range and (x + P)/2 outside, dropped
+    rows (x + R)/2; None is ft-vs-fe for λ = 0 and fc-vs-xz for λ > 0."""
     x, y, t, z = batch(n=10)
     t[:5] = torch.tensor([0.1, 0.5, 0.8, 0.9, 0.3])  # rows 2 and 3 fall outside enhance_range (0, 0.75)
-    zeta = 0.4 if lam == 0.0 else 1.7
-    trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=0.0, label_drop=0.3)
+    zeta = 0.4 if (lam, style) == (0.0, None) else 1.7
+    trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=0.0, label_drop=0.3, enhance_style=style)
+    style = style or ("ft-vs-fe" if lam == 0.0 else "fc-vs-xz")
+    assert trainer.enhance_style == style
     model = ToyNet()
     y_dropped, dropped = trainer.drop_labels(y, 3)
     x_t = t[:, None] * z + (1 - t[:, None]) * x
     F_t = model(x_t, t, y_dropped)
     got_x, got_z = trainer.enhance(model, x, z, x_t, t, y_dropped, dropped, F_t)
-    with torch.no_grad():  # Linear readouts: x̂ = x_t - t F, ẑ = x_t + (1 - t) F
-        F_other = model(x_t, t, torch.full_like(y, 3) if lam == 0.0 else y_dropped)
+    with torch.no_grad():
+        F_c, F_u = model(x_t, t, y_dropped), model(x_t, t, torch.full_like(y, 3))  # θ⁻ = the online model (d = 0)
     for i in range(10):
         ti = float(t[i])
-        pred = [(x_t[i] - ti * F[i], x_t[i] + (1 - ti) * F[i]) for F in (F_t.detach(), F_other)]
+        read = lambda F: (x_t[i] - ti * F[i], x_t[i] + (1 - ti) * F[i])  # noqa: E731  Linear x̂ = x_t − tF, ẑ = x_t + (1 − t)F
+        P = read(F_t.detach() if style == "ft-vs-fe" else F_c)
+        R = (x[i], z[i]) if style == "fc-vs-xz" else read(F_u)
         for k, (data, got) in enumerate([(x[i], got_x[i]), (z[i], got_z[i])]):
-            cond, other = pred[0][k], pred[1][k]
-            if lam == 0.0:  # other = the unconditional prediction
-                want = (data + other) / 2 if i >= 7 else data + zeta * (cond - other) if 0 < ti < 0.75 \
-                    else (data + cond) / 2
-            else:  # other = the teacher's conditional prediction
-                want = data if i >= 7 else data + zeta * (other - data) if 0 < ti < 0.75 else (data + other) / 2
+            want = (data + R[k]) / 2 if i >= 7 else data + zeta * (P[k] - R[k]) if 0 < ti < 0.75 \
+                else (data + P[k]) / 2
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fc_vs_fe_runs_the_teacher_once_on_a_doubled_batch():
+    """README rule "enhanced styles": fc-vs-fe evaluates θ⁻ on (y, ∅) in one no-grad call of twice the batch, and
+    a frozen teacher with λ = 0 is accepted for fc-vs-xz and fc-vs-fe but not ft-vs-fe."""
+    x, y, t, z = batch()
+    calls = []
+    model = ToyNet()
+    trainer = UCGM(lam=0.0, zeta=2.0, teacher_decay=1.0, enhance_style="fc-vs-fe")
+    trainer.make_teacher(model)
+    trainer.teacher.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    trainer.loss(model, x, y, t=t, noise=z)
+    assert calls == [2 * x.shape[0]]
+    UCGM(lam=0.0, zeta=2.0, teacher_decay=1.0, enhance_style="fc-vs-xz")
+    with pytest.raises(ValueError, match="teacher_decay"):
+        UCGM(lam=0.0, zeta=0.5, teacher_decay=1.0, enhance_style="ft-vs-fe")
+    with pytest.raises(ValueError, match="enhance_style"):
+        UCGM(enhance_style="fc-vs-xy")
+
+
+@pytest.mark.parametrize("lam, zeta, style", [(0.0, 0.0, None), (0.0, 0.5, None), (0.5, 1.2, "fc-vs-fe"),
+                                              (1.0, 1.9, "fc-vs-fe")])
+def test_relinear_trains_exactly_as_its_linear_wrapping(lam, zeta, style):
+    """README rule "training clock": a ReLinear network (noise at t = 0) trains as the Linear network
+    −F(x_t, 1 − t, y), with t, the enhance range, the cos(πt/2) weight and ±ε counted from the data end."""
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch())
+    relinear = ToyNet().double()
+    wrapped = lambda x_t, s, labels: -relinear(x_t, 1 - s, labels)  # noqa: E731
+    wrapped.num_classes = relinear.num_classes
+    settings = dict(lam=lam, zeta=zeta, enhance_style=style, teacher_decay=0.0, huber_c=0.1, weighting="cosine",
+                    label_drop=0.25)
+    got = UCGM("ReLinear", **settings).loss(relinear, x, y, t=t, noise=z)
+    want = UCGM("Linear", **settings).loss(wrapped, x, y, t=t, noise=z)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_huber_cosine_term_and_weighting():

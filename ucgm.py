@@ -115,6 +115,16 @@ class Random(Transport):
 TRANSPORTS = {cls.__name__: cls() for cls in (Linear, ReLinear, TrigFlow, TrigLinear, EDM, Random)}
 
 
+class TimeReversed(Transport):
+    """A transport whose noise end is t = 0 seen from the other end: alpha'(t) = alpha(1 − t), gamma'(t) = gamma(1 − t)
+    and the hats negated, the path of the network −F(x_t, 1 − t) (README rule "training clock"; ReLinear -> Linear)."""
+    def __init__(self, inner): self.inner = inner
+    def alpha(self, t): return self.inner.alpha(1 - t)
+    def gamma(self, t): return self.inner.gamma(1 - t)
+    def alpha_hat(self, t): return -self.inner.alpha_hat(1 - t)
+    def gamma_hat(self, t): return -self.inner.gamma_hat(1 - t)
+
+
 def get_transport(name):
     """Look a transport up by name, failing with the list of known names."""
     require(name in TRANSPORTS, f"transport: expected one of {sorted(TRANSPORTS)}, got {name!r}")
@@ -148,21 +158,35 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+# enhance_style (the later released trainer's `enhanced_style`): the prediction P and the reference R of `enhance`
+ENHANCE_STYLES = {"ft-vs-fe": "the online conditional F_t against θ⁻ unconditional (multi-step training)",
+                  "fc-vs-xz": "θ⁻ conditional against the data and noise (few-step training)",
+                  "fc-vs-fe": "θ⁻ conditional against θ⁻ unconditional (few-step tuning of a pre-trained model)"}
+
+
 class UCGM(nn.Module):
     """UCGM-T (Alg. 1) for any network called as F = model(x_t, t, y); holds the teacher θ⁻ and its momentum.
     `sample` runs UCGM-S (Alg. 2, `ucgm_sampler`) with the same transport."""
 
     def __init__(self, transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1,
                  huber_c=0.0, cosine_loss=False, weighting=None, time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
-                 eps=0.005):
+                 eps=0.005, enhance_style=None):
         super().__init__()
-        self.transport = get_transport(transport)
+        raw = get_transport(transport)
+        # README rule "training clock": t counts from data (0) to noise (1) for every transport
+        self.transport = TimeReversed(raw) if raw.noise_time == 0.0 else raw
+        require(enhance_style in (None, *ENHANCE_STYLES),
+                f"enhance_style: expected one of {list(ENHANCE_STYLES)} or None, got {enhance_style!r}")
+        self.enhance_style = enhance_style or ("ft-vs-fe" if lam == 0.0 else "fc-vs-xz")  # the paper's choice by λ
+        self_guided = self.enhance_style == "ft-vs-fe" and lam == 0.0  # F^∅_t of the model itself, Alg. 1 l.6
         require(0.0 <= lam <= 1.0, f"lam: the consistency ratio must lie in [0, 1], got {lam}")
-        require(math.isfinite(zeta) and not (lam == 0.0 and zeta >= 1.0), f"zeta: with lam = 0 the enhancement "
-                f"needs zeta < 1 (guidance scale 1/(1 - zeta) must be positive and finite), and it must be finite; got {zeta}")
+        require(math.isfinite(zeta) and not (self_guided and zeta >= 1.0), f"zeta: with lam = 0 and ft-vs-fe the "
+                f"enhancement needs zeta < 1 (guidance scale 1/(1 - zeta) must be positive and finite), and it must be "
+                f"finite; got {zeta}")
         require(0.0 <= teacher_decay <= 1.0, f"teacher_decay: expected a value in [0, 1], got {teacher_decay}")
-        require(not (zeta != 0.0 and lam == 0.0 and teacher_decay == 1.0), "teacher_decay: 1 (a frozen teacher) needs "
-                "lam > 0; with lam = 0 the unconditional branch must follow training, use 0 <= teacher_decay < 1")
+        require(not (zeta != 0.0 and self_guided and teacher_decay == 1.0), "teacher_decay: 1 (a frozen teacher) needs "
+                "lam > 0 or enhance_style fc-vs-xz / fc-vs-fe; with lam = 0 and ft-vs-fe the unconditional branch must "
+                "follow training, use 0 <= teacher_decay < 1")
         require(0.0 <= label_drop <= 1.0, f"label_drop: expected a fraction in [0, 1], got {label_drop}")
         require(weighting in (None, "cosine"), f"weighting: expected 'cosine' or None, got {weighting!r}")
         require(len(time_dist) == 3 and min(time_dist) > 0,
@@ -214,6 +238,14 @@ class UCGM(nn.Module):
 
     # ----- the pieces of Alg. 1, in its order --------------------------------------------------
 
+    def F(self, net, x_t, t, y):
+        """F(x_t, t, y) in the trainer's clock, in the wider of float32 and the network's dtype: a network whose noise
+        end is t = 0 runs at 1 − t with its output negated (README rule "training clock"), an exact Linear model."""
+        if isinstance(self.transport, TimeReversed):
+            return -widened(net(x_t, 1 - t, y))
+        return widened(net(x_t, t, y))
+
+
     def sample_time(self, n, device):
         """t ~ Beta(theta1, theta2) of Alg. 1 l.2, scaled by s and clamped (README rule "time scale"); sync-free:
         the concentrations are filled on the device (no copy) and not validated (no host read)."""
@@ -230,31 +262,33 @@ class UCGM(nn.Module):
         return torch.where(dropped, torch.full_like(y, null_label), y), dropped
 
     def enhance(self, net, x, z, x_t, t, y, dropped, F_t):
-        """The enhanced targets (x*, z*) of Alg. 1 l.5-6 (Sec. 3.1, "enhanced target"; App. C.1.3 for lam > 0),
-        with README rules "enhance range" and "dropped rows"; (x, z) when zeta = 0."""
+        """The enhanced targets (x*, z*) of Alg. 1 l.5-6 (Sec. 3.1, "enhanced target"; App. C.1.3 for lam > 0): with
+        the two predictions (P, R) that `enhance_style` compares (README rule "enhanced styles"), a kept row inside
+        the enhance range gets x + ζ·(P − R), one outside (x + P)/2, a dropped row (x + R)/2 (README rules "enhance
+        range", "dropped rows"); z* alike; (x, z) when zeta = 0."""
         if self.zeta == 0.0:
             return x, z
-        tr, tb = self.transport, view_as_batch(t, x)
+        tb = view_as_batch(t, x)
+        teacher = self.update_teacher(net)
+        null = torch.full_like(y, unwrap(net).num_classes)
+        if self.enhance_style == "ft-vs-fe":  # Alg. 1 l.6: F_t against the unconditional F^∅_t of θ⁻
+            P = self.transport.readout(F_t.detach(), x_t, tb)
+            R = self.transport.readout(self.F(teacher, x_t, t, null), x_t, tb)
+        elif self.enhance_style == "fc-vs-fe":  # θ⁻ on y and on ∅, in one doubled batch
+            F_c, F_u = self.F(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            P, R = self.transport.readout(F_c, x_t, tb), self.transport.readout(F_u, x_t, tb)
+        else:  # fc-vs-xz, App. C.1.3: a (pre-trained) conditional teacher against the data and noise themselves
+            P, R = self.transport.readout(self.F(teacher, x_t, t, y), x_t, tb), (x, z)
         inside = view_as_batch((t > self.enhance_range[0]) & (t < self.enhance_range[1]), x)
         kept = view_as_batch(~dropped, x)
-        teacher = self.update_teacher(net)
-
-        def mix(in_range, out_range, dropped_row):
-            return torch.where(kept, torch.where(inside, in_range, out_range), dropped_row)
-        if self.lam == 0.0:  # Alg. 1 l.6: ξ with F_t against the unconditional F^∅_t of θ⁻
-            null = torch.full_like(y, unwrap(net).num_classes)
-            x_c, z_c = tr.readout(F_t.detach(), x_t, tb)
-            x_u, z_u = tr.readout(widened(teacher(x_t, t, null)), x_t, tb)
-            return (mix(x + self.zeta * (x_c - x_u), (x + x_c) / 2, (x + x_u) / 2),
-                    mix(z + self.zeta * (z_c - z_u), (z + z_c) / 2, (z + z_u) / 2))
-        x_T, z_T = tr.readout(widened(teacher(x_t, t, y)), x_t, tb)  # App. C.1.3: a (pre-trained) conditional teacher
-        return mix(x + self.zeta * (x_T - x), (x + x_T) / 2, x), mix(z + self.zeta * (z_T - z), (z + z_T) / 2, z)
+        return tuple(torch.where(kept, torch.where(inside, target + self.zeta * (p - r), (target + p) / 2),
+                                 (target + r) / 2) for target, p, r in zip((x, z), P, R))
 
     def denoised(self, net, x_star, z_star, r, y):
         """f^x(F_θ⁻(x*_r, r), x*_r, r) at x*_r = alpha(r)·z* + gamma(r)·x* (Alg. 1 l.9-10, 12-13)."""
         tr, rb = self.transport, view_as_batch(r, x_star)
         x_r = tr.alpha(rb) * z_star + tr.gamma(rb) * x_star
-        return tr.readout(widened(net(x_r, r, y)), x_r, rb)[0]
+        return tr.readout(self.F(net, x_r, r, y), x_r, rb)[0]
 
     def delta_f(self, net, x_star, z_star, t, y, F_t):
         """Δf^x_t: the difference of Eq. (6) (Alg. 1 l.9-10) for lam < 1, the central difference of Alg. 1 l.12-13
@@ -301,7 +335,7 @@ class UCGM(nn.Module):
         y, dropped = self.drop_labels(y, unwrap(model).num_classes)  # README rule "label dropping"
         tb = view_as_batch(t, x)
         x_t = self.transport.alpha(tb) * z + self.transport.gamma(tb) * x  # Alg. 1 l.3, Eq. (1)
-        F_t = widened(model(x_t, t, y))  # Alg. 1 l.4: float32 under bf16 autocast, float64 for float64 checks
+        F_t = self.F(model, x_t, t, y)  # Alg. 1 l.4: float32 under bf16 autocast, float64 for float64 checks
         with torch.no_grad():
             net = getattr(model, "module", model)  # no-grad forwards skip DDP's gradient hooks
             x_star, z_star = self.enhance(net, x, z, x_t, t, y, dropped, F_t)  # Alg. 1 l.4-7
