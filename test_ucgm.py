@@ -1658,6 +1658,62 @@ def test_presets_and_demo_defaults_resolve():
     assert multistep.zeta == 0.47 and multistep.cosine_loss and multistep.weighting is None
 
 
+# the later released trainer's configs/tuning_few_steps/*.yaml, transcribed: (preset, transport of the --init
+# weights, {released key: value}); README "API" maps each key to its flag
+RELEASED_TUNING = [
+    ("tune-lightningdit", "ReLinear", dict(enhanced_ratio=3.0, global_batch_size=256, max_steps=3200, ckpt_every=1600,
+                                           type="RAdam")),
+    ("tune-repa", "Linear", dict(enhanced_ratio=1.7, global_batch_size=8, max_steps=800, ckpt_every=800, type="CLion")),
+    ("tune-repae", "Linear", dict(enhanced_ratio=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000,
+                                  type="RAdam")),
+    ("tune-ddt", "ReLinear", dict(enhanced_ratio=1.9, global_batch_size=512, max_steps=800, ckpt_every=800,
+                                  type="RAdam"))]
+RELEASED_TUNING_COMMON = dict(lab_drop_ratio=0.1, consistc_ratio=1.0, enhanced_style="fc-vs-fe", scaled_cbl_eps=5.0,
+                              ema_decay_rate=1.0, enhanced_range=[0.0, 0.75], time_dist_ctrl=[0.8, 1.0, 1.0],
+                              weight_funcion="Cosine", wt_cosine_loss=False, lr=0.0001, weight_decay=0.0, beta1=0.9,
+                              beta2=0.999, max_grad_norm=0.1, ema_decay=0.99, log_every=100)
+
+
+@pytest.mark.parametrize("preset, transport, released", RELEASED_TUNING)
+def test_tuning_presets_are_the_released_tuning_configs(preset, transport, released, tmp_path):
+    """train.py --preset tune-*: every setting of the released tuning config, under the README's names, and the
+    transport of the start weights (a bare LightningDiT or DDT state dict implies ReLinear)."""
+    c = {**RELEASED_TUNING_COMMON, **released}
+    args = train.parse_args(["--preset", preset, "--data", "somewhere"])
+    got = (args.lam, args.zeta, args.enhance_style, args.huber_c, args.teacher_decay, list(args.enhance_range),
+           list(args.time_dist), args.weighting, args.cosine_loss, args.label_drop, args.optimizer, args.lr,
+           args.weight_decay, list(args.betas), args.grad_clip, args.ema_decay, args.global_batch_size, args.max_steps,
+           args.ckpt_every, args.log_every)
+    want = (c["consistc_ratio"], c["enhanced_ratio"], c["enhanced_style"], c["scaled_cbl_eps"], c["ema_decay_rate"],
+            c["enhanced_range"], c["time_dist_ctrl"], c["weight_funcion"].lower(), c["wt_cosine_loss"],
+            c["lab_drop_ratio"], c["type"].lower(), c["lr"], c["weight_decay"], [c["beta1"], c["beta2"]],
+            c["max_grad_norm"], c["ema_decay"], c["global_batch_size"], c["max_steps"], c["ckpt_every"],
+            c["log_every"])
+    assert got == want
+    family = "LightningDiT" if preset == "tune-lightningdit" else "DiT"
+    assert ucgm.FAMILY_SETTINGS[family].get("transport", "Linear") == transport or preset == "tune-ddt"
+
+
+def test_cautious_lion_steps_match_a_hand_computation():
+    """--optimizer clion: two steps of the cautious Lion update against numpy."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5, 3))
+    grads = [torch.randn(5, 3), torch.randn(5, 3)]
+    opt = train.CautiousLion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.01)
+    w, m = p.detach().numpy().astype(np.float64).copy(), np.zeros((5, 3))
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        g = g.numpy().astype(np.float64)
+        w = w * (1 - 0.1 * 0.01)
+        u = np.sign(0.9 * m + 0.1 * g)
+        mask = (u * g > 0).astype(np.float64)
+        w = w - 0.1 * u * mask * mask.size / (mask.sum() + 1)
+        m = 0.99 * m + 0.01 * g
+    np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(opt.state[p]["exp_avg"].numpy(), m, rtol=1e-5, atol=1e-7)
+
+
 def test_latent_dataset_reads_normalised_shards(tmp_path):
     latents, flipped = torch.randn(6, 4, 2, 2), torch.randn(6, 4, 2, 2)
     labels = torch.tensor([0, 1, 2, 3, 4, 5])

@@ -34,14 +34,23 @@ import ucgm
 # the defaults of every flag a preset may set; an explicit flag beats a preset, a preset beats the demo
 BASE = dict(transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1, huber_c=0.0,
             cosine_loss=False, weighting="cosine", time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
-            model="TiT-XL/1", global_batch_size=1024, max_steps=1_000_000, optimizer="adamw", lr=2e-4,
-            betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, log_every=100,
+            enhance_style=None, model="TiT-XL/1", global_batch_size=1024, max_steps=1_000_000, optimizer="adamw",
+            lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, log_every=100,
             ckpt_every=20_000, sample_every=20_000, sample_cfg=1.0)
+# tuning a pre-trained model into a 2-step one, as the later released trainer's tuning_few_steps configs: the frozen
+# start weights as teacher, fc-vs-fe; the transport is that of the --init weights (ReLinear for LightningDiT and DDT)
+TUNE = dict(lam=1.0, enhance_style="fc-vs-fe", huber_c=5.0, teacher_decay=1.0, enhance_range=(0.0, 0.75),
+            time_dist=(0.8, 1.0, 1.0), weighting="cosine", cosine_loss=False, label_drop=0.1, optimizer="radam",
+            lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=0.1, ema_decay=0.99, log_every=100)
 PRESETS = {
     "multistep": dict(lam=0.0, zeta=0.47, cosine_loss=True, weighting="cosine", huber_c=0.0, time_dist=(1.0, 1.0, 1.0),
                       teacher_decay=0.999, optimizer="adamw", lr=2e-4, betas=(0.9, 0.95)),
     "fewstep": dict(lam=1.0, zeta=2.0, cosine_loss=False, weighting="cosine", huber_c=5.0, time_dist=(0.8, 1.0, 1.0),
-                    teacher_decay=1.0, optimizer="radam", lr=1e-4, betas=(0.9, 0.999), grad_clip=0.1)}
+                    teacher_decay=1.0, optimizer="radam", lr=1e-4, betas=(0.9, 0.999), grad_clip=0.1),
+    "tune-lightningdit": dict(TUNE, zeta=3.0, global_batch_size=256, max_steps=3200, ckpt_every=1600),
+    "tune-repa": dict(TUNE, zeta=1.7, optimizer="clion", global_batch_size=8, max_steps=800, ckpt_every=800),
+    "tune-repae": dict(TUNE, zeta=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000),
+    "tune-ddt": dict(TUNE, zeta=1.9, global_batch_size=512, max_steps=800, ckpt_every=800)}
 # the digits demo without --data: a 1.3M-parameter TiT on 24×24 pixels (36 tokens), ~0.16 s a step on 2 CPU cores;
 # unweighted loss (the cos(πt/2) weight starves the high-noise steps that decide the digit) and guided grids
 DEMO = dict(model="TiT-T/4", global_batch_size=48, max_steps=1800, lr=2e-3, weighting="none", log_every=50,
@@ -294,6 +303,25 @@ def sha256_of(state):
 #                                   Training                                    #
 #################################################################################
 
+class CautiousLion(torch.optim.Optimizer):
+    """Lion with the cautious mask, the optimiser of the released REPA tuning: per tensor, u = sign(β1·m + (1 − β1)·g)
+    is applied only where u·g > 0, scaled by numel / (count + 1); then m <- β2·m + (1 − β2)·g; decoupled decay."""
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = torch.lerp(p.grad, m, beta1).sign_()  # sign(β1·m + (1 − β1)·g)
+                mask = (update * p.grad > 0).to(p.dtype)
+                p.add_(update * mask * (mask.numel() / (mask.sum() + 1)), alpha=-group["lr"])
+                m.lerp_(p.grad, 1 - beta2)
+
+
 def build(args, rank, device):
     """(data, model, trainer, ema, optimizer, teacher_file) of a run: the start weights of --init or a new network,
     the EMA on rank 0 only (it alone samples and saves), a frozen --teacher named by its path and checksum."""
@@ -321,9 +349,10 @@ def build(args, rank, device):
     ucgm.require(args.bench or vae_channels == data.channels,
                  f"--vae {args.vae} decodes {vae_channels}-channel latents, the data has {data.channels}")
     trainer = ucgm.UCGM(args.transport, args.lam, args.zeta, args.enhance_range, args.label_drop, args.huber_c,
-                        args.cosine_loss, args.weighting, args.time_dist, args.teacher_decay).to(device)
+                        args.cosine_loss, args.weighting, args.time_dist, args.teacher_decay,
+                        enhance_style=args.enhance_style).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 else None
-    optimizer = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[args.optimizer]
+    optimizer = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam, "clion": CautiousLion}[args.optimizer]
     fused = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(optimizer).parameters else {}
     opt = optimizer(model.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, **fused)
     teacher_file = None
@@ -560,6 +589,9 @@ def parse_args(argv=None):
                    help="t = clamp(s·Beta(θ1, θ2)): θ1 θ2 s" + defaults("time_dist"))
     g.add_argument("--teacher-decay", type=ucgm.number("[0, 1]"),
                    help="teacher: 0 online, (0,1) EMA, 1 frozen" + defaults("teacher_decay"))
+    g.add_argument("--enhance-style", choices=sorted(ucgm.ENHANCE_STYLES),
+                   help="what ζ compares: ft-vs-fe, fc-vs-xz, fc-vs-fe (README rule 'enhanced styles'); default by λ: "
+                        "ft-vs-fe for 0, fc-vs-xz above" + defaults("enhance_style"))
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=sorted(ucgm.MODELS), metavar="NAME",
                    help="network, {DiT,TiT}-{T,S,B,L,XL}/{1,2,4}" + defaults("model"))
@@ -577,13 +609,14 @@ def parse_args(argv=None):
     g.add_argument("--grad-accum", type=ucgm.number("[1, inf)", int), default=1,
                    help="micro-batches per step and process (1)")
     g.add_argument("--max-steps", type=ucgm.number("[1, inf)", int), help="training steps" + defaults("max_steps"))
-    g.add_argument("--optimizer", choices=["adamw", "radam"], help="optimiser" + defaults("optimizer"))
+    g.add_argument("--optimizer", choices=["adamw", "radam", "clion"],
+                   help="optimiser (clion: cautious Lion, the released REPA tuning)" + defaults("optimizer"))
     g.add_argument("--lr", type=ucgm.number("(0, inf)"), help="learning rate" + defaults("lr"))
     g.add_argument("--betas", type=ucgm.number("[0, 1)"), nargs=2, help="Adam betas" + defaults("betas"))
     g.add_argument("--weight-decay", type=ucgm.number("[0, inf)"), help="decoupled weight decay" + defaults("weight_decay"))
     g.add_argument("--grad-clip", type=ucgm.number("[0, inf)"), help="gradient-norm clip, 0 = off" + defaults("grad_clip"))
-    g.add_argument("--ema-decay", type=ucgm.number("[0, 1]"), default=0.9999,
-                   help="EMA of the weights for sampling (0.9999)")
+    g.add_argument("--ema-decay", type=ucgm.number("[0, 1]"),
+                   help="EMA of the weights for sampling" + defaults("ema_decay"))
     g.add_argument("--max-bad-steps", type=ucgm.number("[1, inf)", int), default=10,
                    help="stop after this many non-finite steps in a row (10)")
     g = p.add_argument_group("speed")
