@@ -44,8 +44,9 @@ def resolve(args, settings):
     return resolved
 
 
-def latent_stats(args, settings, channels):
-    """(mean, std) of the latent normalisation: --latent-stats (file, latent folder or none), else the checkpoint's."""
+def latent_stats(args, settings, channels, vae):
+    """(mean, std) of the latent normalisation: --latent-stats (file, latent folder or none), else the checkpoint's,
+    else the autoencoder's own (EDM2's constants for edm2sdvae)."""
     if args.latent_stats == "none":
         return ucgm.load_stats(None, channels)
     if args.latent_stats:
@@ -53,10 +54,10 @@ def latent_stats(args, settings, channels):
         if not path or not os.path.isfile(path):
             raise ValueError(f"--latent-stats {args.latent_stats}: no stats file there")
         return ucgm.load_stats(path, channels)
-    if settings.get("latent_norm"):  # a released model trained on normalised latents: its stats are a separate file
+    stats = settings.get("latent_stats") or ucgm.DEFAULT_LATENT_STATS.get(vae)
+    if stats is None and settings.get("latent_norm"):  # a released model on normalised latents: stats in a file
         raise ValueError(f"--ckpt {args.ckpt}: the model was trained on normalised latents (data.latent_norm); give "
                          f"--latent-stats (the released pipeline reads {settings['released_stats']})")
-    stats = settings.get("latent_stats")
     return (stats["mean"].reshape(channels, 1, 1), stats["std"].reshape(channels, 1, 1)) if stats \
         else ucgm.load_stats(None, channels)
 
@@ -72,11 +73,13 @@ def main(args):
     resolved = resolve(args, settings)
     sampler = {key: value for key, (value, _) in resolved.items()}
     transport, vae, multiplier = (sampler.pop(key) for key in ("transport", "vae", "latent_multiplier"))
+    if args.vae is None:  # an explicit --vae wins over the checkpoint's, even one we lack
+        ucgm.check_released_autoencoder(settings, f"--ckpt {args.ckpt}")
     vae_path = args.vae_path or (settings.get("vae_path") if vae == settings.get("vae") else None)
     autoencoder = ucgm.create_autoencoder(vae, vae_path).to(device).eval()
     if autoencoder.channels != model.in_channels:
         raise ValueError(f"--vae {vae} decodes {autoencoder.channels}-channel latents, the model makes {model.in_channels}")
-    mean, std = (s.to(device) for s in latent_stats(args, settings, model.in_channels))
+    mean, std = (s.to(device) for s in latent_stats(args, settings, model.in_channels, vae))
     num_classes = model.num_classes if model.y_embedder is not None else 0
     if args.class_id is not None and not 0 <= args.class_id < max(num_classes, 1):
         raise ValueError(f"--class {args.class_id}: expected a class id in [0, {num_classes - 1}]")

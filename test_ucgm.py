@@ -1340,13 +1340,30 @@ def test_released_config_sets_the_sampler_defaults(tmp_path, config, flags, want
 @pytest.mark.parametrize("model_type, vae_type, match", [
     ("DDT-XL/2", "sdvae_ema_f8c4", "model 'DDT-XL/2', which is not supported"),
     ("EDM2-S", "edm2_sdvae_f8c4", "model 'EDM2-S', which is not supported"),
-    ("TiT-T/4", "dcae_f32c32", "autoencoder 'dcae_f32c32', which is not supported")])
+    ("SD15-UNet", "sdvae_f8c4", "model 'SD15-UNet', which is not supported")])
 def test_unsupported_released_models_are_named(tmp_path, model_type, vae_type, match):
     config = {**FEWSTEP_CONFIG, "model": {"type": model_type}, "vae": {"type": vae_type}}
     torch.save({"model": {}, "ema": {}, "config": config}, tmp_path / "released.pt")
     run = run_sample(tmp_path / "out", "--ckpt", str(tmp_path / "released.pt"))
     assert run.returncode != 0 and match in run.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_an_explicit_vae_wins_over_the_released_config(tmp_path):
+    """sample.py: --vae decides even where the config names an autoencoder we lack; idae_f1c3 is pixel space, and
+    --latent-stats none wins over latent_norm: True."""
+    model = perturbed(ucgm.create_model("TiT-T/4", input_size=8, in_channels=3, num_classes=10))
+    for vae_type in ("sd3_f8c16", "idae_f1c3"):
+        config = {**FEWSTEP_CONFIG, "vae": {"type": vae_type}}
+        torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": config}, tmp_path / "r.pt")
+        base = ["--ckpt", str(tmp_path / "r.pt"), "--num-samples", "2", "--latent-stats", "none"]
+        if vae_type == "sd3_f8c16":
+            with pytest.raises(ValueError, match="autoencoder 'sd3_f8c16', which is not supported.*give --vae"):
+                sample.main(sample.parse_args([*base, "--out", str(tmp_path / "refused")]))
+            assert not (tmp_path / "refused").exists()
+            base += ["--vae", "identity"]
+        sample.main(sample.parse_args([*base, "--out", str(tmp_path / vae_type)]))
+        assert np.load(tmp_path / vae_type / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
 
 
 def test_repa_extras_are_dropped_and_other_keys_stay_strict(tmp_path, capsys):
@@ -1363,6 +1380,45 @@ def test_repa_extras_are_dropped_and_other_keys_stay_strict(tmp_path, capsys):
     torch.save({**model.state_dict(), "decoder_blocks.0.weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="unexpected key 'decoder_blocks.0.weight'"):
         ucgm.load_network(str(tmp_path / "other.pt"))
+
+
+def test_edm2_sdvae_decodes_and_encodes_as_edm2():
+    """edm2sdvae (EDM2's sd-vae-ft-mse): pixels in [0, 1] into the encoder, clamp(decode, 0, 1) out, stored here
+    in [-1, 1], so that to_uint8 gives EDM2's floor(255·clamp(decode, 0, 1)); its default stats undo EDM2's
+    scale = 0.5/raw_std, bias = −raw_mean·scale."""
+    assert {**ucgm.AUTOENCODERS["edm2sdvae"], "unit_pixels": False, "sample_posterior": False} == \
+        {**ucgm.AUTOENCODERS["sdvae"], "unit_pixels": False, "sample_posterior": False}
+    torch.manual_seed(0)
+    plain = ucgm.AutoencoderKL(**SMALL_SDVAE).eval()
+    edm2 = ucgm.AutoencoderKL(**SMALL_SDVAE, unit_pixels=True).eval()
+    edm2.load_state_dict(plain.state_dict())
+    z, images = torch.randn(2, 4, 4, 4), torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        raw = plain.decode(z) * 3  # spread past [0, 1] so that the clamp acts
+        edm2.decoder.conv_out.weight.mul_(3), edm2.decoder.conv_out.bias.mul_(3)
+        got = edm2.decode(z)
+        assert (raw < 0).any() and (raw > 1).any()
+        torch.testing.assert_close(got, raw.clamp(0, 1) * 2 - 1, rtol=1e-5, atol=1e-5)
+        edm2_pixels = (raw.clamp(0, 1) * 255).floor()
+        assert (ucgm.to_uint8(got).float() - edm2_pixels).abs().max() <= 1
+        assert (ucgm.to_uint8(got).float() == edm2_pixels).float().mean() > 0.99
+        torch.testing.assert_close(edm2.encode(images), plain.encode((images + 1) / 2))
+    raw_mean, raw_std = torch.tensor([5.81, 3.25, 0.12, -2.15]), torch.tensor([4.17, 4.62, 3.71, 3.28])
+    scale, bias = 0.5 / raw_std, -raw_mean * 0.5 / raw_std
+    stats = ucgm.DEFAULT_LATENT_STATS["edm2sdvae"]
+    torch.testing.assert_close(stats["std"], torch.tensor([8.34, 9.24, 7.42, 6.56]))
+    final = torch.randn(4, 1, 1)
+    torch.testing.assert_close(ucgm.denormalise(final, stats["mean"].reshape(4, 1, 1), stats["std"].reshape(4, 1, 1),
+                                                1.0), (final - bias.reshape(4, 1, 1)) / scale.reshape(4, 1, 1))
+
+
+def test_every_released_autoencoder_name_resolves():
+    """README "Reproducing the paper": each `vae.type` of the released configs names an autoencoder we build."""
+    released = {"sdvae_f8c4", "sdvae_ema_f8c4", "vavae_f16d32", "e2evavae_f16d32", "idae_f1c3", "edm2_sdvae_f8c4",
+                "edm2_sdvae_ema_f8c4"}
+    assert released <= set(ucgm.RELEASED_AUTOENCODERS)
+    assert all(name == "identity" or name in ucgm.AUTOENCODERS for name in ucgm.RELEASED_AUTOENCODERS.values())
+    assert isinstance(ucgm.create_autoencoder(ucgm.RELEASED_AUTOENCODERS["idae_f1c3"]), ucgm.PixelSpace)
 
 
 def test_e2e_vaes_share_the_architectures_and_are_encoded_by_the_mean(tmp_path):

@@ -836,10 +836,12 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """The LDM KL autoencoder of SD-VAE and VA-VAE; images in [-1, 1] <-> latents."""
-    def __init__(self, channels, ch_mult, attn_levels=(), sample_posterior=False, ch=128):
+    """The LDM KL autoencoder of SD-VAE and VA-VAE; images in [-1, 1] <-> latents. With unit_pixels (EDM2's use of
+    SD-VAE) the network sees pixels in [0, 1] and its decode is clamped to [0, 1]."""
+    def __init__(self, channels, ch_mult, attn_levels=(), sample_posterior=False, ch=128, unit_pixels=False):
         super().__init__()
         self.channels, self.factor, self.sample_posterior = channels, 2 ** (len(ch_mult) - 1), sample_posterior
+        self.unit_pixels = unit_pixels
         self.encoder = Encoder(channels, ch_mult, attn_levels, ch)
         self.decoder = Decoder(channels, ch_mult, attn_levels, ch)
         self.quant_conv = nn.Conv2d(2 * channels, 2 * channels, 1)
@@ -847,13 +849,16 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, images, noise=None):
         """The posterior mean, or the posterior sample mean + std · noise when noise (N, C, h, w) is given."""
+        images = (images + 1) / 2 if self.unit_pixels else images  # EDM2 encodes x/255
         mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
         if noise is None:
             return mean
         return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise  # LDM's clamp of the log-variance
 
     def decode(self, latents):
-        return self.decoder(self.post_quant_conv(latents))
+        """Images in [-1, 1] (raw, unclamped), or EDM2's clamp(decode, 0, 1) mapped to [-1, 1] with unit_pixels."""
+        images = self.decoder(self.post_quant_conv(latents))
+        return images.clamp(0, 1) * 2 - 1 if self.unit_pixels else images
 
 
 class PixelSpace(nn.Module):
@@ -869,14 +874,21 @@ class PixelSpace(nn.Module):
 
 # SD-VAE (sd-vae-ft-ema / -mse, encoded by the posterior mean) and VA-VAE (LightningDiT's f16d32,
 # with attention at the 16×16 level of 256-px images and encoded by a posterior sample, as its models were trained)
-# REPA-E's end-to-end tuned E2E-VAEs (e2e-vavae, e2e-sdvae) share these architectures and are encoded by the mean
+# REPA-E's end-to-end tuned E2E-VAEs (e2e-vavae, e2e-sdvae) share these architectures and are encoded by the mean;
+# edm2sdvae is SD-VAE (sd-vae-ft-mse) as EDM2 uses it: [0, 1] pixels, a posterior sample, a clamped decode
 AUTOENCODERS = {"sdvae": dict(channels=4, ch_mult=(1, 2, 4, 4)),
                 "vavae": dict(channels=32, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,), sample_posterior=True),
                 "e2esdvae": dict(channels=4, ch_mult=(1, 2, 4, 4)),
-                "e2evavae": dict(channels=32, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,))}
-# the released UCGM configs' `vae.type` names of these autoencoders
-RELEASED_AUTOENCODERS = {"sdvae_ema_f8c4": "sdvae", "vavae_f16d32": "vavae", "e2evae_f8d4": "e2esdvae",
-                         "e2evavae_f16d32": "e2evavae"}
+                "e2evavae": dict(channels=32, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,)),
+                "edm2sdvae": dict(channels=4, ch_mult=(1, 2, 4, 4), sample_posterior=True, unit_pixels=True)}
+# EDM2's latent statistics in the (mean, std) form of latents_stats.pt: EDM2 maps raw latents by
+# (raw − mean)·0.5/raw_std, so std = raw_std / 0.5 (its StabilityVAEEncoder defaults); the default of edm2sdvae
+DEFAULT_LATENT_STATS = {"edm2sdvae": dict(mean=torch.tensor([5.81, 3.25, 0.12, -2.15]),
+                                          std=torch.tensor([4.17, 4.62, 3.71, 3.28]) / 0.5)}
+# the released UCGM configs' `vae.type` names of these autoencoders (sdvae_f8c4 is sd-vae-ft-mse, idae_f1c3 pixels)
+RELEASED_AUTOENCODERS = {"sdvae_f8c4": "sdvae", "sdvae_ema_f8c4": "sdvae", "vavae_f16d32": "vavae",
+                         "e2evae_f8d4": "e2esdvae", "e2evavae_f16d32": "e2evavae", "idae_f1c3": "identity",
+                         "edm2_sdvae_f8c4": "edm2sdvae", "edm2_sdvae_ema_f8c4": "edm2sdvae"}
 # the same weights under diffusers' names: (LDM pattern, diffusers replacement) applied in order
 DIFFUSERS_NAMES = [(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
                    (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
@@ -975,16 +987,20 @@ def family_of(state):
     return "TiT" if "blocks.0.mlp.w12.weight" in state else "DiT"
 
 
+def check_released_autoencoder(settings, where):
+    """One line if the released config of a checkpoint names an autoencoder we lack (an explicit --vae skips this)."""
+    require(settings.get("released_vae") in (None, *RELEASED_AUTOENCODERS), f"{where}: its config names autoencoder "
+            f"{settings.get('released_vae')!r}, which is not supported here (supported: {', '.join(RELEASED_AUTOENCODERS)}"
+            f"); give --vae")
+
+
 def released_settings(config, where):
     """Model, transport, lam, latent handling and sampler defaults of a released UCGM training config."""
     model = re.sub(r"^SiT-", "DiT-", config["model"]["type"])  # UCGM's SiT is our DiT family
     if model not in MODELS:
         raise ValueError(f"{where}: its config names model {config['model']['type']!r}, which is not supported here "
                          f"(DiT/SiT, TiT and LightningDiT are; DDT, EDM2 and U-Nets are not)")
-    vae = config.get("vae", {}).get("type")
-    if vae is not None and vae not in RELEASED_AUTOENCODERS:
-        raise ValueError(f"{where}: its config names autoencoder {vae!r}, which is not supported here "
-                         f"(supported: {', '.join(RELEASED_AUTOENCODERS)})")
+    vae = config.get("vae", {}).get("type")  # one we lack is named where it would be used, unless --vae is given
     data, sample, family = config.get("data", {}), config.get("sample", {}), FAMILY_SETTINGS[model.split("-")[0]]
     sampler = {ours: sample[theirs] for theirs, ours in RELEASED_SAMPLER_NAMES.items() if theirs in sample}
     if "cfg_scale" in sampler and sampler["cfg_scale"] <= 0:  # the released evaluation guides only when > 0
@@ -992,7 +1008,7 @@ def released_settings(config, where):
     return dict(family, model=model, transport=config["transport"]["type"],
                 lam=config["transport"].get("consistc_ratio", 0.0), sampler={**family.get("sampler", {}), **sampler},
                 latent_multiplier=data.get("latent_multiplier", 1.0), latent_norm=data.get("latent_norm", False),
-                vae=RELEASED_AUTOENCODERS.get(vae),
+                vae=RELEASED_AUTOENCODERS.get(vae), released_vae=vae,
                 released_stats=f"buffers/vaes/stat/{vae}_{data.get('image_size')}.pt")  # its eval.py's stats file
 
 
