@@ -325,7 +325,8 @@ class UCGM(nn.Module):
         return per_sample * torch.cos(t * HALF_PI) if self.weighting == "cosine" else per_sample
 
     def loss(self, model, x, y, t=None, noise=None):
-        """UCGM-T loss of one batch (Alg. 1 l.2-16): a scalar with gradient through F_t only."""
+        """UCGM-T loss of one batch (Alg. 1 l.2-16): a scalar with gradient through F_t only; t, given or drawn, runs
+        from data (0) to noise (1) for every transport (README rule "training clock")."""
         require(noise is None or noise.shape == x.shape,
                 f"noise: expected the shape of x {tuple(x.shape)}, got {tuple(getattr(noise, 'shape', ()))}")
         require(t is None or t.shape == (x.shape[0],),
