@@ -589,7 +589,7 @@ def parse_args(argv=None):
                    help="t = clamp(s·Beta(θ1, θ2)): θ1 θ2 s" + defaults("time_dist"))
     g.add_argument("--teacher-decay", type=ucgm.number("[0, 1]"),
                    help="teacher: 0 online, (0,1) EMA, 1 frozen" + defaults("teacher_decay"))
-    g.add_argument("--enhance-style", choices=sorted(ucgm.ENHANCE_STYLES),
+    g.add_argument("--enhance-style", choices=ucgm.ENHANCE_STYLES,
                    help="what ζ compares: ft-vs-fe, fc-vs-xz, fc-vs-fe (README rule 'enhanced styles'); default by λ: "
                         "ft-vs-fe for 0, fc-vs-xz above" + defaults("enhance_style"))
     g = p.add_argument_group("model and data")

@@ -158,10 +158,7 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-# enhance_style (the later released trainer's `enhanced_style`): the prediction P and the reference R of `enhance`
-ENHANCE_STYLES = {"ft-vs-fe": "the online conditional F_t against θ⁻ unconditional (multi-step training)",
-                  "fc-vs-xz": "θ⁻ conditional against the data and noise (few-step training)",
-                  "fc-vs-fe": "θ⁻ conditional against θ⁻ unconditional (few-step tuning of a pre-trained model)"}
+ENHANCE_STYLES = ("ft-vs-fe", "fc-vs-xz", "fc-vs-fe")  # what `enhance` compares (README rule "enhanced styles")
 
 
 class UCGM(nn.Module):
@@ -173,20 +170,17 @@ class UCGM(nn.Module):
                  eps=0.005, enhance_style=None):
         super().__init__()
         raw = get_transport(transport)
-        # README rule "training clock": t counts from data (0) to noise (1) for every transport
-        self.transport = TimeReversed(raw) if raw.noise_time == 0.0 else raw
-        require(enhance_style in (None, *ENHANCE_STYLES),
-                f"enhance_style: expected one of {list(ENHANCE_STYLES)} or None, got {enhance_style!r}")
+        self.transport = TimeReversed(raw) if raw.noise_time == 0.0 else raw  # README rule "training clock"
+        require(enhance_style in (None, *ENHANCE_STYLES), f"enhance_style: expected one of {ENHANCE_STYLES} or None, "
+                f"got {enhance_style!r}")
         self.enhance_style = enhance_style or ("ft-vs-fe" if lam == 0.0 else "fc-vs-xz")  # the paper's choice by λ
         self_guided = self.enhance_style == "ft-vs-fe" and lam == 0.0  # F^∅_t of the model itself, Alg. 1 l.6
         require(0.0 <= lam <= 1.0, f"lam: the consistency ratio must lie in [0, 1], got {lam}")
-        require(math.isfinite(zeta) and not (self_guided and zeta >= 1.0), f"zeta: with lam = 0 and ft-vs-fe the "
-                f"enhancement needs zeta < 1 (guidance scale 1/(1 - zeta) must be positive and finite), and it must be "
-                f"finite; got {zeta}")
+        require(math.isfinite(zeta) and not (self_guided and zeta >= 1.0), f"zeta: must be finite, and < 1 with lam = 0 "
+                f"and ft-vs-fe (guidance scale 1/(1 - zeta) positive and finite); got {zeta}")
         require(0.0 <= teacher_decay <= 1.0, f"teacher_decay: expected a value in [0, 1], got {teacher_decay}")
-        require(not (zeta != 0.0 and self_guided and teacher_decay == 1.0), "teacher_decay: 1 (a frozen teacher) needs "
-                "lam > 0 or enhance_style fc-vs-xz / fc-vs-fe; with lam = 0 and ft-vs-fe the unconditional branch must "
-                "follow training, use 0 <= teacher_decay < 1")
+        require(not (zeta != 0.0 and self_guided and teacher_decay == 1.0), "teacher_decay: 1 (a frozen teacher) with "
+                "lam = 0 needs enhance_style fc-vs-xz or fc-vs-fe (ft-vs-fe's F^∅ must follow training)")
         require(0.0 <= label_drop <= 1.0, f"label_drop: expected a fraction in [0, 1], got {label_drop}")
         require(weighting in (None, "cosine"), f"weighting: expected 'cosine' or None, got {weighting!r}")
         require(len(time_dist) == 3 and min(time_dist) > 0,
@@ -241,10 +235,8 @@ class UCGM(nn.Module):
     def F(self, net, x_t, t, y):
         """F(x_t, t, y) in the trainer's clock, in the wider of float32 and the network's dtype: a network whose noise
         end is t = 0 runs at 1 − t with its output negated (README rule "training clock"), an exact Linear model."""
-        if isinstance(self.transport, TimeReversed):
-            return -widened(net(x_t, 1 - t, y))
-        return widened(net(x_t, t, y))
-
+        reversed_clock = isinstance(self.transport, TimeReversed)
+        return -widened(net(x_t, 1 - t, y)) if reversed_clock else widened(net(x_t, t, y))
 
     def sample_time(self, n, device):
         """t ~ Beta(theta1, theta2) of Alg. 1 l.2, scaled by s and clamped (README rule "time scale"); sync-free:
@@ -268,17 +260,16 @@ class UCGM(nn.Module):
         range", "dropped rows"); z* alike; (x, z) when zeta = 0."""
         if self.zeta == 0.0:
             return x, z
-        tb = view_as_batch(t, x)
-        teacher = self.update_teacher(net)
+        tb, teacher = view_as_batch(t, x), self.update_teacher(net)
         null = torch.full_like(y, unwrap(net).num_classes)
+        read = lambda F_pred: self.transport.readout(F_pred, x_t, tb)  # noqa: E731  (x̂, ẑ) of Eq. (2)
         if self.enhance_style == "ft-vs-fe":  # Alg. 1 l.6: F_t against the unconditional F^∅_t of θ⁻
-            P = self.transport.readout(F_t.detach(), x_t, tb)
-            R = self.transport.readout(self.F(teacher, x_t, t, null), x_t, tb)
+            P, R = read(F_t.detach()), read(self.F(teacher, x_t, t, null))
         elif self.enhance_style == "fc-vs-fe":  # θ⁻ on y and on ∅, in one doubled batch
             F_c, F_u = self.F(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-            P, R = self.transport.readout(F_c, x_t, tb), self.transport.readout(F_u, x_t, tb)
+            P, R = read(F_c), read(F_u)
         else:  # fc-vs-xz, App. C.1.3: a (pre-trained) conditional teacher against the data and noise themselves
-            P, R = self.transport.readout(self.F(teacher, x_t, t, y), x_t, tb), (x, z)
+            P, R = read(self.F(teacher, x_t, t, y)), (x, z)
         inside = view_as_batch((t > self.enhance_range[0]) & (t < self.enhance_range[1]), x)
         kept = view_as_batch(~dropped, x)
         return tuple(torch.where(kept, torch.where(inside, target + self.zeta * (p - r), (target + p) / 2),
@@ -369,10 +360,8 @@ def time_grid(transport, steps, order=1, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.00
     require(start_gap >= 0 and end_gap >= 0 and start_gap + end_gap < 1, "gaps: expected g0, g1 >= 0 with g0 + g1 "
             f"< 1 so that [g0, 1 - g1] is not empty, got {tuple(gaps)}")
     n = (steps + 1) // 2 if order == 2 else steps
-    if end_gap == 0:  # n + 1 points up to u = 1, the last dropped
-        u = torch.linspace(start_gap, 1.0, n + 1, dtype=torch.float64)[:-1]
-    else:
-        u = torch.linspace(start_gap, 1.0 - end_gap, n, dtype=torch.float64)
+    u = torch.linspace(start_gap, 1.0, n + 1, dtype=torch.float64)[:-1] if end_gap == 0 else \
+        torch.linspace(start_gap, 1.0 - end_gap, n, dtype=torch.float64)  # g1 = 0: n + 1 points to 1, the last dropped
     a, b, c = warp
     f = (1 - (1 - u ** a) ** b) ** c
     noise_at_one = get_transport(transport).noise_time == 1.0
