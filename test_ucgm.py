@@ -1476,28 +1476,22 @@ def real_size_files(tmp_path_factory, inception_file):
     return root
 
 
-@pytest.mark.parametrize("name", ["TiT-XL/1", "LightningDiT-XL/1"])
-def test_real_sizes_end_to_end(tmp_path, real_size_files, inception_file, name):
-    """The paper's XL/1 models on 32×16×16 VA-VAE latents, random weights: sample.py at 2 steps, decoded to 256 px,
-    then fid.py's metrics. TiT as a released UCGM checkpoint, LightningDiT as a bare state dict with guidance."""
+def test_real_sizes_end_to_end(tmp_path, real_size_files, inception_file):
+    """The paper's TiT-XL/1 on 32×16×16 VA-VAE latents as a released UCGM checkpoint, random weights: sample.py at 2
+    steps, decoded to 256 px, then fid.py's metrics (the other families' real sizes are checked on `meta`)."""
     with torch.device("meta"):
-        shapes = ucgm.create_model(name, input_size=16, in_channels=32).state_dict()
+        shapes = ucgm.create_model("TiT-XL/1", input_size=16, in_channels=32).state_dict()
     generator = torch.Generator().manual_seed(0)
     state = {k: 0.02 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}  # 675M random weights
-    if name == "TiT-XL/1":
-        torch.save({"model": state, "ema": state, "config": {**FEWSTEP_CONFIG, "model": {"type": name}}},
-                   tmp_path / "ckpt.pt")  # one copy of the weights on disk: both entries share storage
-        flags = ["--latent-stats", str(real_size_files / "vavae_f16d32_256.pt")]
-    else:
-        torch.save(state, tmp_path / "ckpt.pt")
-        flags = ["--latent-stats", "none", "--steps", "2", "--cfg-scale", "6.7", "--cfg-interval", "0.125", "1"]
+    torch.save({"model": state, "ema": state, "config": {**FEWSTEP_CONFIG, "model": {"type": "TiT-XL/1"}}},
+               tmp_path / "ckpt.pt")  # one copy of the weights on disk: both entries share storage
     del state
     run = run_sample(tmp_path / "out", "--ckpt", str(tmp_path / "ckpt.pt"), "--num-samples", "2", "--batch-size", "2",
                      "--vae", "vavae", "--vae-path", str(real_size_files / "vavae.pt"), "--fid-ref",
-                     str(real_size_files / "ref.npz"), "--inception-weights", inception_file, *flags,
-                     threads=os.cpu_count())
+                     str(real_size_files / "ref.npz"), "--inception-weights", inception_file, "--latent-stats",
+                     str(real_size_files / "vavae_f16d32_256.pt"), threads=os.cpu_count())
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "steps = 2 (checkpoint)" in run.stdout if name == "TiT-XL/1" else "cfg_channels = 3 (checkpoint)" in run.stdout
+    assert "steps = 2 (checkpoint)" in run.stdout
     images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
     assert images.shape == (2, 256, 256, 3) and images.dtype == np.uint8 and images.std() > 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -1941,6 +1935,12 @@ def test_sample_py_reads_released_checkpoints_and_bare_state_dicts(tmp_path):
                                       .manual_seed(i)) for i in range(2)]), steps=2, kappa=0.5, warp=(1.17, 0.8, 1.1),
                                       y=torch.tensor([0, 1]))
     np.testing.assert_allclose(bare, ucgm.to_uint8(ours).permute(0, 2, 3, 1).numpy(), atol=1)
+    lightning = tmp_path / "lightning.pt"  # a bare LightningDiT state dict: ReLinear, guidance on 3 channels
+    torch.save(ucgm.create_model("LightningDiT-T/4", input_size=16, in_channels=3, num_classes=10).state_dict(),
+               lightning)
+    resolved = sample.resolve(sample.parse_args(["--ckpt", str(lightning)]),
+                              ucgm.read_checkpoint(str(lightning), "ema", "--ckpt")[1])
+    assert resolved["transport"] == ("ReLinear", "checkpoint") and resolved["cfg_channels"] == (3, "checkpoint")
 
 
 @pytest.mark.parametrize("flags, match", [
