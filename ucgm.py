@@ -441,8 +441,8 @@ class RMSNorm(nn.Module):
 
 
 def modulate(x, shift, scale):
-    """adaLN modulation of tokens x (N, T, D) by per-sample shift and scale (N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation of tokens x (N, T, D) by shift and scale per sample (N, 1, D) or per token (N, T, D)."""
+    return x * (1 + scale) + shift
 
 
 def sincos_1d(dim, pos):
@@ -460,17 +460,23 @@ def sincos_2d(dim, grid_size):
 
 class Rope2D(nn.Module):
     """2-D rotary embedding (EVA style): first half of each head rotates by row, second half by column."""
+    persistent = True  # as in the released TiT checkpoints (feat_rope.freqs_cos / freqs_sin)
+
     def __init__(self, head_dim, grid_size):
         super().__init__()
+        table = self.angles(head_dim, grid_size)  # (T, head_dim), each angle twice: once per element of its pair
+        self.register_buffer("freqs_cos", table.cos(), persistent=self.persistent)
+        self.register_buffer("freqs_sin", table.sin(), persistent=self.persistent)
+
+    @staticmethod
+    def angles(head_dim, grid_size):
+        """The angle of each token and element: integer positions, rows in the first half, columns in the second."""
         half = head_dim // 2
         freqs = 1.0 / 10000 ** (torch.arange(0, half, 2).float() / half)  # (head_dim/4,)
         angles = torch.outer(torch.arange(grid_size).float(), freqs).repeat_interleave(2, dim=1)  # (L, head_dim/2)
         rows = angles[:, None, :].expand(grid_size, grid_size, half)
         cols = angles[None, :, :].expand(grid_size, grid_size, half)
-        table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (T, head_dim)
-        # persistent, as in the released TiT checkpoints (feat_rope.freqs_cos / freqs_sin)
-        self.register_buffer("freqs_cos", table.cos())
-        self.register_buffer("freqs_sin", table.sin())
+        return torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (T, head_dim)
 
     def forward(self, x):
         """Rotate x (N, H, T, head_dim) pairwise: (a, b) -> (a cos − b sin, b cos + a sin)."""
@@ -479,11 +485,12 @@ class Rope2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention, with optional QK-RMSNorm."""
-    def __init__(self, dim, num_heads, qk_norm=None):
+    """Multi-head self-attention through F.scaled_dot_product_attention, with optional QK-RMSNorm (and, for DDT,
+    no qkv bias)."""
+    def __init__(self, dim, num_heads, qk_norm=None, qkv_bias=True):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = qk_norm(dim // num_heads) if qk_norm else nn.Identity()  # per head
         self.k_norm = qk_norm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
@@ -522,16 +529,28 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
-class TimestepEmbedder(nn.Module):
-    """256-frequency sinusoidal embedding of t in [0, 1] (fed as is, no ×1000), then an MLP."""
-    def __init__(self, dim, freq_dim=256):
+class BiasFreeSwiGLU(nn.Module):
+    """DDT's gated MLP: w2(silu(w1 x) · w3 x), three matrices without bias."""
+    def __init__(self, dim, hidden):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TimestepEmbedder(nn.Module):
+    """256-frequency sinusoidal embedding of t in [0, 1] (fed as is, no ×1000), then an MLP; DDT's max period is 10."""
+    def __init__(self, dim, freq_dim=256, max_period=10000):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = t.float()[:, None] * freqs[None]  # (N, half)
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
 
@@ -547,41 +566,62 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p×p patches -> tokens (N, T, D) in row-major order."""
-    def __init__(self, patch_size, in_channels, dim):
+    """Non-overlapping p×p patches -> tokens (N, T, D) in row-major order: a strided convolution, or (linear, DDT)
+    a Linear over the unfolded patches, each flattened in (c, kh, kw) order."""
+    def __init__(self, patch_size, in_channels, dim, linear=False):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_size, self.linear = patch_size, linear
+        self.proj = nn.Linear(in_channels * patch_size ** 2, dim) if linear else \
+            nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
+        if self.linear:
+            patches = F.unfold(x, self.patch_size, stride=self.patch_size).transpose(1, 2)  # (N, T, C·p·p)
+            return self.proj(patches)  # (N, T, D)
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
 
 
+def adaln(dim, chunks, silu=True):
+    """The adaLN projection of the condition to `chunks` modulation vectors: Sequential(SiLU, Linear), or (DDT,
+    whose caller applies the SiLU) Sequential(Linear), so that the Linear's key is `.1` or `.0`."""
+    return nn.Sequential(*([nn.SiLU()] if silu else []), nn.Linear(dim, chunks * dim))
+
+
+def run_block(block, x, c, rope, grad_checkpoint):
+    """block(x, c, rope); with grad_checkpoint recomputed in the backward, trading compute for memory."""
+    if grad_checkpoint:
+        return checkpoint(block, x, c, rope, use_reentrant=False)
+    return block(x, c, rope)
+
+
 class Block(nn.Module):
-    """Transformer block with adaLN-Zero conditioning."""
-    def __init__(self, dim, num_heads, mlp_ratio, norm, qk_norm, swiglu):
+    """Transformer block with adaLN-Zero conditioning; DDT's has swiglu "bias-free", no qkv bias and no adaLN SiLU."""
+    def __init__(self, dim, num_heads, mlp_ratio, norm, qk_norm, swiglu, qkv_bias=True, adaln_silu=True):
         super().__init__()
         self.norm1, self.norm2 = norm(dim), norm(dim)
-        self.attn = Attention(dim, num_heads, norm if qk_norm else None)
+        self.attn = Attention(dim, num_heads, norm if qk_norm else None, qkv_bias)
         hidden = int(dim * mlp_ratio)
-        self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        gated = BiasFreeSwiGLU if swiglu == "bias-free" else SwiGLU
+        self.mlp = gated(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
+        self.adaLN_modulation = adaln(dim, 6, adaln_silu)
 
     def forward(self, x, c, rope=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        """x (N, T, D) conditioned by c per sample (N, 1, D) or per token (N, T, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
     """adaLN-modulated norm and a linear map from tokens to patches."""
-    def __init__(self, dim, patch_size, out_channels, norm):
+    def __init__(self, dim, patch_size, out_channels, norm, adaln_silu=True):
         super().__init__()
         self.norm_final = norm(dim)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.adaLN_modulation = adaln(dim, 2, adaln_silu)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -648,12 +688,10 @@ class DiT(nn.Module):
         c = self.t_embedder(t)  # (N, D)
         if self.y_embedder is not None:  # labels are checked where they are loaded: reading y here would sync
             c = c + self.y_embedder(y)
+        c = c.unsqueeze(1)  # (N, 1, D): one condition for every token
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         for block in self.blocks:
-            if self.grad_checkpoint and self.training:
-                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)  # trade compute for memory
-            else:
-                x = block(x, c, self.feat_rope)
+            x = run_block(block, x, c, self.feat_rope, self.grad_checkpoint and self.training)
         x = self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)
         return x[:, :self.in_channels]  # a learned-sigma half, if any, is unused
 
