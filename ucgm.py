@@ -13,6 +13,7 @@ Reading order (the section banners, in order; a test keeps the list true):
   UCGM-T: the unified trainer (paper Alg. 1)
   UCGM-S: the unified sampler (paper Alg. 2)
   The network: DiT / SiT, TiT and LightningDiT
+  Network: DDT (decoupled diffusion transformer)
   The autoencoder: LDM AutoencoderKL
   Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
   File I/O: safetensors, tensor files, atomic writes
@@ -20,6 +21,7 @@ Reading order (the section banners, in order; a test keeps the list true):
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -697,12 +699,19 @@ class DiT(nn.Module):
 
     def flops_per_forward(self):
         """Matmul FLOPs of one forward for one sample, a multiply-add counting 2 (DiT-XL/2 at 256 px: ~237 G)."""
-        tokens = (self.input_size // self.patch_size) ** 2
-        matrices = {n: p.numel() for n, p in self.named_parameters() if n.endswith("weight") and p.dim() > 1}
-        per_sample = sum(v for n, v in matrices.items() if "adaLN" in n or n.startswith("t_embedder"))
-        per_token = sum(v for n, v in matrices.items() if not n.startswith("y_embedder")) - per_sample
-        attention = 2 * tokens * tokens * self.pos_embed.shape[-1] * len(self.blocks)  # QK^T and AV
-        return 2 * (tokens * per_token + per_sample + attention)
+        return matmul_flops(self, lambda name: "adaLN" in name or name.startswith("t_embedder"))
+
+
+def matmul_flops(model, per_sample):
+    """2 × the multiply-adds of one sample: weight matrices whose name `per_sample` picks act once, the others (but
+    the label table) once a token, and each block's attention QK^T and AV."""
+    tokens = (model.input_size // model.patch_size) ** 2
+    matrices = {n: p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    once = sum(v for n, v in matrices.items() if per_sample(n))
+    per_token = sum(v for n, v in matrices.items() if not n.startswith("y_embedder")) - once
+    width = model.t_embedder.mlp[-1].out_features
+    attention = 2 * tokens * tokens * width * len(model.blocks)  # QK^T and AV
+    return 2 * (tokens * per_token + once + attention)
 
 # width, depth, heads; T (tiny) is no paper size but the CPU demo of train.py
 SIZES = {"T": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -717,10 +726,102 @@ MODELS = {f"{family}-{size}/{patch}": dict(hidden_size=width, depth=depth, num_h
 
 
 def create_model(name, **kwargs):
-    """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32)."""
+    """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32); the DDT
+    names build a DDT (its section below)."""
     if name not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
-    return DiT(**{**MODELS[name], **kwargs})
+    return (DDT if name.startswith("DDT-") else DiT)(**{**MODELS[name], **kwargs})
+
+
+#################################################################################
+#                 Network: DDT (decoupled diffusion transformer)                #
+#################################################################################
+
+class DDTRope(Rope2D):
+    """DDT's 2-D rotary embedding: fractional positions linspace(0, 16, grid), column and row alternating pair by
+    pair; computed, not saved (no state-dict key)."""
+    persistent = False
+
+    @staticmethod
+    def angles(head_dim, grid_size):
+        """Pair 2k turns by column·f_k, pair 2k + 1 by row·f_k, with f_k = 10000^(−4k/head_dim)."""
+        pos = torch.linspace(0, 16, grid_size)
+        rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+        freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 4).float() / head_dim)  # (head_dim/4,)
+        pairs = torch.stack([torch.outer(cols.flatten(), freqs), torch.outer(rows.flatten(), freqs)], dim=-1)
+        return pairs.flatten(1).repeat_interleave(2, dim=1)  # (T, head_dim)
+
+
+class DDT(nn.Module):
+    """DDT (MCG-NJU/DDT, as LINs-lab/UCGM releases it): `encoder_depth` blocks turn the patches into a per-token
+    condition s for the remaining decoder blocks; forward(x, t, y) returns the ReLinear F (t = 0 is noise)."""
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, encoder_depth=22,
+                 num_heads=16, mlp_ratio=4.0, num_classes=1000, grad_checkpoint=False):
+        super().__init__()
+        require(input_size % patch_size == 0 and hidden_size % (4 * num_heads) == 0 and 0 < encoder_depth < depth,
+                f"DDT: input_size {input_size} must be divisible by patch_size {patch_size}, hidden_size "
+                f"{hidden_size} by 4·num_heads {4 * num_heads}, and 0 < encoder_depth {encoder_depth} < depth {depth}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels, self.num_classes, self.encoder_depth = in_channels, num_classes, encoder_depth
+        self.grad_checkpoint = grad_checkpoint
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, linear=True)  # the decoder's tokens
+        self.s_embedder = PatchEmbed(patch_size, in_channels, hidden_size, linear=True)  # the encoder's tokens
+        self.t_embedder = TimestepEmbedder(hidden_size, max_period=10)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels,
+                                      partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6), adaln_silu=False)
+        self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, partial(RMSNorm, affine=True),
+                                           qk_norm=True, swiglu="bias-free", qkv_bias=False, adaln_silu=False)
+                                     for _ in range(depth)])
+        # a fixed table, not a weight: made for real also on the meta device, where load_network builds the model
+        # and loading (assign=True) would leave a non-persistent buffer empty
+        on_meta = torch.get_default_device().type == "meta"
+        with torch.device("cpu") if on_meta else contextlib.nullcontext():
+            self.rope = DDTRope(hidden_size // num_heads, input_size // patch_size)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """As released: xavier patch embeddings, N(0, 0.02) label table and time MLP, zero final layer; the blocks
+        keep PyTorch's default initialisation (their adaLN is not zeroed)."""
+        for embedder in (self.x_embedder, self.s_embedder):
+            nn.init.xavier_uniform_(embedder.proj.weight)
+            nn.init.zeros_(embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in (self.final_layer.adaLN_modulation[0], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y):
+        """x (N, C, H, W), t (N,) in [0, 1] with 0 the noise end, y (N,) int64 with num_classes = null label -> F."""
+        require(x.shape[1:] == (self.in_channels, self.input_size, self.input_size), f"DDT: expected x of shape "
+                f"(N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}")
+        checkpointed = self.grad_checkpoint and self.training
+        t_emb = self.t_embedder(t).unsqueeze(1)  # (N, 1, D)
+        c = F.silu(t_emb + self.y_embedder(y).unsqueeze(1))  # (N, 1, D): one condition for every token
+        s = self.s_embedder(x)  # (N, T, D)
+        for block in self.blocks[:self.encoder_depth]:
+            s = run_block(block, s, c, self.rope, checkpointed)
+        s = F.silu(t_emb + s)  # (N, T, D): the encoder's output conditions the decoder per token
+        h = self.x_embedder(x)  # (N, T, D)
+        for block in self.blocks[self.encoder_depth:]:
+            h = run_block(block, h, s, self.rope, checkpointed)
+        h = self.final_layer(h, s).transpose(1, 2)  # (N, C·p·p, T), each patch in (c, kh, kw) order
+        return F.fold(h, x.shape[-2:], self.patch_size, stride=self.patch_size)  # (N, C, H, W)
+
+    def flops_per_forward(self):
+        """Matmul FLOPs of one forward for one sample, a multiply-add counting 2 (DDT-XL/2 at 256 px: ~263 G); the
+        decoder's adaLN acts per token."""
+        encoder = tuple(f"blocks.{i}.adaLN" for i in range(self.encoder_depth))
+        return matmul_flops(self, lambda name: name.startswith(("t_embedder", *encoder)))
+
+
+# width, depth, encoder depth, heads; T (tiny) is no released size but a CPU test size
+DDT_SIZES = {"T": (64, 3, 2, 2), "XL": (1152, 28, 22, 16)}
+MODELS.update({f"DDT-{size}/{patch}": dict(hidden_size=width, depth=depth, encoder_depth=encoder, num_heads=heads,
+                                           patch_size=patch)
+               for size, (width, depth, encoder, heads) in DDT_SIZES.items() for patch in (1, 2, 4)})
 
 
 #################################################################################
