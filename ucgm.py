@@ -27,6 +27,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import re
 import struct
 import sys
@@ -1068,13 +1069,16 @@ RELEASED_SAMPLER_NAMES = {"sampling_steps": "steps", "stochast_ratio": "rho", "e
                           "cfg_scale": "cfg_scale", "cfg_interval": "cfg_interval"}
 # what the weights of each family imply (README, "Reproducing the paper"): LightningDiT was trained on the ReLinear
 # path, and its released results guide only the first 3 of its 32 latent channels
-FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3))}
+FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3)),
+                   "DDT": dict(transport="ReLinear")}  # DDT guides all its channels
 # weights in REPA / REPA-E checkpoints that neither sampling nor UCGM training uses
 REPA_EXTRAS = {"projectors.": "REPA's feature-alignment heads", "bn.": "REPA-E's latent BatchNorm statistics"}
 
 
 def family_of(state):
-    """DiT (also SiT, REPA, REPA-E), TiT or LightningDiT, told from the weight names."""
+    """DiT (also SiT, REPA, REPA-E), TiT, LightningDiT or DDT, told from the weight names."""
+    if "s_embedder.proj.weight" in state and state["s_embedder.proj.weight"].dim() == 2:  # DDT's encoder patches
+        return "DDT"
     if "blocks.0.norm1.weight" in state:  # only LightningDiT's RMSNorm has a weight
         return "LightningDiT"
     return "TiT" if "blocks.0.mlp.w12.weight" in state else "DiT"
@@ -1085,19 +1089,23 @@ def released_settings(config, where):
     model = re.sub(r"^SiT-", "DiT-", config["model"]["type"])  # UCGM's SiT is our DiT family
     if model not in MODELS:
         raise ValueError(f"{where}: its config names model {config['model']['type']!r}, which is not supported here "
-                         f"(DiT/SiT, TiT and LightningDiT are; DDT, EDM2 and U-Nets are not)")
+                         f"(DiT/SiT, TiT, LightningDiT and DDT are; EDM2 and U-Nets are not)")
     vae = config.get("vae", {}).get("type")
     if vae is not None and vae not in RELEASED_AUTOENCODERS:
         raise ValueError(f"{where}: its config names autoencoder {vae!r}, which is not supported here "
                          f"(supported: {', '.join(RELEASED_AUTOENCODERS)})")
     data, sample, family = config.get("data", {}), config.get("sample", {}), FAMILY_SETTINGS[model.split("-")[0]]
+    sizes = dict(in_channels=config["model"].get("in_chans"), num_classes=data.get("num_classes"),
+                 input_size=data["image_size"] // config["vae"]["downsample_ratio"]
+                 if "image_size" in data and "downsample_ratio" in config.get("vae", {}) else None)  # as its eval.py
     sampler = {ours: sample[theirs] for theirs, ours in RELEASED_SAMPLER_NAMES.items() if theirs in sample}
     if "cfg_scale" in sampler and sampler["cfg_scale"] <= 0:  # the released evaluation guides only when > 0
         sampler["cfg_scale"] = 1.0
     return dict(family, model=model, transport=config["transport"]["type"],
                 lam=config["transport"].get("consistc_ratio", 0.0), sampler={**family.get("sampler", {}), **sampler},
                 latent_multiplier=data.get("latent_multiplier", 1.0), latent_norm=data.get("latent_norm", False),
-                vae=RELEASED_AUTOENCODERS.get(vae),
+                vae=RELEASED_AUTOENCODERS.get(vae), sizes={k: v for k, v in sizes.items() if v is not None},
+                seed=config.get("train", {}).get("global_seed"),
                 released_stats=f"buffers/vaes/stat/{vae}_{data.get('image_size')}.pt")  # its eval.py's stats file
 
 
@@ -1110,6 +1118,8 @@ def read_checkpoint(path, weights, flag):
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     released = isinstance(config, dict) and "type" in config.get("model", {})  # LightningDiT's says model_type
     settings = released_settings(config, where) if released else None  # an unsupported model is named first
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):  # a Lightning checkpoint
+        checkpoint = lightning_weights(checkpoint["state_dict"], weights, where)
     state = weights_of(checkpoint, weights, where)
     for prefix, what in REPA_EXTRAS.items():
         extra = [key for key in state if key.startswith(prefix)]
@@ -1126,8 +1136,44 @@ def read_checkpoint(path, weights, flag):
     return state, settings
 
 
-def infer_model(state, name=None, where="--ckpt"):
-    """(model name, create_model kwargs): the data shape from the weights, the name given or matched by shape."""
+def lightning_weights(state, weights, where):
+    """The network of an MCG-NJU/DDT Lightning checkpoint's state_dict: ema_denoiser.* (or, for --weights model,
+    denoiser.*) without the prefix; the other weights (the online or EMA copy, REPA's diffusion_trainer.*) dropped
+    with one line."""
+    prefix = {"ema": "ema_denoiser.", "model": "denoiser."}[weights]
+    taken = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+    dropped = sorted({key.split(".")[0] + ".*" for key in state if not key.startswith(prefix)})
+    print(f"{where}: a Lightning checkpoint: taking its {len(taken)} weights {prefix}*, dropping the "
+          f"{len(state) - len(taken)} weights {', '.join(dropped) or 'none'}")
+    return taken
+
+
+def infer_ddt(state, name, where, sizes):
+    """(name, create_model kwargs) of DDT weights: they hold no position table, so the latent size comes from
+    `sizes` (a released config or a flag), the patch size from the name or from sizes' in_channels."""
+    width, patch_values = state["x_embedder.proj.weight"].shape  # (D, C·p·p)
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    channels = sizes.get("in_channels")
+
+    def fits(patch):  # p² divides the values of a patch, which are in_channels·p² where in_channels is known
+        return patch_values % patch ** 2 == 0 and channels in (None, patch_values // patch ** 2)
+    if name is None:
+        matches = [n for n, c in MODELS.items() if n.startswith("DDT-") and fits(c["patch_size"])
+                   and (c["hidden_size"], c["depth"]) == (width, depth)]
+        require(len(matches) == 1, f"{where}: a DDT of width {width}, depth {depth} with {patch_values} values a "
+                f"patch matches {matches or 'no model'}; give --model")
+        name = matches[0]
+    require("input_size" in sizes, f"{where}: DDT weights do not tell the latent size (no position table); give "
+            "--input-size (32 for DDT-XL/2 at 256 px, 64 at 512 px) or a checkpoint with its released config")
+    return name, {"in_channels": patch_values // MODELS[name]["patch_size"] ** 2,
+                  "num_classes": state["y_embedder.embedding_table.weight"].shape[0] - 1, **sizes}
+
+
+def infer_model(state, name=None, where="--ckpt", sizes=None):
+    """(model name, create_model kwargs): the data shape from the weights (`sizes`, of a released config or flags,
+    win), the name given or matched by shape."""
+    if family_of(state) == "DDT":
+        return infer_ddt(state, name, where, sizes or {})
     width, channels, patch, _ = state["x_embedder.proj.weight"].shape
     grid = math.isqrt(state["pos_embed"].shape[1])
     table = state.get("y_embedder.embedding_table.weight")
@@ -1141,16 +1187,18 @@ def infer_model(state, name=None, where="--ckpt"):
                              f"give --model")
         name = matches[0]
     out_channels = state["final_layer.linear.weight"].shape[0] // patch ** 2
-    return name, dict(input_size=grid * patch, in_channels=channels, learn_sigma=out_channels == 2 * channels,
-                      num_classes=table.shape[0] - 1 if table is not None else 1)
+    return name, {"input_size": grid * patch, "in_channels": channels, "learn_sigma": out_channels == 2 * channels,
+                  "num_classes": table.shape[0] - 1 if table is not None else 1, **(sizes or {})}
 
 
-def load_network(path, weights="ema", name=None, flag="--ckpt"):
-    """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly."""
+def load_network(path, weights="ema", name=None, flag="--ckpt", sizes=None):
+    """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly;
+    `sizes` (input_size, ...) given by flags win over a released config's."""
     state, settings = read_checkpoint(path, weights, flag)
     if "x_embedder.proj.weight" not in state:
         raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight)")
-    name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}")
+    sizes = {**settings.get("sizes", {}), **(sizes or {})}
+    name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}", sizes)
     with torch.device("meta"):  # shapes only: initialising weights that are then overwritten takes 10 s at XL size
         model = create_model(name, **kwargs)
     where = f"{flag} {path} (as --model {name})"
@@ -1278,7 +1326,10 @@ def load_tensor_file(path, where, mmap=False):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # not a zip, cut short, or a pickle that weights_only refuses
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{where} {path}: not a readable PyTorch file ({reason[:160]})") from None
+        advice = "; if you trust its source, re-save its tensors alone, e.g. torch.save(torch.load(path, " \
+            "weights_only=False)['state_dict'], new_path) for a Lightning checkpoint" \
+            if isinstance(error, pickle.UnpicklingError) else ""  # a pickled object of a class that could run code
+        raise ValueError(f"{where} {path}: not a readable PyTorch file ({reason[:160]}){advice}") from None
 
 
 def tensor_dict(value, where):
