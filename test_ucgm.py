@@ -1018,6 +1018,27 @@ def test_ddt_forward_matches_a_hand_written_oracle():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
+def test_ddt_grad_checkpoint_and_flops():
+    """--grad-checkpoint leaves a DDT's gradients unchanged; DDT-XL/2's FLOPs at 256 px by hand (the decoder's
+    adaLN and the final layer act per token, the encoder's per sample): 263.0 G."""
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 3])
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = perturbed(ucgm.create_model("DDT-T/2", input_size=8, in_channels=3, num_classes=10,
+                                            grad_checkpoint=flag))
+        model(x, t, y).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+    with torch.device("meta"):
+        model = ucgm.create_model("DDT-XL/2", input_size=32)
+    T, D, values = 256, 1152, 16
+    per_token = 2 * values * D + 28 * (4 * D * D + 3 * 3072 * D) + 6 * 6 * D * D + 2 * D * D + values * D
+    per_sample = 256 * D + D * D + 22 * 6 * D * D
+    assert model.flops_per_forward() == 2 * (T * per_token + per_sample + 2 * T * T * D * 28)
+    assert round(model.flops_per_forward() / 1e9, 1) == 263.0
+
+
 def test_family_detection_tells_ddt_from_the_dit_families():
     """family_of keys DDT on its 2-D s_embedder patch weight, before LightningDiT's norm weights (which DDT shares)."""
     with torch.device("meta"):

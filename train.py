@@ -55,7 +55,9 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H
 # compiled, the rest) under bf16 autocast and in float32; measured on CPU with saved-tensor hooks, README "Memory"
 SAVED_BYTES = {"TiT": {"bf16": (65.6, 40.3, 10.2), "fp32": (99.0, 76.3, 12.4)},
                "LightningDiT": {"bf16": (65.5, 40.1, 14.2), "fp32": (106.9, 76.2, 16.4)},
-               "DiT": {"bf16": (48.2, 36.2, 10.2), "fp32": (80.2, 68.2, 12.4)}}
+               "DiT": {"bf16": (48.2, 36.2, 10.2), "fp32": (80.2, 68.2, 12.4)},
+               # DDT: the mean block of 22 encoder and 6 decoder blocks (whose adaLN acts per token)
+               "DDT": {"bf16": (79.0, 40.8, 12.4), "fp32": (121.8, 81.4, 24.8)}}
 
 
 #################################################################################
