@@ -27,7 +27,7 @@ import ucgm
 
 # defaults of the settings that neither a flag nor the checkpoint set, besides the UCGM-S preset of the model
 DEFAULTS = dict(order=1, cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=None, transport="Linear", vae="identity",
-                latent_multiplier=1.0)
+                latent_multiplier=1.0, seed=0)
 
 
 def resolve(args, settings):
@@ -68,11 +68,12 @@ def shard_path(out, k):
 
 def main(args):
     rank, world, device = ucgm.setup_distributed()
-    model, name, settings = ucgm.load_network(args.ckpt, args.weights, args.model)
+    model, name, settings = ucgm.load_network(args.ckpt, args.weights, args.model,
+                                              sizes={"input_size": args.input_size} if args.input_size else None)
     model = model.to(device).eval().requires_grad_(False)
     resolved = resolve(args, settings)
     sampler = {key: value for key, (value, _) in resolved.items()}
-    transport, vae, multiplier = (sampler.pop(key) for key in ("transport", "vae", "latent_multiplier"))
+    transport, vae, multiplier, seed = (sampler.pop(key) for key in ("transport", "vae", "latent_multiplier", "seed"))
     if args.vae is None:  # an explicit --vae wins over the checkpoint's, even one we lack
         ucgm.check_released_autoencoder(settings, f"--ckpt {args.ckpt}")
     vae_path = args.vae_path or (settings.get("vae_path") if vae == settings.get("vae") else None)
@@ -87,7 +88,7 @@ def main(args):
         raise ValueError("--cfg-scale: guidance needs a class-conditional model")
 
     config = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, model=name, transport=transport, vae=vae,
-                  multiplier=multiplier, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+                  multiplier=multiplier, num_samples=args.num_samples, batch_size=args.batch_size, seed=seed,
                   class_id=args.class_id, dit_rounding=args.dit_rounding,
                   sampler={k: list(v) if isinstance(v, tuple) else v for k, v in sampler.items()})
     ucgm.claim_folder(args.out, "sample.json", config, write=rank == 0)
@@ -108,11 +109,11 @@ def main(args):
     shape = (model.in_channels, model.input_size, model.input_size)
     for k in tqdm(todo, disable=rank != 0, desc="sampling", unit="shard"):
         indices = range(k * args.batch_size, min((k + 1) * args.batch_size, args.num_samples))
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(args.seed * 2**32 + i))
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + i))
                              for i in indices]).to(device)  # sample i's noise depends on (seed, i) alone
         labels = torch.tensor([args.class_id if args.class_id is not None else i % max(num_classes, 1)
                                for i in indices], device=device)
-        generator = torch.Generator(device).manual_seed(args.seed * 2**32 + args.num_samples + k)  # for rho > 0
+        generator = torch.Generator(device).manual_seed(seed * 2**32 + args.num_samples + k)  # for rho > 0
         with torch.no_grad():
             with autocast:
                 latents = trainer.sample(model, noise, generator=generator, **sampler,
@@ -167,6 +168,8 @@ def parse_args(argv=None):
     g.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a checkpoint (ema)")
     g.add_argument("--model", choices=sorted(ucgm.MODELS), metavar="NAME",
                    help="architecture (default: the checkpoint's, or matched by the weight shapes)")
+    g.add_argument("--input-size", type=ucgm.number("[1, inf)", int),
+                   help="latent size, for weights that do not tell it (DDT without its config: 32 at 256 px, 64 at 512)")
     g.add_argument("--transport", choices=sorted(ucgm.TRANSPORTS), help="(default: the checkpoint's, else Linear)")
     g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="network precision: fp32 as the released evaluation (TF32 matmuls on CUDA), or bf16 autocast, "
@@ -190,7 +193,8 @@ def parse_args(argv=None):
     g.add_argument("--num-samples", type=ucgm.number("[1, inf)", int), default=50_000, help="how many (50000)")
     g.add_argument("--class", dest="class_id", type=ucgm.number("[0, inf)", int),
                    help="one class for all samples (default: balanced)")
-    g.add_argument("--seed", type=ucgm.seed, default=0, help="noise of sample i comes from (seed, i)")
+    g.add_argument("--seed", type=ucgm.seed,
+                   help="noise of sample i comes from (seed, i) (default: a released config's global_seed, else 0)")
     g.add_argument("--batch-size", type=ucgm.number("[1, inf)", int), default=250,
                    help="samples per shard and per network batch (250)")
     g.add_argument("--decode-batch", type=ucgm.number("[1, inf)", int), default=50,

@@ -945,6 +945,204 @@ def test_cuda_bf16_autocast_forward_loss_and_sample():
 
 
 #################################################################################
+#                                     DDT                                       #
+#################################################################################
+
+def released_ddt_layout(width=1152, depth=28, channels=4, patch=2, num_classes=1000):
+    """Key -> shape of networks/ddt.py of LINs-lab/UCGM (the MCG-NJU/DDT denoiser): two Linear patch embeddings,
+    bias-free qkv and w1/w3/w2, adaLN as Sequential(Linear) (key .0), no position table."""
+    values, hidden = channels * patch * patch, int(2 * int(4 * width) / 3)
+    layout = {f"{e}_embedder.proj.{k}": shape for e in ("x", "s") for k, shape in
+              (("weight", (width, values)), ("bias", (width,)))}
+    layout.update({"t_embedder.mlp.0.weight": (width, 256), "t_embedder.mlp.0.bias": (width,),
+                   "t_embedder.mlp.2.weight": (width, width), "t_embedder.mlp.2.bias": (width,),
+                   "y_embedder.embedding_table.weight": (num_classes + 1, width),
+                   "final_layer.linear.weight": (values, width), "final_layer.linear.bias": (values,),
+                   "final_layer.adaLN_modulation.0.weight": (2 * width, width),
+                   "final_layer.adaLN_modulation.0.bias": (2 * width,)})
+    for i in range(depth):
+        b = f"blocks.{i}."
+        layout.update({b + "norm1.weight": (width,), b + "attn.qkv.weight": (3 * width, width),
+                       b + "attn.q_norm.weight": (width // 16,), b + "attn.k_norm.weight": (width // 16,),
+                       b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,), b + "norm2.weight": (width,),
+                       b + "mlp.w1.weight": (hidden, width), b + "mlp.w3.weight": (hidden, width),
+                       b + "mlp.w2.weight": (width, hidden), b + "adaLN_modulation.0.weight": (6 * width, width),
+                       b + "adaLN_modulation.0.bias": (6 * width,)})
+    return layout
+
+
+@pytest.mark.parametrize("name, input_size, channels, n_params", [
+    ("DDT-XL/2", 32, 4, 674_646_352), ("DDT-XL/2", 64, 4, 674_646_352), ("DDT-XL/1", 16, 32, 674_701_664)])
+def test_ddt_released_layout_and_size_on_meta(name, input_size, channels, n_params):
+    """DDT-XL/2 at 256 and 512 px and DDT-XL/1 have the released 349 keys and shapes (the rotary table is no key),
+    674.65M / 674.70M parameters, and are told from their weights (family and name, sizes from a config)."""
+    with torch.device("meta"):
+        model = ucgm.create_model(name, input_size=input_size, in_channels=channels, num_classes=1000)
+    layout = released_ddt_layout(channels=channels, patch=int(name[-1]))
+    state = model.state_dict()
+    assert len(layout) == 349 and {k: tuple(v.shape) for k, v in state.items()} == layout
+    assert sum(p.numel() for p in model.parameters()) == n_params and not list(model.buffers(recurse=False))
+    assert model.rope.freqs_cos.shape == ((input_size // int(name[-1])) ** 2, 72)  # made for real, not on meta
+    assert ucgm.family_of(state) == "DDT"
+    sizes = dict(input_size=input_size, in_channels=channels)  # what a released config says
+    assert ucgm.infer_model(state, sizes=sizes) == (name, dict(sizes, num_classes=1000))
+
+
+def ddt_oracle(state, x, t, y, patch, heads, encoder_depth):
+    """DDT's forward written from its description with plain tensor algebra: patches by reshape, the rotary angles
+    by their rule through torch.polar, max-period-10 time features, RMSNorm, softmax attention, w1/w3/w2, fold."""
+    n, channels, size, _ = x.shape
+    grid, w = size // patch, lambda key: state[key].double()
+    tokens = x.double().reshape(n, channels, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5).reshape(
+        n, grid * grid, channels * patch * patch)  # token h·grid + w, values in (c, kh, kw) order
+    width = state["t_embedder.mlp.2.weight"].shape[0]
+    head_dim = width // heads
+    pos = [16 * i / (grid - 1) for i in range(grid)]
+    angles = torch.zeros(grid * grid, head_dim // 2, dtype=torch.float64)
+    for h in range(grid):
+        for col in range(grid):
+            for i in range(head_dim // 2):  # pair i: column for even i, row for odd i, frequency of i // 2
+                angles[h * grid + col, i] = (pos[col] if i % 2 == 0 else pos[h]) * 10000 ** (-4 * (i // 2) / head_dim)
+    rotation = torch.polar(torch.ones_like(angles), angles)  # (T, head_dim/2)
+
+    def linear(v, key, bias=True):
+        return v @ w(key + ".weight").T + (w(key + ".bias") if bias else 0)
+
+    def rms(v, key):
+        return v / torch.sqrt((v ** 2).mean(-1, keepdim=True) + 1e-6) * w(key)
+
+    def rotate(v):  # (n, T, heads, head_dim): each pair (2i, 2i+1) as a complex number times its rotation
+        pairs = torch.complex(v[..., 0::2], v[..., 1::2]) * rotation[None, :, None]
+        return torch.stack([pairs.real, pairs.imag], -1).flatten(-2)
+
+    def block(v, c, b):
+        shift1, scale1, gate1, shift2, scale2, gate2 = linear(c, b + "adaLN_modulation.0").chunk(6, -1)
+        q, k, val = linear(rms(v, b + "norm1.weight") * (1 + scale1) + shift1, b + "attn.qkv", False).reshape(
+            n, -1, 3, heads, head_dim).unbind(2)
+        q, k = rotate(rms(q, b + "attn.q_norm.weight")), rotate(rms(k, b + "attn.k_norm.weight"))
+        weights = torch.softmax(torch.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(head_dim), -1)
+        v = v + gate1 * linear(torch.einsum("nhqk,nkhd->nqhd", weights, val).reshape(n, -1, width), b + "attn.proj")
+        u = rms(v, b + "norm2.weight") * (1 + scale2) + shift2
+        hidden = F.silu(linear(u, b + "mlp.w1", False)) * linear(u, b + "mlp.w3", False)
+        return v + gate2 * linear(hidden, b + "mlp.w2", False)
+
+    freqs = torch.exp(-math.log(10) * torch.arange(128, dtype=torch.float64) / 128)
+    features = torch.cat([torch.cos(t.double()[:, None] * freqs), torch.sin(t.double()[:, None] * freqs)], 1)
+    t_emb = linear(F.silu(linear(features, "t_embedder.mlp.0")), "t_embedder.mlp.2")[:, None]  # (n, 1, D)
+    c = F.silu(t_emb + w("y_embedder.embedding_table.weight")[y][:, None])
+    s = linear(tokens, "s_embedder.proj")
+    depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
+    for i in range(encoder_depth):
+        s = block(s, c, f"blocks.{i}.")
+    s = F.silu(t_emb + s)
+    h = linear(tokens, "x_embedder.proj")
+    for i in range(encoder_depth, depth):
+        h = block(h, s, f"blocks.{i}.")
+    shift, scale = linear(s, "final_layer.adaLN_modulation.0").chunk(2, -1)
+    h = linear(F.layer_norm(h, (width,), eps=1e-6) * (1 + scale) + shift, "final_layer.linear")
+    return h.reshape(n, grid, grid, channels, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+
+
+def test_ddt_forward_matches_a_hand_written_oracle():
+    """A tiny DDT's F (encoder 2 blocks, decoder 1, 2 heads, patch 2, 3 channels) equals ddt_oracle with the same
+    random weights, the null label included."""
+    torch.manual_seed(0)
+    model = perturbed(ucgm.create_model("DDT-T/2", input_size=8, in_channels=3, num_classes=10), seed=3)
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([0.0, 0.4, 1.0]), torch.tensor([0, 7, 10])
+    want = ddt_oracle(model.state_dict(), x, t, y, patch=2, heads=2, encoder_depth=2)
+    got = model(x, t, y)
+    assert got.shape == x.shape and want.abs().max() > 0.1
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_ddt_grad_checkpoint_and_flops():
+    """--grad-checkpoint leaves a DDT's gradients unchanged; DDT-XL/2's FLOPs at 256 px by hand (the decoder's
+    adaLN and the final layer act per token, the encoder's per sample): 263.0 G."""
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 3])
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = perturbed(ucgm.create_model("DDT-T/2", input_size=8, in_channels=3, num_classes=10,
+                                            grad_checkpoint=flag))
+        model(x, t, y).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+    with torch.device("meta"):
+        model = ucgm.create_model("DDT-XL/2", input_size=32)
+    T, D, values = 256, 1152, 16
+    per_token = 2 * values * D + 28 * (4 * D * D + 3 * 3072 * D) + 6 * 6 * D * D + 2 * D * D + values * D
+    per_sample = 256 * D + D * D + 22 * 6 * D * D
+    assert model.flops_per_forward() == 2 * (T * per_token + per_sample + 2 * T * T * D * 28)
+    assert round(model.flops_per_forward() / 1e9, 1) == 263.0
+
+
+def test_family_detection_tells_ddt_from_the_dit_families():
+    """family_of keys DDT on its 2-D s_embedder patch weight, before LightningDiT's norm weights (which DDT shares)."""
+    with torch.device("meta"):
+        states = {family: ucgm.create_model(f"{family}-T/4", input_size=16, in_channels=3).state_dict()
+                  for family in ("DDT", "LightningDiT", "TiT", "DiT")}
+    assert {family: ucgm.family_of(state) for family, state in states.items()} == {f: f for f in states}
+    conv = {**states["LightningDiT"], "s_embedder.proj.weight": torch.empty(8, 3, 4, 4, device="meta")}
+    assert ucgm.family_of(conv) == "LightningDiT"  # a 4-D patch weight is no DDT's
+
+
+def test_ddt_lightning_checkpoint_loads_its_ema_and_names_bad_keys(tmp_path, capsys):
+    """An MCG-NJU/DDT Lightning file: the ema_denoiser.* weights are taken, denoiser.* and diffusion_trainer.*
+    dropped with one line; an ambiguous patch size, a missing latent size and a misshapen key each end in one line."""
+    ema = perturbed(ucgm.create_model("DDT-T/2", input_size=8, in_channels=3, num_classes=10))
+    state = {**{f"denoiser.{k}": torch.zeros_like(v) for k, v in ema.state_dict().items()},
+             **{f"ema_denoiser.{k}": v for k, v in ema.state_dict().items()},
+             "diffusion_trainer.proj.0.weight": torch.zeros(4, 64)}
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 100, "loops": {}}, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match=r"matches \['DDT-T/1', 'DDT-T/2'\]; give --model$"):
+        ucgm.load_network(str(tmp_path / "last.ckpt"), sizes={"input_size": 8})
+    with pytest.raises(ValueError, match="DDT weights do not tell the latent size .* give --input-size"):
+        ucgm.load_network(str(tmp_path / "last.ckpt"), name="DDT-T/2")
+    capsys.readouterr()
+    model, name, settings = ucgm.load_network(str(tmp_path / "last.ckpt"), name="DDT-T/2", sizes={"input_size": 8})
+    assert (name, settings, model.in_channels, model.num_classes) == ("DDT-T/2", {"transport": "ReLinear"}, 3, 10)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.state_dict().items())
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"--ckpt {tmp_path / 'last.ckpt'}: a Lightning checkpoint: taking its {len(ema.state_dict())} weights "
+        f"ema_denoiser.*, dropping the {len(ema.state_dict()) + 1} weights denoiser.*, diffusion_trainer.*"]
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 10])
+    torch.testing.assert_close(model(x, t, y), ema(x, t, y), rtol=0, atol=0)  # its rotary table is real
+    state["ema_denoiser.blocks.1.mlp.w3.weight"] = torch.zeros(7, 64)
+    torch.save({"state_dict": state}, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"key 'blocks.1.mlp.w3.weight' has shape \(7, 64\), expected \(170, 64\)"):
+        ucgm.load_network(str(tmp_path / "bad.ckpt"), name="DDT-T/2", sizes={"input_size": 8})
+
+
+# configs/sampling_multi_steps/in1k256_ddt_xl_sdvae_relinear.yaml of LINs-lab/UCGM, the model made tiny and the
+# image size 128 (16×16 latents)
+DDT_CONFIG = {"data": {"image_size": 128, "num_classes": 10, "latent_norm": False, "latent_multiplier": 0.18215},
+              "vae": {"type": "sdvae_ema_f8c4", "downsample_ratio": 8}, "model": {"type": "DDT-T/4", "in_chans": 3},
+              "train": {"global_seed": 1}, "transport": {"type": "ReLinear"},
+              "sample": {"ckpt": "0000000.pt", "type": "UNI", "cfg_scale": 2.0, "cfg_interval": [0.3, 1.0],
+                         "sampling_steps": 50, "stochast_ratio": 0.0, "extrapol_ratio": 0.28, "sampling_order": 1,
+                         "time_dist_ctrl": [1.17, 0.8, 1.1], "rfba_gap_steps": [0.001, 0.001], "per_batch_size": 125}}
+
+
+def test_sample_py_samples_a_released_ddt_config(tmp_path):
+    """A released DDT checkpoint ({ema, model, config}, strict) is sized by its config (128 // 8, in_chans, classes)
+    and sampled on ReLinear with its CFG 2.0 on [0.3, 1], κ 0.28, warp, all channels guided and global_seed 1."""
+    model = perturbed(ucgm.create_model("DDT-T/4", input_size=16, in_channels=3, num_classes=10))
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": DDT_CONFIG}, tmp_path / "ddt.pt")
+    args = sample.parse_args(["--ckpt", str(tmp_path / "ddt.pt"), "--vae", "identity", "--num-samples", "2",
+                              "--steps", "2", "--out", str(tmp_path / "out")])
+    loaded, name, settings = ucgm.load_network(args.ckpt)
+    assert (name, loaded.input_size, loaded.in_channels, loaded.num_classes) == ("DDT-T/4", 16, 3, 10)
+    resolved = {k: v for k, (v, _) in sample.resolve(args, settings).items()}
+    assert resolved == dict(steps=2, rho=0.0, kappa=0.28, warp=(1.17, 0.8, 1.1), gaps=(0.001, 0.001), order=1,
+                            cfg_scale=2.0, cfg_interval=(0.3, 1.0), cfg_channels=None, transport="ReLinear",
+                            vae="identity", latent_multiplier=0.18215, seed=1)
+    sample.main(args)
+    assert json.loads((tmp_path / "out" / "sample.json").read_text())["seed"] == 1
+    images = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
+    assert images.shape == (2, 16, 16, 3) and len(np.unique(images.reshape(2, -1), axis=0)) == 2
+
+
+#################################################################################
 #                        Autoencoders, extract_latents.py                       #
 #################################################################################
 
@@ -1338,7 +1536,7 @@ def test_released_config_sets_the_sampler_defaults(tmp_path, config, flags, want
 
 
 @pytest.mark.parametrize("model_type, vae_type, match", [
-    ("DDT-XL/2", "sdvae_ema_f8c4", "model 'DDT-XL/2', which is not supported"),
+    ("UViT-H/2", "sdvae_ema_f8c4", "model 'UViT-H/2', which is not supported"),
     ("EDM2-S", "edm2_sdvae_f8c4", "model 'EDM2-S', which is not supported"),
     ("SD15-UNet", "sdvae_f8c4", "model 'SD15-UNet', which is not supported")])
 def test_unsupported_released_models_are_named(tmp_path, model_type, vae_type, match):
@@ -1740,8 +1938,8 @@ def test_tuning_presets_are_the_released_tuning_configs(preset, transport, relea
             c["max_grad_norm"], c["ema_decay"], c["global_batch_size"], c["max_steps"], c["ckpt_every"],
             c["log_every"])
     assert got == want
-    family = "LightningDiT" if preset == "tune-lightningdit" else "DiT"
-    assert ucgm.FAMILY_SETTINGS[family].get("transport", "Linear") == transport or preset == "tune-ddt"
+    family = {"tune-lightningdit": "LightningDiT", "tune-ddt": "DDT"}.get(preset, "DiT")
+    assert ucgm.FAMILY_SETTINGS[family].get("transport", "Linear") == transport
 
 
 def test_cautious_lion_steps_match_a_hand_computation():

@@ -64,7 +64,9 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H
 # compiled, the rest) under bf16 autocast and in float32; measured on CPU with saved-tensor hooks, README "Memory"
 SAVED_BYTES = {"TiT": {"bf16": (65.6, 40.3, 10.2), "fp32": (99.0, 76.3, 12.4)},
                "LightningDiT": {"bf16": (65.5, 40.1, 14.2), "fp32": (106.9, 76.2, 16.4)},
-               "DiT": {"bf16": (48.2, 36.2, 10.2), "fp32": (80.2, 68.2, 12.4)}}
+               "DiT": {"bf16": (48.2, 36.2, 10.2), "fp32": (80.2, 68.2, 12.4)},
+               # DDT: the mean block of 22 encoder and 6 decoder blocks (whose adaLN acts per token)
+               "DDT": {"bf16": (79.0, 40.8, 12.4), "fp32": (121.8, 81.4, 24.8)}}
 
 
 #################################################################################
@@ -250,7 +252,8 @@ def memory_estimate(model, batch, precision, compiled, grad_checkpoint, teacher)
     params = sum(p.numel() for p in model.parameters())
     state = params * (4 * (5 + teacher) + 2 * (precision == "bf16"))
     eager, fused, rest = SAVED_BYTES[ucgm.family_of(model.state_dict())][precision]
-    tokens, width, depth = (model.input_size // model.patch_size) ** 2, model.pos_embed.shape[-1], len(model.blocks)
+    tokens, depth = (model.input_size // model.patch_size) ** 2, len(model.blocks)
+    width = model.t_embedder.mlp[-1].out_features
     block = fused if compiled else eager
     per_image = tokens * width * (rest + (4 * depth + block if grad_checkpoint else depth * block))
     return state + batch * per_image
@@ -325,14 +328,15 @@ class CautiousLion(torch.optim.Optimizer):
 def build(args, rank, device):
     """(data, model, trainer, ema, optimizer, teacher_file) of a run: the start weights of --init or a new network,
     the EMA on rank 0 only (it alone samples and saves), a frozen --teacher named by its path and checksum."""
-    init = ucgm.load_network(args.init, args.init_weights, args.model, "--init") if args.init else None
-    if init:  # unless given, the architecture and the transport are those of the start weights
-        args.model, args.transport = init[1], args.transport or init[2].get("transport", "Linear")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     if args.bench:
         data = SyntheticLatents(*args.bench_shape, length=args.global_batch_size)
     else:
         data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats) if args.data else DigitsDataset(args.seed)
+    init = ucgm.load_network(args.init, args.init_weights, args.model, "--init",  # DDT's weights hold no latent size
+                             sizes={"input_size": data.size}) if args.init else None
+    if init:  # unless given, the architecture and the transport are those of the start weights
+        args.model, args.transport = init[1], args.transport or init[2].get("transport", "Linear")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     if init:
         model = init[0].to(device)
         model.grad_checkpoint = args.grad_checkpoint

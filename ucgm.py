@@ -13,6 +13,7 @@ Reading order (the section banners, in order; a test keeps the list true):
   UCGM-T: the unified trainer (paper Alg. 1)
   UCGM-S: the unified sampler (paper Alg. 2)
   The network: DiT / SiT, TiT and LightningDiT
+  Network: DDT (decoupled diffusion transformer)
   The autoencoder: LDM AutoencoderKL
   Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
   File I/O: safetensors, tensor files, atomic writes
@@ -20,11 +21,13 @@ Reading order (the section banners, in order; a test keeps the list true):
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
 import math
 import os
+import pickle
 import re
 import struct
 import sys
@@ -465,8 +468,8 @@ class RMSNorm(nn.Module):
 
 
 def modulate(x, shift, scale):
-    """adaLN modulation of tokens x (N, T, D) by per-sample shift and scale (N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation of tokens x (N, T, D) by shift and scale per sample (N, 1, D) or per token (N, T, D)."""
+    return x * (1 + scale) + shift
 
 
 def sincos_1d(dim, pos):
@@ -484,17 +487,23 @@ def sincos_2d(dim, grid_size):
 
 class Rope2D(nn.Module):
     """2-D rotary embedding (EVA style): first half of each head rotates by row, second half by column."""
+    persistent = True  # as in the released TiT checkpoints (feat_rope.freqs_cos / freqs_sin)
+
     def __init__(self, head_dim, grid_size):
         super().__init__()
+        table = self.angles(head_dim, grid_size)  # (T, head_dim), each angle twice: once per element of its pair
+        self.register_buffer("freqs_cos", table.cos(), persistent=self.persistent)
+        self.register_buffer("freqs_sin", table.sin(), persistent=self.persistent)
+
+    @staticmethod
+    def angles(head_dim, grid_size):
+        """The angle of each token and element: integer positions, rows in the first half, columns in the second."""
         half = head_dim // 2
         freqs = 1.0 / 10000 ** (torch.arange(0, half, 2).float() / half)  # (head_dim/4,)
         angles = torch.outer(torch.arange(grid_size).float(), freqs).repeat_interleave(2, dim=1)  # (L, head_dim/2)
         rows = angles[:, None, :].expand(grid_size, grid_size, half)
         cols = angles[None, :, :].expand(grid_size, grid_size, half)
-        table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (T, head_dim)
-        # persistent, as in the released TiT checkpoints (feat_rope.freqs_cos / freqs_sin)
-        self.register_buffer("freqs_cos", table.cos())
-        self.register_buffer("freqs_sin", table.sin())
+        return torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (T, head_dim)
 
     def forward(self, x):
         """Rotate x (N, H, T, head_dim) pairwise: (a, b) -> (a cos − b sin, b cos + a sin)."""
@@ -503,11 +512,12 @@ class Rope2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention, with optional QK-RMSNorm."""
-    def __init__(self, dim, num_heads, qk_norm=None):
+    """Multi-head self-attention through F.scaled_dot_product_attention, with optional QK-RMSNorm (and, for DDT,
+    no qkv bias)."""
+    def __init__(self, dim, num_heads, qk_norm=None, qkv_bias=True):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = qk_norm(dim // num_heads) if qk_norm else nn.Identity()  # per head
         self.k_norm = qk_norm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
@@ -546,16 +556,28 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
-class TimestepEmbedder(nn.Module):
-    """256-frequency sinusoidal embedding of t in [0, 1] (fed as is, no ×1000), then an MLP."""
-    def __init__(self, dim, freq_dim=256):
+class BiasFreeSwiGLU(nn.Module):
+    """DDT's gated MLP: w2(silu(w1 x) · w3 x), three matrices without bias."""
+    def __init__(self, dim, hidden):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TimestepEmbedder(nn.Module):
+    """256-frequency sinusoidal embedding of t in [0, 1] (fed as is, no ×1000), then an MLP; DDT's max period is 10."""
+    def __init__(self, dim, freq_dim=256, max_period=10000):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = t.float()[:, None] * freqs[None]  # (N, half)
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
 
@@ -571,41 +593,62 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p×p patches -> tokens (N, T, D) in row-major order."""
-    def __init__(self, patch_size, in_channels, dim):
+    """Non-overlapping p×p patches -> tokens (N, T, D) in row-major order: a strided convolution, or (linear, DDT)
+    a Linear over the unfolded patches, each flattened in (c, kh, kw) order."""
+    def __init__(self, patch_size, in_channels, dim, linear=False):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_size, self.linear = patch_size, linear
+        self.proj = nn.Linear(in_channels * patch_size ** 2, dim) if linear else \
+            nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
+        if self.linear:
+            patches = F.unfold(x, self.patch_size, stride=self.patch_size).transpose(1, 2)  # (N, T, C·p·p)
+            return self.proj(patches)  # (N, T, D)
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
 
 
+def adaln(dim, chunks, silu=True):
+    """The adaLN projection of the condition to `chunks` modulation vectors: Sequential(SiLU, Linear), or (DDT,
+    whose caller applies the SiLU) Sequential(Linear), so that the Linear's key is `.1` or `.0`."""
+    return nn.Sequential(*([nn.SiLU()] if silu else []), nn.Linear(dim, chunks * dim))
+
+
+def run_block(block, x, c, rope, grad_checkpoint):
+    """block(x, c, rope); with grad_checkpoint recomputed in the backward, trading compute for memory."""
+    if grad_checkpoint:
+        return checkpoint(block, x, c, rope, use_reentrant=False)
+    return block(x, c, rope)
+
+
 class Block(nn.Module):
-    """Transformer block with adaLN-Zero conditioning."""
-    def __init__(self, dim, num_heads, mlp_ratio, norm, qk_norm, swiglu):
+    """Transformer block with adaLN-Zero conditioning; DDT's has swiglu "bias-free", no qkv bias and no adaLN SiLU."""
+    def __init__(self, dim, num_heads, mlp_ratio, norm, qk_norm, swiglu, qkv_bias=True, adaln_silu=True):
         super().__init__()
         self.norm1, self.norm2 = norm(dim), norm(dim)
-        self.attn = Attention(dim, num_heads, norm if qk_norm else None)
+        self.attn = Attention(dim, num_heads, norm if qk_norm else None, qkv_bias)
         hidden = int(dim * mlp_ratio)
-        self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        gated = BiasFreeSwiGLU if swiglu == "bias-free" else SwiGLU
+        self.mlp = gated(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
+        self.adaLN_modulation = adaln(dim, 6, adaln_silu)
 
     def forward(self, x, c, rope=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        """x (N, T, D) conditioned by c per sample (N, 1, D) or per token (N, T, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
     """adaLN-modulated norm and a linear map from tokens to patches."""
-    def __init__(self, dim, patch_size, out_channels, norm):
+    def __init__(self, dim, patch_size, out_channels, norm, adaln_silu=True):
         super().__init__()
         self.norm_final = norm(dim)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.adaLN_modulation = adaln(dim, 2, adaln_silu)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -672,23 +715,28 @@ class DiT(nn.Module):
         c = self.t_embedder(t)  # (N, D)
         if self.y_embedder is not None:  # labels are checked where they are loaded: reading y here would sync
             c = c + self.y_embedder(y)
+        c = c.unsqueeze(1)  # (N, 1, D): one condition for every token
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         for block in self.blocks:
-            if self.grad_checkpoint and self.training:
-                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)  # trade compute for memory
-            else:
-                x = block(x, c, self.feat_rope)
+            x = run_block(block, x, c, self.feat_rope, self.grad_checkpoint and self.training)
         x = self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)
         return x[:, :self.in_channels]  # a learned-sigma half, if any, is unused
 
     def flops_per_forward(self):
         """Matmul FLOPs of one forward for one sample, a multiply-add counting 2 (DiT-XL/2 at 256 px: ~237 G)."""
-        tokens = (self.input_size // self.patch_size) ** 2
-        matrices = {n: p.numel() for n, p in self.named_parameters() if n.endswith("weight") and p.dim() > 1}
-        per_sample = sum(v for n, v in matrices.items() if "adaLN" in n or n.startswith("t_embedder"))
-        per_token = sum(v for n, v in matrices.items() if not n.startswith("y_embedder")) - per_sample
-        attention = 2 * tokens * tokens * self.pos_embed.shape[-1] * len(self.blocks)  # QK^T and AV
-        return 2 * (tokens * per_token + per_sample + attention)
+        return matmul_flops(self, lambda name: "adaLN" in name or name.startswith("t_embedder"))
+
+
+def matmul_flops(model, per_sample):
+    """2 × the multiply-adds of one sample: weight matrices whose name `per_sample` picks act once, the others (but
+    the label table) once a token, and each block's attention QK^T and AV."""
+    tokens = (model.input_size // model.patch_size) ** 2
+    matrices = {n: p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    once = sum(v for n, v in matrices.items() if per_sample(n))
+    per_token = sum(v for n, v in matrices.items() if not n.startswith("y_embedder")) - once
+    width = model.t_embedder.mlp[-1].out_features
+    attention = 2 * tokens * tokens * width * len(model.blocks)  # QK^T and AV
+    return 2 * (tokens * per_token + once + attention)
 
 # width, depth, heads; T (tiny) is no paper size but the CPU demo of train.py
 SIZES = {"T": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -703,10 +751,102 @@ MODELS = {f"{family}-{size}/{patch}": dict(hidden_size=width, depth=depth, num_h
 
 
 def create_model(name, **kwargs):
-    """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32)."""
+    """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32); the DDT
+    names build a DDT (its section below)."""
     if name not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
-    return DiT(**{**MODELS[name], **kwargs})
+    return (DDT if name.startswith("DDT-") else DiT)(**{**MODELS[name], **kwargs})
+
+
+#################################################################################
+#                 Network: DDT (decoupled diffusion transformer)                #
+#################################################################################
+
+class DDTRope(Rope2D):
+    """DDT's 2-D rotary embedding: fractional positions linspace(0, 16, grid), column and row alternating pair by
+    pair; computed, not saved (no state-dict key)."""
+    persistent = False
+
+    @staticmethod
+    def angles(head_dim, grid_size):
+        """Pair 2k turns by column·f_k, pair 2k + 1 by row·f_k, with f_k = 10000^(−4k/head_dim)."""
+        pos = torch.linspace(0, 16, grid_size)
+        rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+        freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 4).float() / head_dim)  # (head_dim/4,)
+        pairs = torch.stack([torch.outer(cols.flatten(), freqs), torch.outer(rows.flatten(), freqs)], dim=-1)
+        return pairs.flatten(1).repeat_interleave(2, dim=1)  # (T, head_dim)
+
+
+class DDT(nn.Module):
+    """DDT (MCG-NJU/DDT, as LINs-lab/UCGM releases it): `encoder_depth` blocks turn the patches into a per-token
+    condition s for the remaining decoder blocks; forward(x, t, y) returns the ReLinear F (t = 0 is noise)."""
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, encoder_depth=22,
+                 num_heads=16, mlp_ratio=4.0, num_classes=1000, grad_checkpoint=False):
+        super().__init__()
+        require(input_size % patch_size == 0 and hidden_size % (4 * num_heads) == 0 and 0 < encoder_depth < depth,
+                f"DDT: input_size {input_size} must be divisible by patch_size {patch_size}, hidden_size "
+                f"{hidden_size} by 4·num_heads {4 * num_heads}, and 0 < encoder_depth {encoder_depth} < depth {depth}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels, self.num_classes, self.encoder_depth = in_channels, num_classes, encoder_depth
+        self.grad_checkpoint = grad_checkpoint
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, linear=True)  # the decoder's tokens
+        self.s_embedder = PatchEmbed(patch_size, in_channels, hidden_size, linear=True)  # the encoder's tokens
+        self.t_embedder = TimestepEmbedder(hidden_size, max_period=10)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels,
+                                      partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6), adaln_silu=False)
+        self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, partial(RMSNorm, affine=True),
+                                           qk_norm=True, swiglu="bias-free", qkv_bias=False, adaln_silu=False)
+                                     for _ in range(depth)])
+        # a fixed table, not a weight: made for real also on the meta device, where load_network builds the model
+        # and loading (assign=True) would leave a non-persistent buffer empty
+        on_meta = torch.get_default_device().type == "meta"
+        with torch.device("cpu") if on_meta else contextlib.nullcontext():
+            self.rope = DDTRope(hidden_size // num_heads, input_size // patch_size)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """As released: xavier patch embeddings, N(0, 0.02) label table and time MLP, zero final layer; the blocks
+        keep PyTorch's default initialisation (their adaLN is not zeroed)."""
+        for embedder in (self.x_embedder, self.s_embedder):
+            nn.init.xavier_uniform_(embedder.proj.weight)
+            nn.init.zeros_(embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in (self.final_layer.adaLN_modulation[0], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y):
+        """x (N, C, H, W), t (N,) in [0, 1] with 0 the noise end, y (N,) int64 with num_classes = null label -> F."""
+        require(x.shape[1:] == (self.in_channels, self.input_size, self.input_size), f"DDT: expected x of shape "
+                f"(N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}")
+        checkpointed = self.grad_checkpoint and self.training
+        t_emb = self.t_embedder(t).unsqueeze(1)  # (N, 1, D)
+        c = F.silu(t_emb + self.y_embedder(y).unsqueeze(1))  # (N, 1, D): one condition for every token
+        s = self.s_embedder(x)  # (N, T, D)
+        for block in self.blocks[:self.encoder_depth]:
+            s = run_block(block, s, c, self.rope, checkpointed)
+        s = F.silu(t_emb + s)  # (N, T, D): the encoder's output conditions the decoder per token
+        h = self.x_embedder(x)  # (N, T, D)
+        for block in self.blocks[self.encoder_depth:]:
+            h = run_block(block, h, s, self.rope, checkpointed)
+        h = self.final_layer(h, s).transpose(1, 2)  # (N, C·p·p, T), each patch in (c, kh, kw) order
+        return F.fold(h, x.shape[-2:], self.patch_size, stride=self.patch_size)  # (N, C, H, W)
+
+    def flops_per_forward(self):
+        """Matmul FLOPs of one forward for one sample, a multiply-add counting 2 (DDT-XL/2 at 256 px: ~263 G); the
+        decoder's adaLN acts per token."""
+        encoder = tuple(f"blocks.{i}.adaLN" for i in range(self.encoder_depth))
+        return matmul_flops(self, lambda name: name.startswith(("t_embedder", *encoder)))
+
+
+# width, depth, encoder depth, heads; T (tiny) is no released size but a CPU test size
+DDT_SIZES = {"T": (64, 3, 2, 2), "XL": (1152, 28, 22, 16)}
+MODELS.update({f"DDT-{size}/{patch}": dict(hidden_size=width, depth=depth, encoder_depth=encoder, num_heads=heads,
+                                           patch_size=patch)
+               for size, (width, depth, encoder, heads) in DDT_SIZES.items() for patch in (1, 2, 4)})
 
 
 #################################################################################
@@ -965,13 +1105,16 @@ RELEASED_SAMPLER_NAMES = {"sampling_steps": "steps", "stochast_ratio": "rho", "e
                           "cfg_scale": "cfg_scale", "cfg_interval": "cfg_interval"}
 # what the weights of each family imply (README, "Reproducing the paper"): LightningDiT was trained on the ReLinear
 # path, and its released results guide only the first 3 of its 32 latent channels
-FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3))}
+FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3)),
+                   "DDT": dict(transport="ReLinear")}  # DDT guides all its channels
 # weights in REPA / REPA-E checkpoints that neither sampling nor UCGM training uses
 REPA_EXTRAS = {"projectors.": "REPA's feature-alignment heads", "bn.": "REPA-E's latent BatchNorm statistics"}
 
 
 def family_of(state):
-    """DiT (also SiT, REPA, REPA-E), TiT or LightningDiT, told from the weight names."""
+    """DiT (also SiT, REPA, REPA-E), TiT, LightningDiT or DDT, told from the weight names."""
+    if "s_embedder.proj.weight" in state and state["s_embedder.proj.weight"].dim() == 2:  # DDT's encoder patches
+        return "DDT"
     if "blocks.0.norm1.weight" in state:  # only LightningDiT's RMSNorm has a weight
         return "LightningDiT"
     return "TiT" if "blocks.0.mlp.w12.weight" in state else "DiT"
@@ -989,9 +1132,12 @@ def released_settings(config, where):
     model = re.sub(r"^SiT-", "DiT-", config["model"]["type"])  # UCGM's SiT is our DiT family
     if model not in MODELS:
         raise ValueError(f"{where}: its config names model {config['model']['type']!r}, which is not supported here "
-                         f"(DiT/SiT, TiT and LightningDiT are; DDT, EDM2 and U-Nets are not)")
+                         f"(DiT/SiT, TiT, LightningDiT and DDT are; EDM2 and U-Nets are not)")
     vae = config.get("vae", {}).get("type")  # one we lack is named where it would be used, unless --vae is given
     data, sample, family = config.get("data", {}), config.get("sample", {}), FAMILY_SETTINGS[model.split("-")[0]]
+    sizes = dict(in_channels=config["model"].get("in_chans"), num_classes=data.get("num_classes"),
+                 input_size=data["image_size"] // config["vae"]["downsample_ratio"]
+                 if "image_size" in data and "downsample_ratio" in config.get("vae", {}) else None)  # as its eval.py
     sampler = {ours: sample[theirs] for theirs, ours in RELEASED_SAMPLER_NAMES.items() if theirs in sample}
     if "cfg_scale" in sampler and sampler["cfg_scale"] <= 0:  # the released evaluation guides only when > 0
         sampler["cfg_scale"] = 1.0
@@ -999,6 +1145,7 @@ def released_settings(config, where):
                 lam=config["transport"].get("consistc_ratio", 0.0), sampler={**family.get("sampler", {}), **sampler},
                 latent_multiplier=data.get("latent_multiplier", 1.0), latent_norm=data.get("latent_norm", False),
                 vae=RELEASED_AUTOENCODERS.get(vae), released_vae=vae,
+                sizes={k: v for k, v in sizes.items() if v is not None}, seed=config.get("train", {}).get("global_seed"),
                 released_stats=f"buffers/vaes/stat/{vae}_{data.get('image_size')}.pt")  # its eval.py's stats file
 
 
@@ -1011,6 +1158,8 @@ def read_checkpoint(path, weights, flag):
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     released = isinstance(config, dict) and "type" in config.get("model", {})  # LightningDiT's says model_type
     settings = released_settings(config, where) if released else None  # an unsupported model is named first
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):  # a Lightning checkpoint
+        checkpoint = lightning_weights(checkpoint["state_dict"], weights, where)
     state = weights_of(checkpoint, weights, where)
     for prefix, what in REPA_EXTRAS.items():
         extra = [key for key in state if key.startswith(prefix)]
@@ -1027,8 +1176,44 @@ def read_checkpoint(path, weights, flag):
     return state, settings
 
 
-def infer_model(state, name=None, where="--ckpt"):
-    """(model name, create_model kwargs): the data shape from the weights, the name given or matched by shape."""
+def lightning_weights(state, weights, where):
+    """The network of an MCG-NJU/DDT Lightning checkpoint's state_dict: ema_denoiser.* (or, for --weights model,
+    denoiser.*) without the prefix; the other weights (the online or EMA copy, REPA's diffusion_trainer.*) dropped
+    with one line."""
+    prefix = {"ema": "ema_denoiser.", "model": "denoiser."}[weights]
+    taken = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+    dropped = sorted({key.split(".")[0] + ".*" for key in state if not key.startswith(prefix)})
+    print(f"{where}: a Lightning checkpoint: taking its {len(taken)} weights {prefix}*, dropping the "
+          f"{len(state) - len(taken)} weights {', '.join(dropped) or 'none'}")
+    return taken
+
+
+def infer_ddt(state, name, where, sizes):
+    """(name, create_model kwargs) of DDT weights: they hold no position table, so the latent size comes from
+    `sizes` (a released config or a flag), the patch size from the name or from sizes' in_channels."""
+    width, patch_values = state["x_embedder.proj.weight"].shape  # (D, C·p·p)
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    channels = sizes.get("in_channels")
+
+    def fits(patch):  # p² divides the values of a patch, which are in_channels·p² where in_channels is known
+        return patch_values % patch ** 2 == 0 and channels in (None, patch_values // patch ** 2)
+    if name is None:
+        matches = [n for n, c in MODELS.items() if n.startswith("DDT-") and fits(c["patch_size"])
+                   and (c["hidden_size"], c["depth"]) == (width, depth)]
+        require(len(matches) == 1, f"{where}: a DDT of width {width}, depth {depth} with {patch_values} values a "
+                f"patch matches {matches or 'no model'}; give --model")
+        name = matches[0]
+    require("input_size" in sizes, f"{where}: DDT weights do not tell the latent size (no position table); give "
+            "--input-size (32 for DDT-XL/2 at 256 px, 64 at 512 px) or a checkpoint with its released config")
+    return name, {"in_channels": patch_values // MODELS[name]["patch_size"] ** 2,
+                  "num_classes": state["y_embedder.embedding_table.weight"].shape[0] - 1, **sizes}
+
+
+def infer_model(state, name=None, where="--ckpt", sizes=None):
+    """(model name, create_model kwargs): the data shape from the weights (`sizes`, of a released config or flags,
+    win), the name given or matched by shape."""
+    if family_of(state) == "DDT":
+        return infer_ddt(state, name, where, sizes or {})
     width, channels, patch, _ = state["x_embedder.proj.weight"].shape
     grid = math.isqrt(state["pos_embed"].shape[1])
     table = state.get("y_embedder.embedding_table.weight")
@@ -1042,16 +1227,18 @@ def infer_model(state, name=None, where="--ckpt"):
                              f"give --model")
         name = matches[0]
     out_channels = state["final_layer.linear.weight"].shape[0] // patch ** 2
-    return name, dict(input_size=grid * patch, in_channels=channels, learn_sigma=out_channels == 2 * channels,
-                      num_classes=table.shape[0] - 1 if table is not None else 1)
+    return name, {"input_size": grid * patch, "in_channels": channels, "learn_sigma": out_channels == 2 * channels,
+                  "num_classes": table.shape[0] - 1 if table is not None else 1, **(sizes or {})}
 
 
-def load_network(path, weights="ema", name=None, flag="--ckpt"):
-    """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly."""
+def load_network(path, weights="ema", name=None, flag="--ckpt", sizes=None):
+    """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly;
+    `sizes` (input_size, ...) given by flags win over a released config's."""
     state, settings = read_checkpoint(path, weights, flag)
     if "x_embedder.proj.weight" not in state:
         raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight)")
-    name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}")
+    sizes = {**settings.get("sizes", {}), **(sizes or {})}
+    name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}", sizes)
     with torch.device("meta"):  # shapes only: initialising weights that are then overwritten takes 10 s at XL size
         model = create_model(name, **kwargs)
     where = f"{flag} {path} (as --model {name})"
@@ -1179,7 +1366,10 @@ def load_tensor_file(path, where, mmap=False):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # not a zip, cut short, or a pickle that weights_only refuses
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{where} {path}: not a readable PyTorch file ({reason[:160]})") from None
+        advice = "; if you trust its source, re-save its tensors alone, e.g. torch.save(torch.load(path, " \
+            "weights_only=False)['state_dict'], new_path) for a Lightning checkpoint" \
+            if isinstance(error, pickle.UnpicklingError) else ""  # a pickled object of a class that could run code
+        raise ValueError(f"{where} {path}: not a readable PyTorch file ({reason[:160]}){advice}") from None
 
 
 def tensor_dict(value, where):
