@@ -907,18 +907,21 @@ def checked_state_dict(expected, state, where, strict=False):
     return {key: state[key] for key in expected}
 
 
+def autoencoder_architecture(name):
+    """The AutoencoderKL, or the DCAE for `dcae`, of an AUTOENCODERS name, with random weights."""
+    return (DCAE if name == "dcae" else AutoencoderKL)(**AUTOENCODERS[name])
+
+
 def create_autoencoder(name, path=None):
-    """`identity`, or an AutoencoderKL or a DCAE of AUTOENCODERS loaded from a local weight file (nothing is
-    downloaded)."""
+    """`identity`, or an autoencoder of AUTOENCODERS loaded from a local weight file (nothing is downloaded)."""
     if name == "identity":
         return PixelSpace()
     if name not in AUTOENCODERS:
         raise ValueError(f"--vae {name}: expected one of {['identity', *AUTOENCODERS]}")
     if path is None:
         raise ValueError(f"--vae {name} needs --vae-path (a local weight file)")
-    if name == "dcae":
-        return load_dcae_weights(DCAE(**AUTOENCODERS[name]), path).eval()
-    return load_autoencoder_weights(AutoencoderKL(**AUTOENCODERS[name]), path).eval()
+    model = autoencoder_architecture(name)
+    return (load_dcae_weights if isinstance(model, DCAE) else load_autoencoder_weights)(model, path).eval()
 
 
 #################################################################################
