@@ -1303,7 +1303,7 @@ def test_released_config_sets_the_sampler_defaults(tmp_path, config, flags, want
 @pytest.mark.parametrize("model_type, vae_type, match", [
     ("DDT-XL/2", "sdvae_ema_f8c4", "model 'DDT-XL/2', which is not supported"),
     ("EDM2-S", "edm2_sdvae_f8c4", "model 'EDM2-S', which is not supported"),
-    ("TiT-T/4", "dcae_f32c32", "autoencoder 'dcae_f32c32', which is not supported")])
+    ("TiT-T/4", "sd3_f8c16", "autoencoder 'sd3_f8c16', which is not supported")])
 def test_unsupported_released_models_are_named(tmp_path, model_type, vae_type, match):
     config = {**FEWSTEP_CONFIG, "model": {"type": model_type}, "vae": {"type": vae_type}}
     torch.save({"model": {}, "ema": {}, "config": config}, tmp_path / "released.pt")

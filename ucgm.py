@@ -889,7 +889,8 @@ def load_autoencoder_weights(model, path):
                 value = value[:, :, None, None]  # diffusers' attention Linear (C, C) -> 1×1 conv (C, C, 1, 1)
             renamed[key] = value
         state = renamed
-    model.load_state_dict(checked_state_dict(expected, state, f"--vae-path {path}"))  # loss/DINOv2 extras dropped
+    state = checked_state_dict(expected, state, f"--vae-path {path}")  # loss/DINOv2 extras dropped
+    model.to_empty(device="cpu").load_state_dict(state)  # every weight comes from the file
     return model
 
 
@@ -920,7 +921,8 @@ def create_autoencoder(name, path=None):
         raise ValueError(f"--vae {name}: expected one of {['identity', *AUTOENCODERS]}")
     if path is None:
         raise ValueError(f"--vae {name} needs --vae-path (a local weight file)")
-    model = autoencoder_architecture(name)
+    with torch.device("meta"):  # shapes only: initialising weights that the file replaces takes seconds for DC-AE
+        model = autoencoder_architecture(name)
     return (load_dcae_weights if isinstance(model, DCAE) else load_autoencoder_weights)(model, path).eval()
 
 
@@ -1189,7 +1191,7 @@ def load_dcae_weights(model, path):
     state, expected = autoencoder_file(path), model.state_dict()
     if any(".down_blocks." in k or ".up_blocks." in k for k in state):  # the diffusers layout
         state = dcae_from_diffusers(state, expected)
-    model.load_state_dict(checked_state_dict(expected, state, f"--vae-path {path}"))
+    model.to_empty(device="cpu").load_state_dict(checked_state_dict(expected, state, f"--vae-path {path}"))
     return model
 
 
