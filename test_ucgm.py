@@ -2631,11 +2631,22 @@ def sampling_figures(vae_path):
     return lines
 
 
+def dcae_decode_figure(batch=50):
+    """DC-AE f32c32 (random weights) decoding 32×16×16 latents to 512 px, float32 (TF32), sample.py's decode batch."""
+    autoencoder = ucgm.autoencoder_architecture("dcae").cuda().eval().requires_grad_(False)
+    latents = torch.randn(batch, 32, 16, 16, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        rate = batch / timed(lambda: autoencoder.decode(latents))
+    return (f"DC-AE decode to 512 px, batch {batch}, float32 (TF32): {rate:.1f} img/s; peak memory "
+            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
 @cuda
 def test_cuda_figures(real_size_files, inception_file, capsys):
     """The README's GPU figures, a line each: TiT-XL/1 training (train.py --bench at the largest batch that the memory
-    estimate fits), sampling with the VA-VAE decode, and the Inception pass. A benchmark: it asserts only that
-    each part ran."""
+    estimate fits), sampling with the VA-VAE decode, the DC-AE decode at 512 px, and the Inception pass. A benchmark:
+    it asserts only that each part ran."""
     lines, free = [f"device: {torch.cuda.get_device_name()}"], torch.cuda.mem_get_info()[0]
     with torch.device("meta"):
         xl = ucgm.create_model("TiT-XL/1", input_size=16, in_channels=32)
@@ -2650,6 +2661,7 @@ def test_cuda_figures(real_size_files, inception_file, capsys):
                              capture_output=True, text=True, timeout=600)
         lines.append(bench_line(run) + (f" ({' '.join(flags[2:])})" if flags[2:] else ""))
     lines += sampling_figures(str(real_size_files / "vavae.pt"))
+    lines.append(dcae_decode_figure())
     inception = fid.load_inception(inception_file, "cuda")
     images = random_images(2000, size=256)
     rate = 2000 / timed(lambda: fid.extract_features(inception, images, progress=False))
