@@ -30,7 +30,7 @@ import re
 import struct
 import sys
 import warnings
-from functools import partial
+from functools import partial, reduce
 
 import numpy as np
 import torch
@@ -986,24 +986,16 @@ def duplicated_channels(x, channels, factor):
     return F.pixel_shuffle(x.repeat_interleave(channels * factor ** 2 // x.shape[1], dim=1), factor)
 
 
-class Down(nn.Module):
-    """conv3×3 to cout/4 channels, then pixel-unshuffle: half the size, cout channels."""
-    def __init__(self, cin, cout):
+class Resize(nn.Module):
+    """Down: conv3×3 to cout/4 channels, then pixel-unshuffle (half the size); up: conv3×3 to 4·cout channels, then
+    pixel-shuffle (twice the size); cout channels either way."""
+    def __init__(self, cin, cout, up):
         super().__init__()
-        self.conv = ConvLayer(cin, cout // 4)
+        self.conv = ConvLayer(cin, 4 * cout if up else cout // 4)
+        self.shuffle = F.pixel_shuffle if up else F.pixel_unshuffle
 
     def forward(self, x):
-        return F.pixel_unshuffle(self.conv(x), 2)
-
-
-class Up(nn.Module):
-    """conv3×3 to 4·cout channels, then pixel-shuffle: twice the size, cout channels."""
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.conv = ConvLayer(cin, 4 * cout)
-
-    def forward(self, x):
-        return F.pixel_shuffle(self.conv(x), 2)
+        return self.shuffle(self.conv(x), 2)
 
 
 class ResBlock(nn.Module):
@@ -1077,6 +1069,12 @@ class EfficientViTBlock(nn.Module):
         return self.local_module(self.context_module(x))
 
 
+def resized(cin, cout, up):
+    """A stage's Down with its averaging shortcut, or Up with its duplicating shortcut."""
+    return Residual(Resize(cin, cout, up), partial(duplicated_channels if up else averaged_channels, channels=cout,
+                                                  factor=2))
+
+
 def dcae_blocks(width, depth, attention, norm, act, head_dim):
     """A stage's `depth` blocks: EfficientViT blocks in attention stages, else ResBlocks with their residual."""
     if attention:
@@ -1089,12 +1087,13 @@ class DCAEEncoder(nn.Module):
     each stage's blocks and a Down with an averaging shortcut (but the last), a conv3×3 with one onto the latents."""
     def __init__(self, channels, widths, depths, attention_from, head_dim):
         super().__init__()
-        self.project_in = Down(3, widths[1])
+        self.project_in = Resize(3, widths[1], up=False)
         last = len(widths) - 1
-        self.stages = nn.ModuleList(Ops(
-            dcae_blocks(width, depth, i >= attention_from, ChannelRMSNorm, F.silu, head_dim) +
-            ([Residual(Down(width, widths[i + 1]), partial(averaged_channels, channels=widths[i + 1], factor=2))]
-             if i < last and depth > 0 else [])) for i, (width, depth) in enumerate(zip(widths, depths)))
+        self.stages = nn.ModuleList()
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            down = [resized(width, widths[i + 1], up=False)] if i < last and depth > 0 else []
+            self.stages.append(Ops(dcae_blocks(width, depth, i >= attention_from, ChannelRMSNorm, F.silu, head_dim) +
+                                   down))
         self.project_out = Residual(Ops([ConvLayer(widths[-1], channels)]),
                                     partial(averaged_channels, channels=channels, factor=1))
 
@@ -1116,11 +1115,10 @@ class DCAEDecoder(nn.Module):
         stages, last = [], len(widths) - 1
         for i, (width, depth) in enumerate(zip(widths, depths)):
             norm, act = (nn.BatchNorm2d, F.relu) if i < batch_norm_stages else (ChannelRMSNorm, F.silu)
-            up = [Residual(Up(widths[i + 1], width), partial(duplicated_channels, channels=width, factor=2))] \
-                if i < last and depth > 0 else []
+            up = [resized(widths[i + 1], width, up=True)] if i < last and depth > 0 else []
             stages.append(Ops(up + dcae_blocks(width, depth, i >= attention_from, norm, act, head_dim)))
         self.stages = nn.ModuleList(stages)
-        self.project_out = Ops([ChannelRMSNorm(widths[1]), nn.ReLU(), Up(widths[1], 3)])
+        self.project_out = Ops([ChannelRMSNorm(widths[1]), nn.ReLU(), Resize(widths[1], 3, up=True)])
 
     def forward(self, z):
         h = self.project_in(z)
@@ -1164,17 +1162,11 @@ DCAE_DIFFUSERS_NAMES = [("main.", ""), ("op_list.", ""), ("context_module", "att
                         ("decoder.stages", "decoder.up_blocks")]
 
 
-def dcae_diffusers_name(key):
-    """The diffusers name of an efficientvit DC-AE weight name (before the qkv split)."""
-    for old, new in DCAE_DIFFUSERS_NAMES:
-        key = key.replace(old, new)
-    return key
-
-
 def dcae_from_diffusers(state, expected):
     """A diffusers-layout DC-AE state dict under the efficientvit names of `expected`: to_q, to_k, to_v fused back
     into one qkv 1×1 conv, to_out made the proj 1×1 conv, the rest renamed."""
-    state, to_ours = dict(state), {dcae_diffusers_name(k): k for k in expected}
+    to_ours = {reduce(lambda name, rule: name.replace(*rule), DCAE_DIFFUSERS_NAMES, k): k for k in expected}
+    state = dict(state)
     for key in [k for k in state if k.endswith(".to_q.weight")]:
         block = key.removesuffix(".to_q.weight")
         if f"{block}.to_k.weight" in state and f"{block}.to_v.weight" in state:
