@@ -3,6 +3,9 @@ Encode an ImageNet-style folder into the latent shards that train.py reads (READ
 
   torchrun --nproc_per_node=8 extract_latents.py --images /data/imagenet/train --vae vavae \\
       --vae-path vavae-imagenet256-f16d32-dinov2.pt --image-size 256 --out latents/in1k256_vavae
+  torchrun --nproc_per_node=8 extract_latents.py --images /data/imagenet/train --vae dcae \\
+      --vae-path dc-ae-f32c32-in-1.0/model.safetensors --image-size 512 --out latents/in1k512_dcae
+  python extract_latents.py --bench 4 --vae dcae --image-size 512 --batch-size 2   # img/s and memory, no files
 
 Shard k holds images [k·S, (k+1)·S) of the sorted file list (S = --shard-size) and process r encodes shards
 r, r + W, r + 2W, ... in order, so the output does not depend on the number of processes. Finished shards
@@ -12,6 +15,8 @@ are skipped when a run is restarted. An unreadable image is skipped with a warni
 import argparse
 import math
 import os
+import resource
+import time
 import warnings
 
 import numpy as np
@@ -97,12 +102,56 @@ def shard_path(out, k):
     return os.path.join(out, f"latents_{k:05d}.safetensors")
 
 
+def check_image_size(args, autoencoder):
+    """--image-size must be a multiple of the autoencoder's factor (a 512-px image gives 16×16 DC-AE latents)."""
+    ucgm.require(args.image_size % autoencoder.factor == 0, f"--image-size {args.image_size}: expected a multiple of "
+                 f"the {args.vae} factor {autoencoder.factor} (the latents are --image-size / {autoencoder.factor})")
+
+
+def timed(work, batches, device):
+    """Seconds of work on all batches, after a first call on CUDA to warm up (cuDNN plans, the allocator)."""
+    if device.type == "cuda":
+        work(batches[0])
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch in batches:
+        work(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench(args, device):
+    """--bench N: decode then encode N random latents and images (--image-size, batches of --batch-size) with a
+    random-weight --vae in float32, reading and writing nothing; print img/s and the peak memory of the decoding
+    (CUDA: allocated; CPU: the process's resident high-water mark, so decoding comes first)."""
+    ucgm.require(args.vae != "identity", "--bench: give the --vae to measure (identity does no work)")
+    torch.manual_seed(0)
+    autoencoder = ucgm.autoencoder_architecture(args.vae).to(device).eval().requires_grad_(False)
+    check_image_size(args, autoencoder)
+    latent = args.image_size // autoencoder.factor
+    latents = torch.randn(args.bench, autoencoder.channels, latent, latent, device=device).split(args.batch_size)
+    images = (torch.rand(args.bench, 3, args.image_size, args.image_size, device=device) * 2 - 1).split(args.batch_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        decoding = timed(autoencoder.decode, latents, device)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        encoding = timed(autoencoder.encode, images, device)
+    weights = sum(p.numel() * p.element_size() for p in autoencoder.parameters())
+    print(f"bench {args.vae} at {args.image_size} px on {device.type} ({torch.get_num_threads()} threads), batch "
+          f"{args.batch_size}: encode {args.bench / encoding:.3g} img/s, decode {args.bench / decoding:.3g} img/s; "
+          f"peak memory decoding {peak / 2**30:.2f} GiB (weights {weights / 2**30:.2f} GiB)")
+
+
 def main(args):
     rank, world, device = ucgm.setup_distributed()
+    if args.bench:
+        return bench(args, device)
     paths, labels, classes = list_images(args.images)
     autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device)
-    if args.image_size % autoencoder.factor:
-        raise ValueError(f"--image-size {args.image_size}: must divide by the {args.vae} factor {autoencoder.factor}")
+    check_image_size(args, autoencoder)
     config = {"images": os.path.abspath(args.images), "count": len(paths), "vae": args.vae,
               "image_size": args.image_size, "shard_size": args.shard_size, "seed": args.seed}
     ucgm.claim_folder(args.out, "extract.json", config, write=rank == 0)
@@ -164,10 +213,10 @@ def latent_stats(out, num_shards, max_images):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="an ImageFolder (one folder per class) or a flat folder")
-    p.add_argument("--out", required=True, help="the output folder of latent shards")
+    p.add_argument("--images", help="an ImageFolder (one folder per class) or a flat folder (required)")
+    p.add_argument("--out", help="the output folder of latent shards (required)")
     p.add_argument("--vae", default="vavae", choices=["identity", *ucgm.AUTOENCODERS], help="the autoencoder")
-    p.add_argument("--vae-path", help="its local weight file (LDM, diffusers or VA-VAE layout)")
+    p.add_argument("--vae-path", help="its local weight file (LDM, diffusers, VA-VAE or efficientvit layout)")
     p.add_argument("--image-size", type=ucgm.number("[1, inf)", int), default=256,
                    help="ADM centre crop to this many pixels")
     p.add_argument("--shard-size", type=ucgm.number("[1, inf)", int), default=10_000, help="images per shard")
@@ -180,7 +229,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=ucgm.seed, default=0, help="seed of the posterior samples (VA-VAE)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="encoder precision: fp32 as the released extraction (TF32 matmuls on CUDA), or bf16 autocast")
-    return p.parse_args(argv)
+    p.add_argument("--bench", type=ucgm.number("[1, inf)", int), metavar="N",
+                   help="only time N random images through a random-weight --vae (no --images, --out or files)")
+    args = p.parse_args(argv)
+    if not args.bench and not (args.images and args.out):
+        p.error("--images and --out are required (but with --bench)")
+    return args
 
 
 if __name__ == "__main__":

@@ -1464,6 +1464,196 @@ def test_extract_latents_writes_the_shards_train_reads(tmp_path):
 
 
 #################################################################################
+#                   The autoencoder: DC-AE (deep compression)                   #
+#################################################################################
+
+# DC-AE's six stages, interfaces (32 latent channels, factor 32) and block kinds at a few thousandths of its size;
+# heads of 8 channels, so that a 64-px image meets both attention forms (8×8 and 4×4 maps linear, 2×2 quadratic)
+TINY_DCAE = dict(channels=32, widths=(8, 16, 16, 32, 64, 64), encoder_depths=(0, 1, 1, 1, 1, 1),
+                 decoder_depths=(0, 1, 2, 1, 1, 1), head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def diffusers_dc():
+    """diffusers' AutoencoderDC and its efficientvit -> diffusers converter: the test-only reference (.ci/run)."""
+    try:
+        from diffusers import AutoencoderDC
+        from diffusers.loaders.single_file_utils import convert_autoencoder_dc_checkpoint_to_diffusers
+    except ImportError as error:
+        pytest.fail(f"the DC-AE reference needs diffusers (pip install diffusers, as .ci/run does): {error}")
+    return AutoencoderDC, convert_autoencoder_dc_checkpoint_to_diffusers
+
+
+def diffusers_dc_config(config):
+    """AutoencoderDC's arguments for a DCAE configuration: its block, norm and activation lists spelt out."""
+    stages, attention = len(config["widths"]), ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    return dict(latent_channels=config["channels"], attention_head_dim=config.get("head_dim", 32),
+                encoder_block_types=attention, decoder_block_types=attention,
+                encoder_block_out_channels=config["widths"], decoder_block_out_channels=config["widths"],
+                encoder_layers_per_block=config["encoder_depths"], decoder_layers_per_block=config["decoder_depths"],
+                encoder_qkv_multiscales=((),) * stages, decoder_qkv_multiscales=((),) * stages,
+                decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3, decoder_act_fns=("relu",) * 3 + ("silu",) * 3)
+
+
+def random_dcae(seed=0):
+    """The tiny DCAE with every weight and BatchNorm statistic random, scaled to keep activations of order one."""
+    torch.manual_seed(seed)
+    model = ucgm.DCAE(**TINY_DCAE).eval()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.dim() > 1:
+                value.copy_(torch.randn_like(value) / value[0].numel() ** 0.5)
+            elif name.endswith("running_var"):
+                value.copy_(torch.rand_like(value) + 0.5)
+            elif value.is_floating_point():  # norm weights near 1, biases and running means near 0
+                value.copy_(0.1 * torch.randn_like(value) + name.endswith("weight"))
+    return model
+
+
+def test_dcae_full_size_keys_and_parameters_on_meta(diffusers_dc):
+    """DC-AE f32c32 (on meta): 323,356,460 parameters (encoder 123,172,384, decoder 200,184,076) and 12,815 buffer
+    values in 338 efficientvit keys; diffusers' AutoencoderDC of the same configuration has 362 keys, and its state
+    dict renamed by ours gives exactly our keys and shapes; the object's interface."""
+    AutoencoderDC, _ = diffusers_dc
+    with torch.device("meta"):
+        ours = ucgm.autoencoder_architecture("dcae")
+        theirs = AutoencoderDC(**diffusers_dc_config(ucgm.AUTOENCODERS["dcae"]))
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert (count(ours), count(ours.encoder), count(ours.decoder)) == (323_356_460, 123_172_384, 200_184_076)
+    assert sum(b.numel() for b in ours.buffers()) == 12_815 and count(theirs) == count(ours)
+    expected, diffusers_state = ours.state_dict(), theirs.state_dict()
+    assert len(expected) == 338 and len(diffusers_state) == 362
+    renamed = ucgm.dcae_from_diffusers(diffusers_state, expected)
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    assert (ours.channels, ours.factor, ours.sample_posterior) == (32, 32, False)
+    assert ucgm.RELEASED_AUTOENCODERS["dcae_f32c32"] == "dcae"
+
+
+def test_dcae_encode_and_decode_equal_diffusers_in_both_file_layouts(tmp_path, diffusers_dc):
+    """create_autoencoder's loader on the files a user holds (efficientvit: a plain state dict, a `state_dict`
+    checkpoint, the Hub's model.safetensors; diffusers: save_pretrained's safetensors and a .bin), with weights that
+    diffusers' own converter maps: encode = AutoencoderDC.encode(x).latent and decode = .decode(z).sample to 1e-4."""
+    AutoencoderDC, to_diffusers = diffusers_dc
+    ours = random_dcae()
+    theirs = AutoencoderDC(**diffusers_dc_config(TINY_DCAE)).eval()
+    theirs.load_state_dict(to_diffusers(dict(ours.state_dict())))  # strict: their converter covers every key
+    theirs.save_pretrained(tmp_path / "diffusers")
+    torch.save(theirs.state_dict(), tmp_path / "diffusion_pytorch_model.bin")
+    torch.save(ours.state_dict(), tmp_path / "dcae.ckpt")
+    torch.save({"state_dict": ours.state_dict()}, tmp_path / "efficientvit.pt")
+    ucgm.save_safetensors(ours.state_dict(), tmp_path / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    images, z = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.randn(2, 32, 2, 2, generator=g)
+    with torch.no_grad():
+        latents, decoded = theirs.encode(images).latent, theirs.decode(z).sample
+        for path in [tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors", tmp_path / "dcae.ckpt"]:
+            loaded = ucgm.load_dcae_weights(ucgm.DCAE(**TINY_DCAE), str(path)).eval()
+            torch.testing.assert_close(loaded.encode(images), latents, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(loaded.decode(z), decoded, rtol=1e-4, atol=1e-4)
+    assert latents.shape == (2, 32, 2, 2) and decoded.abs().max() > 1.0  # raw and unclamped, as diffusers'
+    for name in ("diffusion_pytorch_model.bin", "efficientvit.pt", "model.safetensors"):  # the same weights
+        loaded = ucgm.load_dcae_weights(ucgm.DCAE(**TINY_DCAE), str(tmp_path / name)).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in ours.state_dict().items()), name
+
+    state = dict(theirs.state_dict())
+    del state["encoder.down_blocks.3.0.attn.to_k.weight"]
+    torch.save(state, tmp_path / "broken.bin")
+    with pytest.raises(ValueError, match=r"missing key 'encoder.stages.3.op_list.0.context_module.main.qkv.conv"):
+        ucgm.load_dcae_weights(ucgm.DCAE(**TINY_DCAE), str(tmp_path / "broken.bin"))
+    with pytest.raises(ValueError, match=r"--vae-path .*dcae.ckpt: key 'encoder.project_in.conv.conv.weight' has "
+                                         r"shape \(4, 3, 3, 3\), expected \(64, 3, 3, 3\)"):
+        ucgm.create_autoencoder("dcae", str(tmp_path / "dcae.ckpt"))  # the full f32c32, whatever the file
+    ucgm.save_safetensors(ucgm.AutoencoderKL(**SMALL_SDVAE).state_dict(), tmp_path / "sdvae.safetensors")
+    with pytest.raises(ValueError, match=r"missing key 'encoder.project_in.conv.conv.weight'"):
+        ucgm.load_dcae_weights(ucgm.DCAE(**TINY_DCAE), str(tmp_path / "sdvae.safetensors"))
+
+
+def plain_relu_attention(q, k, v, eps=1e-15):
+    """out_n = Σ_m v_m (k_m·q_n) / (Σ_m k_m·q_n + eps), one query position n at a time, in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    columns = []
+    for n in range(q.shape[-1]):
+        weights = (k * q[..., n:n + 1]).sum(2)  # (N, heads, H·W): k_m·q_n for every m
+        columns.append((v * weights[:, :, None]).sum(-1) / (weights.sum(-1, keepdim=True) + eps))
+    return torch.stack(columns, -1)
+
+
+def test_dcae_attention_forms_equal_a_plain_computation(monkeypatch):
+    """The linear and the quadratic form against each other and against plain_relu_attention; LiteMLA takes the
+    linear form when a map has more positions than head_dim (DC-AE: 32), slices q, k, v inside each head's
+    3·head_dim qkv channels and computes in float32 under bf16 autocast."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, 20, generator=g) for _ in range(3))
+    q, k = F.relu(q), F.relu(k)
+    plain = plain_relu_attention(q, k, v).float()
+    torch.testing.assert_close(ucgm.linear_attention(q, k, v), plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ucgm.quadratic_attention(q, k, v), plain, rtol=1e-4, atol=1e-5)
+
+    block = ucgm.LiteMLA(16, ucgm.ChannelRMSNorm, head_dim=8)  # two heads
+    used = []
+    for form in ("linear_attention", "quadratic_attention"):
+        original = getattr(ucgm, form)
+        monkeypatch.setattr(ucgm, form, lambda *a, form=form, original=original: used.append(form) or original(*a))
+    for size in (3, 2):  # 9 > 8 positions: linear; 4: quadratic
+        x = torch.randn(2, 16, size, size, generator=g)
+        qkv = F.conv2d(x, block.qkv.conv.weight).reshape(2, 2, 24, size * size)  # (N, heads, 3·8, H·W)
+        by_hand = plain_relu_attention(F.relu(qkv[:, :, :8]), F.relu(qkv[:, :, 8:16]), qkv[:, :, 16:])
+        want = block.proj(by_hand.reshape(2, 16, size, size).float())
+        torch.testing.assert_close(block(x), want, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert block(x).dtype == torch.float32  # ConvLayer's norm is float32 too: the attention ran in float32
+    assert used == ["linear_attention"] * 2 + ["quadratic_attention"] * 2
+
+
+def test_dcae_runs_through_extract_latents_train_and_sample(tmp_path, monkeypatch, capsys):
+    """The scripts with `--vae dcae` (its configuration made tiny here, its interfaces kept): extract_latents.py
+    writes 32×1×1 latents of 32-px images and their per-channel stats, train.py trains on them and records the
+    autoencoder, sample.py decodes into 32-px samples; a --bench line; the bad input ends with one line naming the
+    flag and what was expected."""
+    monkeypatch.setitem(ucgm.AUTOENCODERS, "dcae", TINY_DCAE)
+    image_folder(tmp_path / "images")
+    torch.save(random_dcae().state_dict(), tmp_path / "dcae.ckpt")
+    vae = ["--vae", "dcae", "--vae-path", str(tmp_path / "dcae.ckpt")]
+    extract = ["--images", str(tmp_path / "images"), *vae, "--num-workers", "0", "--batch-size", "16"]
+    with pytest.warns(UserWarning, match="truncated.png"):
+        extract_latents.main(extract_latents.parse_args([*extract, "--image-size", "32", "--out", str(tmp_path / "z")]))
+    latents = ucgm.load_safetensors(tmp_path / "z" / "latents_00000.safetensors")["latents"]
+    stats = torch.load(tmp_path / "z" / "latents_stats.pt", weights_only=True)
+    assert latents.shape == (20, 32, 1, 1) and stats["mean"].shape == stats["std"].shape == (1, 32, 1, 1)
+    torch.testing.assert_close(stats["std"].flatten(), latents.transpose(0, 1).flatten(1).std(1))
+
+    train.main(train.parse_args(["--data", str(tmp_path / "z"), "--out", str(tmp_path / "run"), *vae, "--model",
+                                 "TiT-T/1", *TINY, "--global-batch-size", "4", "--max-steps", "1"]))
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "run" / "checkpoints" / "latest.pt"), "--num-samples",
+                                   "3", "--steps", "2", "--out", str(tmp_path / "samples")]))  # its vae and stats
+    assert np.load(tmp_path / "samples" / "samples.npz")["arr_0"].shape == (3, 32, 32, 3)
+
+    capsys.readouterr()
+    extract_latents.main(extract_latents.parse_args(["--bench", "2", "--vae", "dcae", "--image-size", "32"]))
+    assert re.fullmatch(r"bench dcae at 32 px on cpu \(\d+ threads\), batch 64: encode [\d.e+]+ img/s, decode "
+                        r"[\d.e+]+ img/s; peak memory decoding [\d.]+ GiB \(weights 0.00 GiB\)\n", capsys.readouterr().out)
+    with pytest.raises(ValueError, match=r"^--image-size 16: expected a multiple of the dcae factor 32 "):
+        extract_latents.main(extract_latents.parse_args([*extract, "--image-size", "16", "--out", str(tmp_path / "x")]))
+    tiny_checkpoint(tmp_path / "pixels.pt")  # a model of 3-channel latents
+    with pytest.raises(ValueError, match=r"^--vae dcae decodes 32-channel latents, the model makes 3$"):
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path / "pixels.pt"), *vae, "--out", str(tmp_path / "y")]))
+    assert bad_train_input(tmp_path, *vae) == "--vae dcae decodes 32-channel latents, the data has 3"
+
+
+def test_released_dcae_configs_resolve_to_dcae():
+    """in1k512_tit_xl_dcae.yaml (multi-step and few-step): TiT-XL/1 on DC-AE latents, normalised by the released
+    stats file, with their sampler settings (gaps (0, 0.6): t₀ = 1 exactly)."""
+    config = {"data": {"image_size": 512, "latent_norm": True, "latent_multiplier": 1.0},
+              "vae": {"type": "dcae_f32c32"}, "model": {"type": "TiT-XL/1", "in_chans": 32},
+              "transport": {"type": "Linear", "consistc_ratio": 1.0},
+              "sample": {"sampling_steps": 2, "stochast_ratio": 1.0, "rfba_gap_steps": [0.0, 0.6]}}
+    settings = ucgm.released_settings(config, "--ckpt x")
+    assert (settings["model"], settings["vae"], settings["latent_norm"]) == ("TiT-XL/1", "dcae", True)
+    assert settings["released_stats"] == "buffers/vaes/stat/dcae_f32c32_512.pt"
+    assert settings["sampler"] == dict(steps=2, rho=1.0, gaps=[0.0, 0.6])
+
+
+#################################################################################
 #         Released models: configs, LightningDiT, REPA, E2E-VAE, tuning         #
 #################################################################################
 
@@ -2788,11 +2978,22 @@ def sampling_figures(vae_path):
     return lines
 
 
+def dcae_decode_figure(batch=50):
+    """DC-AE f32c32 (random weights) decoding 32×16×16 latents to 512 px, float32 (TF32), sample.py's decode batch."""
+    autoencoder = ucgm.autoencoder_architecture("dcae").cuda().eval().requires_grad_(False)
+    latents = torch.randn(batch, 32, 16, 16, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        rate = batch / timed(lambda: autoencoder.decode(latents))
+    return (f"DC-AE decode to 512 px, batch {batch}, float32 (TF32): {rate:.1f} img/s; peak memory "
+            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
 @cuda
 def test_cuda_figures(real_size_files, inception_file, capsys):
     """The README's GPU figures, a line each: TiT-XL/1 training (train.py --bench at the largest batch that the memory
-    estimate fits), sampling with the VA-VAE decode, and the Inception pass. A benchmark: it asserts only that
-    each part ran."""
+    estimate fits), sampling with the VA-VAE decode, the DC-AE decode at 512 px, and the Inception pass. A benchmark:
+    it asserts only that each part ran."""
     lines, free = [f"device: {torch.cuda.get_device_name()}"], torch.cuda.mem_get_info()[0]
     with torch.device("meta"):
         xl = ucgm.create_model("TiT-XL/1", input_size=16, in_channels=32)
@@ -2807,6 +3008,7 @@ def test_cuda_figures(real_size_files, inception_file, capsys):
                              capture_output=True, text=True, timeout=600)
         lines.append(bench_line(run) + (f" ({' '.join(flags[2:])})" if flags[2:] else ""))
     lines += sampling_figures(str(real_size_files / "vavae.pt"))
+    lines.append(dcae_decode_figure())
     inception = fid.load_inception(inception_file, "cuda")
     images = random_images(2000, size=256)
     rate = 2000 / timed(lambda: fid.extract_features(inception, images, progress=False))

@@ -605,7 +605,7 @@ def parse_args(argv=None):
     g.add_argument("--latent-stats", help="mean/std file, or 'none' for raw latents (default: DATA/latents_stats.pt, required)")
     g.add_argument("--vae", choices=["identity", *ucgm.AUTOENCODERS], default="identity",
                    help="autoencoder that decodes the sample grids")
-    g.add_argument("--vae-path", help="its local weight file (LDM, diffusers or VA-VAE layout)")
+    g.add_argument("--vae-path", help="its local weight file (LDM, diffusers, VA-VAE or efficientvit layout)")
     g.add_argument("--out", default="runs/demo", help="output folder: checkpoints/, log.jsonl, samples (runs/demo)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch-size", type=ucgm.number("[1, inf)", int),

@@ -15,6 +15,7 @@ Reading order (the section banners, in order; a test keeps the list true):
   The network: DiT / SiT, TiT and LightningDiT
   Network: DDT (decoupled diffusion transformer)
   The autoencoder: LDM AutoencoderKL
+  The autoencoder: DC-AE (deep compression)
   Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
   File I/O: safetensors, tensor files, atomic writes
   Script plumbing: folders, flags, processes, images
@@ -32,7 +33,7 @@ import re
 import struct
 import sys
 import warnings
-from functools import partial
+from functools import partial, reduce
 
 import numpy as np
 import torch
@@ -1010,7 +1011,9 @@ AUTOENCODERS = {"sdvae": dict(channels=4, ch_mult=(1, 2, 4, 4)),
                 "vavae": dict(channels=32, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,), sample_posterior=True),
                 "e2esdvae": dict(channels=4, ch_mult=(1, 2, 4, 4)),
                 "e2evavae": dict(channels=32, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,)),
-                "edm2sdvae": dict(channels=4, ch_mult=(1, 2, 4, 4), sample_posterior=True, unit_pixels=True)}
+                "edm2sdvae": dict(channels=4, ch_mult=(1, 2, 4, 4), sample_posterior=True, unit_pixels=True),
+                "dcae": dict(channels=32, widths=(128, 256, 512, 512, 1024, 1024), encoder_depths=(0, 4, 8, 2, 2, 2),
+                             decoder_depths=(0, 5, 10, 2, 2, 2))}  # DC-AE f32c32 (a DCAE, the section below)
 # EDM2's latent statistics in the (mean, std) form of latents_stats.pt: EDM2 maps raw latents by
 # (raw − mean)·0.5/raw_std, so std = raw_std / 0.5 (its StabilityVAEEncoder defaults); the default of edm2sdvae
 DEFAULT_LATENT_STATS = {"edm2sdvae": dict(mean=torch.tensor([5.81, 3.25, 0.12, -2.15]),
@@ -1018,7 +1021,7 @@ DEFAULT_LATENT_STATS = {"edm2sdvae": dict(mean=torch.tensor([5.81, 3.25, 0.12, -
 # the released UCGM configs' `vae.type` names of these autoencoders (sdvae_f8c4 is sd-vae-ft-mse, idae_f1c3 pixels)
 RELEASED_AUTOENCODERS = {"sdvae_f8c4": "sdvae", "sdvae_ema_f8c4": "sdvae", "vavae_f16d32": "vavae",
                          "e2evae_f8d4": "e2esdvae", "e2evavae_f16d32": "e2evavae", "idae_f1c3": "identity",
-                         "edm2_sdvae_f8c4": "edm2sdvae", "edm2_sdvae_ema_f8c4": "edm2sdvae"}
+                         "edm2_sdvae_f8c4": "edm2sdvae", "edm2_sdvae_ema_f8c4": "edm2sdvae", "dcae_f32c32": "dcae"}
 # the same weights under diffusers' names: (LDM pattern, diffusers replacement) applied in order
 DIFFUSERS_NAMES = [(r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
                    (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
@@ -1042,12 +1045,16 @@ def diffusers_name(key, levels):
     return key
 
 
-def load_autoencoder_weights(model, path):
-    """Load an LDM-layout, diffusers-layout (.bin/.safetensors) or VA-VAE .pt file; name the first bad key."""
+def autoencoder_file(path):
+    """The weights of an autoencoder file: a state dict, or a checkpoint holding one as `state_dict`."""
     state = load_tensor_file(path, "--vae-path")
     state = tensor_dict(state.get("state_dict", state) if isinstance(state, dict) else state, f"--vae-path {path}")
-    state = {k.removeprefix("first_stage_model."): v for k, v in state.items()}  # a whole LDM/SD checkpoint
-    expected = model.state_dict()
+    return {k.removeprefix("first_stage_model."): v for k, v in state.items()}  # a whole LDM/SD checkpoint
+
+
+def load_autoencoder_weights(model, path):
+    """Load an LDM-layout, diffusers-layout (.bin/.safetensors) or VA-VAE .pt file; name the first bad key."""
+    state, expected = autoencoder_file(path), model.state_dict()
     if any(".down_blocks." in k or ".mid_block." in k for k in state):  # the diffusers layout: rename to LDM
         to_ldm, renamed = {diffusers_name(k, len(model.decoder.up)): k for k in expected}, {}
         for key, value in state.items():
@@ -1058,7 +1065,8 @@ def load_autoencoder_weights(model, path):
                 value = value[:, :, None, None]  # diffusers' attention Linear (C, C) -> 1×1 conv (C, C, 1, 1)
             renamed[key] = value
         state = renamed
-    model.load_state_dict(checked_state_dict(expected, state, f"--vae-path {path}"))  # loss/DINOv2 extras dropped
+    state = checked_state_dict(expected, state, f"--vae-path {path}")  # loss/DINOv2 extras dropped
+    model.to_empty(device="cpu").load_state_dict(state)  # every weight comes from the file
     return model
 
 
@@ -1076,15 +1084,283 @@ def checked_state_dict(expected, state, where, strict=False):
     return {key: state[key] for key in expected}
 
 
+def autoencoder_architecture(name):
+    """The AutoencoderKL, or the DCAE for `dcae`, of an AUTOENCODERS name, with random weights."""
+    return (DCAE if name == "dcae" else AutoencoderKL)(**AUTOENCODERS[name])
+
+
 def create_autoencoder(name, path=None):
-    """`identity`, or an AutoencoderKL of AUTOENCODERS loaded from a local weight file (nothing is downloaded)."""
+    """`identity`, or an autoencoder of AUTOENCODERS loaded from a local weight file (nothing is downloaded)."""
     if name == "identity":
         return PixelSpace()
     if name not in AUTOENCODERS:
         raise ValueError(f"--vae {name}: expected one of {['identity', *AUTOENCODERS]}")
     if path is None:
         raise ValueError(f"--vae {name} needs --vae-path (a local weight file)")
-    return load_autoencoder_weights(AutoencoderKL(**AUTOENCODERS[name]), path).eval()
+    with torch.device("meta"):  # shapes only: initialising weights that the file replaces takes seconds for DC-AE
+        model = autoencoder_architecture(name)
+    return (load_dcae_weights if isinstance(model, DCAE) else load_autoencoder_weights)(model, path).eval()
+
+
+#################################################################################
+#                   The autoencoder: DC-AE (deep compression)                   #
+#################################################################################
+
+class ChannelRMSNorm(RMSNorm):
+    """RMSNorm over the channels of (N, C, H, W) with a weight and a bias, eps 1e-5 (efficientvit's trms2d)."""
+    def __init__(self, channels):
+        super().__init__(channels, affine=True, eps=1e-5)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return (super().forward(x.movedim(1, -1)) + self.bias).movedim(-1, 1)
+
+
+class ConvLayer(nn.Module):
+    """A conv with "same" padding, then a norm and an activation if given (efficientvit's ConvLayer)."""
+    def __init__(self, cin, cout, kernel=3, bias=True, norm=None, act=None, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=bias)
+        self.norm, self.act = norm(cout) if norm else None, act
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.norm(x) if self.norm is not None else x
+        return self.act(x) if self.act else x
+
+
+class Ops(nn.Module):
+    """Modules applied in order, kept as `op_list` (efficientvit's OpSequential, whose name the weights carry)."""
+    def __init__(self, ops):
+        super().__init__()
+        self.op_list = nn.ModuleList(ops)
+
+    def forward(self, x):
+        for op in self.op_list:
+            x = op(x)
+        return x
+
+
+class Residual(nn.Module):
+    """main(x) + shortcut(x), the shortcut a weightless function (the identity if none)."""
+    def __init__(self, main, shortcut=None):
+        super().__init__()
+        self.main, self.shortcut = main, shortcut
+
+    def forward(self, x):
+        return self.main(x) + (self.shortcut(x) if self.shortcut else x)
+
+
+def averaged_channels(x, channels, factor):
+    """A Down's shortcut: pixel-unshuffle by factor, then the mean of each run of consecutive channels."""
+    x = F.pixel_unshuffle(x, factor)
+    return x.unflatten(1, (channels, -1)).mean(2)  # (N, channels, group, h, w) -> (N, channels, h, w)
+
+
+def duplicated_channels(x, channels, factor):
+    """An Up's shortcut: each channel repeated, then pixel-shuffled by factor into `channels` channels."""
+    return F.pixel_shuffle(x.repeat_interleave(channels * factor ** 2 // x.shape[1], dim=1), factor)
+
+
+class Resize(nn.Module):
+    """Down: conv3×3 to cout/4 channels, then pixel-unshuffle (half the size); up: conv3×3 to 4·cout channels, then
+    pixel-shuffle (twice the size); cout channels either way."""
+    def __init__(self, cin, cout, up):
+        super().__init__()
+        self.conv = ConvLayer(cin, 4 * cout if up else cout // 4)
+        self.shuffle = F.pixel_shuffle if up else F.pixel_unshuffle
+
+    def forward(self, x):
+        return self.shuffle(self.conv(x), 2)
+
+
+class ResBlock(nn.Module):
+    """conv3×3 with bias -> activation -> conv3×3 without bias -> norm (the residual is a Residual's)."""
+    def __init__(self, width, norm, act):
+        super().__init__()
+        self.conv1 = ConvLayer(width, width, act=act)
+        self.conv2 = ConvLayer(width, width, bias=False, norm=norm)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
+
+
+def linear_attention(q, k, v, eps=1e-15):
+    """out_n = Σ_m v_m (k_m·q_n) / (Σ_m k_m·q_n + eps) over positions m, n of (N, heads, d, H·W) tensors, as
+    (v kᵀ) q: v gets a row of ones, whose product is the denominator."""
+    vk = F.pad(v, (0, 0, 0, 1), value=1.0) @ k.transpose(2, 3)  # (N, heads, d + 1, d)
+    out = vk @ q  # (N, heads, d + 1, H·W)
+    return out[:, :, :-1] / (out[:, :, -1:] + eps)
+
+
+def quadratic_attention(q, k, v, eps=1e-15):
+    """The same out_n as linear_attention, as v (kᵀ q) with the (H·W)² score matrix normalised over m."""
+    scores = k.transpose(2, 3) @ q  # (N, heads, H·W keys m, H·W queries n)
+    return v @ (scores / (scores.sum(2, keepdim=True) + eps))
+
+
+class LiteMLA(nn.Module):
+    """ReLU linear attention (efficientvit's LiteMLA, no multi-scale branch): head h slices its q, k, v from the
+    3·head_dim qkv channels [3·head_dim·h, 3·head_dim·(h + 1)); the linear form when the map has more positions than
+    head_dim, else the quadratic one, both in float32; then a 1×1 projection and a norm."""
+    def __init__(self, width, norm, head_dim):
+        super().__init__()
+        self.head_dim = head_dim
+        self.qkv = ConvLayer(width, 3 * width, 1, bias=False)
+        self.proj = ConvLayer(width, width, 1, bias=False, norm=norm)
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            qkv = self.qkv(x).float().reshape(N, C // self.head_dim, 3 * self.head_dim, H * W)  # (N, heads, 3d, H·W)
+            q, k, v = qkv.split(self.head_dim, dim=2)
+            attention = linear_attention if H * W > self.head_dim else quadratic_attention
+            out = attention(F.relu(q), F.relu(k), v).reshape(N, C, H, W).type_as(x)
+        return self.proj(out)
+
+
+class GLUMBConv(nn.Module):
+    """1×1 conv to 2·expand·C with an activation, depthwise 3×3, x·act(gate), 1×1 conv back to C, norm."""
+    def __init__(self, width, norm, act, expand=4):
+        super().__init__()
+        mid = expand * width
+        self.inverted_conv = ConvLayer(width, 2 * mid, 1, act=act)
+        self.depth_conv = ConvLayer(2 * mid, 2 * mid, 3, groups=2 * mid)
+        self.point_conv = ConvLayer(mid, width, 1, bias=False, norm=norm)
+        self.act = act
+
+    def forward(self, x):
+        x, gate = self.depth_conv(self.inverted_conv(x)).chunk(2, dim=1)
+        return self.point_conv(x * self.act(gate))
+
+
+class EfficientViTBlock(nn.Module):
+    """x + LiteMLA(x), then x + GLUMBConv(x)."""
+    def __init__(self, width, norm, act, head_dim):
+        super().__init__()
+        self.context_module = Residual(LiteMLA(width, norm, head_dim))
+        self.local_module = Residual(GLUMBConv(width, norm, act))
+
+    def forward(self, x):
+        return self.local_module(self.context_module(x))
+
+
+def resized(cin, cout, up):
+    """A stage's Down with its averaging shortcut, or Up with its duplicating shortcut."""
+    return Residual(Resize(cin, cout, up), partial(duplicated_channels if up else averaged_channels, channels=cout,
+                                                  factor=2))
+
+
+def dcae_blocks(width, depth, attention, norm, act, head_dim):
+    """A stage's `depth` blocks: EfficientViT blocks in attention stages, else ResBlocks with their residual."""
+    if attention:
+        return [EfficientViTBlock(width, norm, act, head_dim) for _ in range(depth)]
+    return [Residual(ResBlock(width, norm, act)) for _ in range(depth)]
+
+
+class DCAEEncoder(nn.Module):
+    """Image (N, 3, H, W) -> latents (N, C, H/f, W/f), f = 2^(stages - 1): a Down to widths[1] (stage 0 is empty),
+    each stage's blocks and a Down with an averaging shortcut (but the last), a conv3×3 with one onto the latents."""
+    def __init__(self, channels, widths, depths, attention_from, head_dim):
+        super().__init__()
+        self.project_in = Resize(3, widths[1], up=False)
+        last = len(widths) - 1
+        self.stages = nn.ModuleList()
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            down = [resized(width, widths[i + 1], up=False)] if i < last and depth > 0 else []
+            self.stages.append(Ops(dcae_blocks(width, depth, i >= attention_from, ChannelRMSNorm, F.silu, head_dim) +
+                                   down))
+        self.project_out = Residual(Ops([ConvLayer(widths[-1], channels)]),
+                                    partial(averaged_channels, channels=channels, factor=1))
+
+    def forward(self, x):
+        x = self.project_in(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.project_out(x)
+
+
+class DCAEDecoder(nn.Module):
+    """Latents (N, C, h, w) -> image (N, 3, f·h, f·w): a conv3×3 with a duplicating shortcut, the stages from the
+    last, each an Up with a duplicating shortcut (but the last) and its blocks (BatchNorm + ReLU in the first
+    `batch_norm_stages`, RMSNorm + SiLU after), then RMSNorm, ReLU and an Up to the pixels."""
+    def __init__(self, channels, widths, depths, attention_from, head_dim, batch_norm_stages):
+        super().__init__()
+        self.project_in = Residual(ConvLayer(channels, widths[-1]),
+                                   partial(duplicated_channels, channels=widths[-1], factor=1))
+        stages, last = [], len(widths) - 1
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            norm, act = (nn.BatchNorm2d, F.relu) if i < batch_norm_stages else (ChannelRMSNorm, F.silu)
+            up = [resized(widths[i + 1], width, up=True)] if i < last and depth > 0 else []
+            stages.append(Ops(up + dcae_blocks(width, depth, i >= attention_from, norm, act, head_dim)))
+        self.stages = nn.ModuleList(stages)
+        self.project_out = Ops([ChannelRMSNorm(widths[1]), nn.ReLU(), Resize(widths[1], 3, up=True)])
+
+    def forward(self, z):
+        h = self.project_in(z)
+        for stage in reversed(self.stages):
+            h = stage(h)
+        return self.project_out(h)
+
+
+class DCAE(nn.Module):
+    """MIT Han Lab's deep-compression autoencoder: images in [-1, 1] <-> latents, deterministic (no posterior).
+    Stage i has width widths[i] and depth encoder_depths[i] / decoder_depths[i]; EfficientViT blocks from stage
+    `attention_from` on, ResBlocks before; each stage but the last halves the size (stage 0 is empty)."""
+    sample_posterior = False
+
+    def __init__(self, channels, widths, encoder_depths, decoder_depths, attention_from=3, batch_norm_stages=3,
+                 head_dim=32):
+        super().__init__()
+        require(encoder_depths[0] == decoder_depths[0] == 0, "DCAE: stage 0 must be empty (depth 0), as in DC-AE")
+        self.channels, self.factor = channels, 2 ** (len(widths) - 1)
+        self.encoder = DCAEEncoder(channels, widths, encoder_depths, attention_from, head_dim)
+        self.decoder = DCAEDecoder(channels, widths, decoder_depths, attention_from, head_dim, batch_norm_stages)
+
+    def encode(self, images, noise=None):
+        """The latents; `noise` is unused (there is no posterior to sample)."""
+        return self.encoder(images)
+
+    def decode(self, latents):
+        return self.decoder(latents)
+
+
+# diffusers' AutoencoderDC names of the efficientvit weight names: (substring, replacement) applied in order; then
+# each fused qkv conv (3C, C, 1, 1) is split in thirds into to_q, to_k, to_v (C, C) and proj into to_out (C, C)
+DCAE_DIFFUSERS_NAMES = [("main.", ""), ("op_list.", ""), ("context_module", "attn"), ("local_module", "conv_out"),
+                        ("depth_conv.conv", "conv_depth"), ("inverted_conv.conv", "conv_inverted"),
+                        ("point_conv.conv", "conv_point"), ("point_conv.norm", "norm"), ("conv.conv.", "conv."),
+                        ("conv1.conv", "conv1"), ("conv2.conv", "conv2"), ("conv2.norm", "norm"),
+                        ("proj.norm", "norm_out"), ("encoder.project_in.conv", "encoder.conv_in.conv"),
+                        ("encoder.project_out.0.conv", "encoder.conv_out"), ("encoder.stages", "encoder.down_blocks"),
+                        ("decoder.project_in.conv", "decoder.conv_in"), ("decoder.project_out.0", "decoder.norm_out"),
+                        ("decoder.project_out.2.conv", "decoder.conv_out.conv"),
+                        ("decoder.stages", "decoder.up_blocks")]
+
+
+def dcae_from_diffusers(state, expected):
+    """A diffusers-layout DC-AE state dict under the efficientvit names of `expected`: to_q, to_k, to_v fused back
+    into one qkv 1×1 conv, to_out made the proj 1×1 conv, the rest renamed."""
+    to_ours = {reduce(lambda name, rule: name.replace(*rule), DCAE_DIFFUSERS_NAMES, k): k for k in expected}
+    state = dict(state)
+    for key in [k for k in state if k.endswith(".to_q.weight")]:
+        block = key.removesuffix(".to_q.weight")
+        if f"{block}.to_k.weight" in state and f"{block}.to_v.weight" in state:
+            qkv = torch.cat([state.pop(f"{block}.to_{part}.weight") for part in "qkv"])  # (3C, C)
+            state[f"{block}.qkv.conv.weight"] = qkv[:, :, None, None]
+    for key in [k for k in state if k.endswith(".to_out.weight")]:
+        state[key.replace(".to_out.", ".proj.conv.")] = state.pop(key)[:, :, None, None]
+    return {to_ours.get(key, key): value for key, value in state.items()}
+
+
+def load_dcae_weights(model, path):
+    """Load an efficientvit-layout (a state dict, as dcae_f32c32.ckpt or the Hub's model.safetensors) or
+    diffusers-layout (AutoencoderDC .safetensors/.bin) DC-AE file, told apart by the keys; name the first bad key."""
+    state, expected = autoencoder_file(path), model.state_dict()
+    if any(".down_blocks." in k or ".up_blocks." in k for k in state):  # the diffusers layout
+        state = dcae_from_diffusers(state, expected)
+    model.to_empty(device="cpu").load_state_dict(checked_state_dict(expected, state, f"--vae-path {path}"))
+    return model
 
 
 #################################################################################
