@@ -13,6 +13,7 @@ Reading order (the section banners, in order; a test keeps the list true):
   UCGM-T: the unified trainer (paper Alg. 1)
   UCGM-S: the unified sampler (paper Alg. 2)
   The network: DiT / SiT, TiT and LightningDiT
+  The network: EDM2 U-Net (magnitude-preserving)
   The autoencoder: LDM AutoencoderKL
   Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
   File I/O: safetensors, tensor files, atomic writes
@@ -682,7 +683,206 @@ def create_model(name, **kwargs):
     """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32)."""
     if name not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
-    return DiT(**{**MODELS[name], **kwargs})
+    network = EDM2UNet if name.startswith("EDM2-") else DiT  # the EDM2 U-Nets: their own section below
+    return network(**{**MODELS[name], **kwargs})
+
+
+#################################################################################
+#                 The network: EDM2 U-Net (magnitude-preserving)                #
+#################################################################################
+
+# Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2, arXiv 2312.02696): every
+# layer keeps unit-RMS activations; its equations are cited as "EDM2 Eq. (n)"
+
+def mp_normalize(x, dim=None, eps=1e-4):
+    """x / (eps + ‖x‖·√(n/N)) with the norms over `dim` (default: all but the first), n of them, N = numel(x): unit
+    RMS along `dim`; the norms in float32."""
+    dim = list(range(1, x.dim())) if dim is None else dim
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    return x / (eps + norm * math.sqrt(norm.numel() / x.numel())).to(x.dtype)
+
+
+def mp_silu(x):
+    """Magnitude-preserving SiLU (EDM2 Eq. (81))."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a, b, t=0.5):
+    """Magnitude-preserving sum ((1 − t)·a + t·b) / √((1 − t)² + t²) (EDM2 Eq. (88))."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, t=0.5):
+    """Magnitude-preserving concatenation along channels (EDM2 Eq. (103)): a and b weighted (1 − t) and t by size."""
+    na, nb = a.shape[1], b.shape[1]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (c * (1 - t) / math.sqrt(na)), b * (c * t / math.sqrt(nb))], dim=1)
+
+
+def mp_resample(x, mode):
+    """2×2 average pooling ("down"), nearest 2× upsampling ("up") or nothing (None): EDM2's [1, 1] filter."""
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    return F.interpolate(x, scale_factor=2.0, mode="nearest") if mode == "up" else x
+
+
+class MPFourier(nn.Module):
+    """Fourier features √2·cos(2π(f·x + φ)) of a scalar per sample (EDM2 Eq. (75)); the random frequencies and phases
+    are persistent buffers, so they come from the checkpoint."""
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(channels))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(channels))
+
+    def forward(self, x):
+        angles = torch.outer(x.float(), self.freqs.float()) + self.phases.float()  # (N, C)
+        return (angles.cos() * math.sqrt(2)).to(x.dtype)
+
+
+class MPConv(nn.Module):
+    """Magnitude-preserving convolution (kernel (k, k)) or linear layer (kernel ()), no bias (EDM2 Eq. (47)); in train
+    mode the stored weight is first replaced by its normalised self (forced weight normalisation, EDM2 Eq. (66))."""
+    def __init__(self, cin, cout, kernel):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, *kernel))
+
+    def forward(self, x, gain=1.0):
+        if self.training:
+            with torch.no_grad():
+                self.weight.copy_(mp_normalize(self.weight.float()))
+        w = mp_normalize(self.weight.float()) * (gain / math.sqrt(self.weight[0].numel()))  # unit fan-in norm
+        w = w.to(x.dtype)
+        return x @ w.t() if w.dim() == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+class UNetBlock(nn.Module):
+    """EDM2's encoder or decoder block (EDM2 Fig. 21): resampling; a residual branch scaled by 1 + the embedding,
+    mp_sum-ed into the main path (balance 0.3); optionally self-attention likewise; activations clipped to ±256."""
+    def __init__(self, cin, cout, emb_channels, decoder=False, resample=None, attention=False, channels_per_head=64):
+        super().__init__()
+        self.decoder, self.resample = decoder, resample
+        self.num_heads = cout // channels_per_head if attention else 0
+        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(cin if decoder else cout, cout, (3, 3))
+        self.emb_linear = MPConv(emb_channels, cout, ())
+        self.conv_res1 = MPConv(cout, cout, (3, 3))
+        self.conv_skip = MPConv(cin, cout, (1, 1)) if cin != cout else None
+        if self.num_heads:
+            self.attn_qkv = MPConv(cout, 3 * cout, (1, 1))
+            self.attn_proj = MPConv(cout, cout, (1, 1))
+
+    def attention(self, x):
+        """Multi-head self-attention over the H·W positions with pixel-normalised q, k, v."""
+        N, C, H, W = x.shape
+        qkv = self.attn_qkv(x).reshape(N, self.num_heads, C // self.num_heads, 3, H * W)  # q, k, v per channel
+        q, k, v = (u.transpose(2, 3).contiguous() for u in mp_normalize(qkv, dim=2).unbind(3))  # (N, heads, HW, C_h)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √C_h) v, (N, heads, HW, C_h)
+        return self.attn_proj(y.transpose(2, 3).reshape(N, C, H, W))
+
+    def forward(self, x, emb):
+        x = mp_resample(x, self.resample)
+        if not self.decoder:
+            x = mp_normalize(x if self.conv_skip is None else self.conv_skip(x), dim=1)  # pixel norm
+        y = self.conv_res0(mp_silu(x))
+        scale = self.emb_linear(emb, gain=self.emb_gain) + 1  # (N, C)
+        y = self.conv_res1(mp_silu(y * scale[:, :, None, None].to(y.dtype)))
+        if self.decoder and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, 0.3)
+        if self.num_heads:
+            x = mp_sum(x, self.attention(x), 0.3)
+        return x.clip(-256, 256)
+
+
+class EDM2UNet(nn.Module):
+    """EDM2's U-Net (NVlabs/edm2, as UCGM releases it): forward(x, t, y) returns the raw network output F for the EDM
+    transport, whose x_t is EDM2's preconditioned input c_in·(x + σz), at EDM2's noise label ¼·ln σ = 2.68t − 1.59.
+    Key names and attention follow the resolutions: level ℓ works at input_size / 2^ℓ."""
+    def __init__(self, input_size=64, in_channels=4, num_classes=1000, model_channels=192, channel_mult=(1, 2, 3, 4),
+                 num_blocks=3, attn_resolutions=(16, 8), channels_per_head=64, grad_checkpoint=False):
+        super().__init__()
+        require(input_size % 2 ** (len(channel_mult) - 1) == 0, f"EDM2: input_size {input_size} must be divisible by "
+                f"2^{len(channel_mult) - 1} for its {len(channel_mult)} levels")
+        self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes  # 0: unconditional
+        self.grad_checkpoint = grad_checkpoint  # refused in training: see forward
+        widths, emb_channels = [model_channels * m for m in channel_mult], model_channels * max(channel_mult)
+        block = partial(UNetBlock, emb_channels=emb_channels, channels_per_head=channels_per_head)
+        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.emb_fourier = MPFourier(model_channels)
+        self.emb_noise = MPConv(model_channels, emb_channels, ())
+        self.emb_label = MPConv(num_classes, emb_channels, ()) if num_classes else None
+        self.enc, self.dec, c = nn.ModuleDict(), nn.ModuleDict(), in_channels + 1  # + a constant channel of ones
+        for level, width in enumerate(widths):
+            res = input_size >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"], c = MPConv(c, width, (3, 3)), width
+            else:
+                self.enc[f"{res}x{res}_down"] = block(c, c, resample="down")
+            for i in range(num_blocks):
+                self.enc[f"{res}x{res}_block{i}"], c = block(c, width, attention=res in attn_resolutions), width
+        skips = [m.weight.shape[0] if isinstance(m, MPConv) else m.conv_res1.weight.shape[0] for m in self.enc.values()]
+        for level, width in reversed(list(enumerate(widths))):
+            res = input_size >> level
+            if level == len(widths) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(c, c, decoder=True, attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(c, c, decoder=True)
+            else:
+                self.dec[f"{res}x{res}_up"] = block(c, c, decoder=True, resample="up")
+            for i in range(num_blocks + 1):
+                self.dec[f"{res}x{res}_block{i}"] = block(c + skips.pop(), width, decoder=True,
+                                                         attention=res in attn_resolutions)
+                c = width
+        self.out_conv = MPConv(c, in_channels, (3, 3))
+
+    @property
+    def blocks(self):
+        """The encoder and decoder layers in the order they run (train.py compiles each)."""
+        return [*self.enc.values(), *self.dec.values()]
+
+    def embedding(self, t, y):
+        """The block conditioning: Fourier features of the noise label, mp_sum-ed with the class embedding except on
+        rows of the null label `num_classes`, which skip it (UCGM's unconditional rows)."""
+        emb = self.emb_noise(self.emb_fourier(2.68 * t.flatten() - 1.59))  # (N, C_emb)
+        if self.emb_label is not None and y is not None:
+            one_hot = F.one_hot(y, self.num_classes + 1)[:, :self.num_classes]  # the null label: a row of zeros
+            labelled = mp_sum(emb, self.emb_label(one_hot.to(emb.dtype) * math.sqrt(self.num_classes)), 0.5)
+            emb = torch.where((y == self.num_classes)[:, None], emb, labelled)  # no host read
+        return mp_silu(emb)
+
+    def forward(self, x, t, y=None):
+        """x (N, C, H, W), t (N,) in [0, 1] (1 is noise), y (N,) int64 with num_classes = null label -> F (N, C, H, W)."""
+        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(f"EDM2: expected x of shape (N, {self.in_channels}, {self.input_size}, "
+                             f"{self.input_size}), got {tuple(x.shape)}")
+        require(not (self.grad_checkpoint and self.training), "--grad-checkpoint: not supported by EDM2, whose forced "
+                "weight normalisation rewrites the weights in every training forward (a recomputation would again)")
+        emb = self.embedding(t, y)
+        x, skips = torch.cat([x, torch.ones_like(x[:, :1])], dim=1), []
+        for name, layer in self.enc.items():
+            x = layer(x) if name.endswith("_conv") else layer(x, emb)
+            skips.append(x)
+        for name, layer in self.dec.items():
+            x = layer(mp_cat(x, skips.pop(), 0.5) if "_block" in name else x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+    def flops_per_forward(self):
+        """Matmul FLOPs of one forward for one sample, a multiply-add counting 2: each conv at its layer's resolution
+        (the name's {r}x{r}), attention's QKᵀ and AV at 2·(r²)²·C."""
+        total = 0
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                res = int(re.match(r"(?:enc|dec)\.(\d+)x", name)[1]) if name[:4] in ("enc.", "dec.") else self.input_size
+                total += p.numel() * (res * res if p.dim() == 4 else 1)
+                if name.endswith("attn_proj.weight"):
+                    total += 2 * res ** 4 * p.shape[0]
+        return 2 * total
+
+
+# EDM2's sizes (NVlabs/edm2 train_edm2.py) by model_channels; T (tiny) is no paper size but the tests' CPU model
+EDM2_SIZES = {"T": dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, channels_per_head=32),
+              **{size: dict(model_channels=mc) for size, mc in
+                 (("XS", 128), ("S", 192), ("M", 256), ("L", 320), ("XL", 384), ("XXL", 448))}}
+MODELS.update({f"EDM2-{size}": kwargs for size, kwargs in EDM2_SIZES.items()})
 
 
 #################################################################################
