@@ -21,11 +21,14 @@ Reading order (the section banners, in order; a test keeps the list true):
 """
 
 import argparse
+import collections
 import copy
 import datetime
+import io
 import json
 import math
 import os
+import pickle
 import re
 import struct
 import sys
@@ -1129,13 +1132,16 @@ RELEASED_SAMPLER_NAMES = {"sampling_steps": "steps", "stochast_ratio": "rho", "e
                           "cfg_scale": "cfg_scale", "cfg_interval": "cfg_interval"}
 # what the weights of each family imply (README, "Reproducing the paper"): LightningDiT was trained on the ReLinear
 # path, and its released results guide only the first 3 of its 32 latent channels
-FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3))}
+FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3)),
+                   "EDM2": dict(transport="EDM", sampler=dict(cfg_scale=1.0))}  # EDM2's released rows: no guidance
 # weights in REPA / REPA-E checkpoints that neither sampling nor UCGM training uses
 REPA_EXTRAS = {"projectors.": "REPA's feature-alignment heads", "bn.": "REPA-E's latent BatchNorm statistics"}
 
 
 def family_of(state):
-    """DiT (also SiT, REPA, REPA-E), TiT or LightningDiT, told from the weight names."""
+    """DiT (also SiT, REPA, REPA-E), TiT, LightningDiT or EDM2, told from the weight names."""
+    if "emb_fourier.freqs" in state:  # EDM2's noise embedding; no DiT-family network has one
+        return "EDM2"
     if "blocks.0.norm1.weight" in state:  # only LightningDiT's RMSNorm has a weight
         return "LightningDiT"
     return "TiT" if "blocks.0.mlp.w12.weight" in state else "DiT"
@@ -1146,7 +1152,7 @@ def released_settings(config, where):
     model = re.sub(r"^SiT-", "DiT-", config["model"]["type"])  # UCGM's SiT is our DiT family
     if model not in MODELS:
         raise ValueError(f"{where}: its config names model {config['model']['type']!r}, which is not supported here "
-                         f"(DiT/SiT, TiT and LightningDiT are; DDT, EDM2 and U-Nets are not)")
+                         f"(DiT/SiT, TiT, LightningDiT and EDM2 are; DDT and other U-Nets are not)")
     vae = config.get("vae", {}).get("type")
     if vae is not None and vae not in RELEASED_AUTOENCODERS:
         raise ValueError(f"{where}: its config names autoencoder {vae!r}, which is not supported here "
@@ -1171,7 +1177,7 @@ def read_checkpoint(path, weights, flag):
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     released = isinstance(config, dict) and "type" in config.get("model", {})  # LightningDiT's says model_type
     settings = released_settings(config, where) if released else None  # an unsupported model is named first
-    state = weights_of(checkpoint, weights, where)
+    state = edm2_weights(weights_of(checkpoint, weights, where), where)
     for prefix, what in REPA_EXTRAS.items():
         extra = [key for key in state if key.startswith(prefix)]
         if extra:
@@ -1184,11 +1190,15 @@ def read_checkpoint(path, weights, flag):
                         latent_stats=checkpoint.get("latent_stats"))
     elif not released:
         settings = dict(FAMILY_SETTINGS[family_of(state)])
+        if "latent_stats" in checkpoint:  # an EDM2 pickle's, from its latent encoder
+            settings["latent_stats"] = checkpoint["latent_stats"]
     return state, settings
 
 
 def infer_model(state, name=None, where="--ckpt"):
     """(model name, create_model kwargs): the data shape from the weights, the name given or matched by shape."""
+    if family_of(state) == "EDM2":
+        return infer_edm2(state, name, where)
     width, channels, patch, _ = state["x_embedder.proj.weight"].shape
     grid = math.isqrt(state["pos_embed"].shape[1])
     table = state.get("y_embedder.embedding_table.weight")
@@ -1209,14 +1219,111 @@ def infer_model(state, name=None, where="--ckpt"):
 def load_network(path, weights="ema", name=None, flag="--ckpt"):
     """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly."""
     state, settings = read_checkpoint(path, weights, flag)
-    if "x_embedder.proj.weight" not in state:
-        raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight)")
+    if "x_embedder.proj.weight" not in state and family_of(state) != "EDM2":
+        raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight) and no EDM2 ones")
     name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}")
     with torch.device("meta"):  # shapes only: initialising weights that are then overwritten takes 10 s at XL size
         model = create_model(name, **kwargs)
     where = f"{flag} {path} (as --model {name})"
     model.load_state_dict(checked_state_dict(model.state_dict(), state, where, strict=True), assign=True)
     return model.float(), name, settings
+
+
+# ----- EDM2: its Precond weights and its network pickles, read without running their code ---------------------------
+
+def edm2_weights(state, where):
+    """The 200 U-Net weights of an EDM2 `Precond` state dict (`unet.` prefix, 203 keys); other states unchanged."""
+    if "unet.emb_fourier.freqs" not in state:
+        return state
+    head = [key for key in state if key.startswith("logvar_")]
+    print(f"{where}: dropping the {len(head)} weights logvar_* (EDM2's uncertainty head), unused here")
+    return {key.removeprefix("unet."): value for key, value in state.items() if key not in head}
+
+
+def infer_edm2(state, name, where):
+    """(model name, create_model kwargs) of EDM2 U-Net weights: model_channels from emb_noise.weight (C_emb, mc),
+    the channels from out_conv, the input size from the first layer's name enc.{r}x{r}_conv, the classes from
+    emb_label."""
+    first = next((key for key in state if re.fullmatch(r"enc\.(\d+)x\1_conv\.weight", key)), "enc.{r}x{r}_conv.weight")
+    missing = next((key for key in ("emb_noise.weight", "out_conv.weight", first) if key not in state), None)
+    require(missing is None, f"{where}: missing key {missing!r} (EDM2 weights of another architecture?)")
+    channels = state["emb_noise.weight"].shape[1]
+    if name is None:
+        matches = [n for n, c in MODELS.items() if n.startswith("EDM2-") and c["model_channels"] == channels]
+        require(matches, f"{where}: an EDM2 U-Net with {channels} model channels matches no model; give --model")
+        name = matches[0]
+    label = state.get("emb_label.weight")
+    return name, dict(input_size=int(re.match(r"enc\.(\d+)x", first)[1]), in_channels=state["out_conv.weight"].shape[0],
+                      num_classes=label.shape[1] if label is not None else 0)
+
+
+class PickledModule(dict):
+    """A torch.nn.ModuleDict of an EDM2 pickle, kept as the dict of its state."""
+    def __setstate__(self, state):
+        self.update(state)
+
+
+def persistent_state(meta):
+    """An EDM2 persistent-object record (torch_utils.persistence): its stored state; its embedded source never runs."""
+    return meta["state"]
+
+
+# every global an EDM2 network pickle names, and what it becomes: tensors, numpy arrays, containers and EDM2's records
+EDM2_PICKLE_GLOBALS = {
+    "torch_utils.persistence._reconstruct_persistent_obj": persistent_state, "dnnlib.util.EasyDict": dict,
+    "collections.OrderedDict": collections.OrderedDict, "torch.nn.modules.container.ModuleDict": PickledModule,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
+    "torch.storage._load_from_bytes": lambda data: torch.load(io.BytesIO(data), weights_only=True),
+    "numpy.core.multiarray._reconstruct": np.empty(0).__reduce__()[0], "numpy.ndarray": np.ndarray,
+    "numpy._core.multiarray._reconstruct": np.empty(0).__reduce__()[0], "numpy.dtype": np.dtype}
+
+
+class EDM2Unpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only EDM2_PICKLE_GLOBALS; any other global is refused and kept as `refused`."""
+    refused = None
+
+    def find_class(self, module, name):
+        if f"{module}.{name}" not in EDM2_PICKLE_GLOBALS:
+            self.refused = f"{module}.{name}"
+            raise pickle.UnpicklingError(f"global {module}.{name} refused")
+        return EDM2_PICKLE_GLOBALS[f"{module}.{name}"]
+
+
+def pickled_state_dict(module, prefix=""):
+    """The state dict of a module state from EDM2Unpickler: its parameters and persistent buffers, then its
+    children's, named by their path as torch names them."""
+    skip = module.get("_non_persistent_buffers_set", set())
+    state = {prefix + k: v for k, v in module["_parameters"].items() if v is not None}
+    state.update({prefix + k: v for k, v in module["_buffers"].items() if v is not None and k not in skip})
+    for name, child in module["_modules"].items():
+        if child is not None:
+            state.update(pickled_state_dict(child, f"{prefix}{name}."))
+    return state
+
+
+def load_edm2_pickle(path, where):
+    """{"ema": its Precond weights in float32, "latent_stats"} of an EDM2 network pickle (a plain pickle of
+    EasyDict(encoder=..., ema=Precond, ...)); mean = −bias/scale and std = 1/scale undo its latent encoder."""
+    with open(path, "rb") as f:
+        unpickler = EDM2Unpickler(f)
+        try:
+            data = unpickler.load()
+            checkpoint = {"ema": {k: v.detach().float() for k, v in pickled_state_dict(data["ema"]).items()}}
+        except Exception as error:  # a refused global, or not an EDM2 network pickle
+            if unpickler.refused:
+                raise ValueError(f"{where} {path}: names {unpickler.refused}, which an EDM2 network pickle does not "
+                                 "(unpickling it could run code); if you trust the file, convert it where NVlabs/edm2 "
+                                 "is cloned: torch.save(pickle.load(f)['ema'].unet.state_dict(), 'unet.pt')") from None
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{where} {path}: not an EDM2 network pickle with an 'ema' network ({reason[:160]})") \
+                from None
+    encoder = data.get("encoder")
+    if isinstance(encoder, dict) and {"scale", "bias"} <= set(encoder):  # final latents = raw · scale + bias
+        scale, bias = (torch.as_tensor(np.asarray(encoder[k], dtype=np.float32)) for k in ("scale", "bias"))
+        checkpoint["latent_stats"] = {"mean": -bias / scale, "std": 1 / scale}
+    return checkpoint
 
 
 #################################################################################
@@ -1335,6 +1442,8 @@ def load_tensor_file(path, where, mmap=False):
         raise ValueError(f"{where} {path}: no such file")
     if str(path).endswith(".safetensors"):
         return load_safetensors(path)
+    if str(path).endswith(".pkl"):  # EDM2's network pickles, read without running their code
+        return load_edm2_pickle(path, where)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # not a zip, cut short, or a pickle that weights_only refuses
