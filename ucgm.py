@@ -743,16 +743,13 @@ class MPFourier(nn.Module):
 
 
 class MPConv(nn.Module):
-    """Magnitude-preserving convolution (kernel (k, k)) or linear layer (kernel ()), no bias (EDM2 Eq. (47)); in train
-    mode the stored weight is first replaced by its normalised self (forced weight normalisation, EDM2 Eq. (66))."""
+    """Magnitude-preserving convolution (kernel (k, k)) or linear layer (kernel ()), no bias (EDM2 Eq. (47)): the
+    weight is normalised per output channel in every call (EDM2UNet.forward also rewrites it so in training)."""
     def __init__(self, cin, cout, kernel):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(cout, cin, *kernel))
 
     def forward(self, x, gain=1.0):
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(mp_normalize(self.weight.float()))
         w = mp_normalize(self.weight.float()) * (gain / math.sqrt(self.weight[0].numel()))  # unit fan-in norm
         w = w.to(x.dtype)
         return x @ w.t() if w.dim() == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
@@ -807,7 +804,7 @@ class EDM2UNet(nn.Module):
         require(input_size % 2 ** (len(channel_mult) - 1) == 0, f"EDM2: input_size {input_size} must be divisible by "
                 f"2^{len(channel_mult) - 1} for its {len(channel_mult)} levels")
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes  # 0: unconditional
-        self.grad_checkpoint = grad_checkpoint  # refused in training: see forward
+        self.grad_checkpoint = grad_checkpoint
         widths, emb_channels = [model_channels * m for m in channel_mult], model_channels * max(channel_mult)
         block = partial(UNetBlock, emb_channels=emb_channels, channels_per_head=channels_per_head)
         self.out_gain = nn.Parameter(torch.zeros([]))
@@ -857,16 +854,30 @@ class EDM2UNet(nn.Module):
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"EDM2: expected x of shape (N, {self.in_channels}, {self.input_size}, "
                              f"{self.input_size}), got {tuple(x.shape)}")
-        require(not (self.grad_checkpoint and self.training), "--grad-checkpoint: not supported by EDM2, whose forced "
-                "weight normalisation rewrites the weights in every training forward (a recomputation would again)")
+        if self.training:
+            self.force_weight_normalisation()
         emb = self.embedding(t, y)
         x, skips = torch.cat([x, torch.ones_like(x[:, :1])], dim=1), []
         for name, layer in self.enc.items():
-            x = layer(x) if name.endswith("_conv") else layer(x, emb)
+            x = self.run(layer, x) if name.endswith("_conv") else self.run(layer, x, emb)
             skips.append(x)
         for name, layer in self.dec.items():
-            x = layer(mp_cat(x, skips.pop(), 0.5) if "_block" in name else x, emb)
+            x = self.run(layer, mp_cat(x, skips.pop(), 0.5) if "_block" in name else x, emb)
         return self.out_conv(x, gain=self.out_gain)
+
+    @torch.no_grad()
+    def force_weight_normalisation(self):
+        """Replace every stored weight by its normalised self (EDM2 Eq. (66)), as EDM2 does in each training forward:
+        here, outside the blocks, as torch.compile of a block would drop the write and --grad-checkpoint repeat it."""
+        for module in self.modules():
+            if isinstance(module, MPConv):
+                module.weight.copy_(mp_normalize(module.weight.float()))
+
+    def run(self, layer, *inputs):
+        """layer(*inputs), recomputed in the backward with grad_checkpoint (trading compute for memory)."""
+        if self.grad_checkpoint and self.training:
+            return checkpoint(layer, *inputs, use_reentrant=False)
+        return layer(*inputs)
 
     def flops_per_forward(self):
         """Matmul FLOPs of one forward for one sample, a multiply-add counting 2: each conv at its layer's resolution
