@@ -1211,8 +1211,8 @@ def test_train_py_trains_edm2_with_grad_checkpoint_and_its_checkpoint_loads(tmp_
     """train.py on the demo digits (3×24×24: EDM2 levels 24 and 12) with the EDM transport and --grad-checkpoint:
     finite losses, and the checkpoint loads back as EDM2-T trained on EDM."""
     found = train_in_process(tmp_path, "--model", "EDM2-T", "--transport", "EDM", "--grad-checkpoint",
-                             "--global-batch-size", "4", "--max-steps", "2")
-    assert len(found) == 2 and all(math.isfinite(loss) for loss in found)
+                             "--global-batch-size", "4", "--max-steps", "1")
+    assert len(found) == 1 and math.isfinite(found[0])
     model, name, settings = ucgm.load_network(str(tmp_path / "checkpoints" / "latest.pt"))
     assert name == "EDM2-T" and settings["transport"] == "EDM" and "enc.24x24_conv.weight" in model.state_dict()
 

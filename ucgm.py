@@ -1628,11 +1628,12 @@ def save_image_grid(images, per_row, path):
         grid[:, (i // per_row) * h:(i // per_row + 1) * h, (i % per_row) * w:(i % per_row + 1) * w] = pixels[i]
     atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
-if __name__ == "__main__":  # the reading order, then the model table: parameters and forward GFLOPs at 256 px
+if __name__ == "__main__":  # the reading order, then the model table: parameters and forward GFLOPs
     print(__doc__.strip(), end="\n\n")
     for name in MODELS:
         family = name.split("-")[0]
-        channels, latent = (4, 32) if family == "DiT" else (32, 16)  # SD-VAE f8 / VA-VAE f16d32 latents of 256 px
+        # SD-VAE f8 latents of 256 px (DiT) or 512 px (EDM2), VA-VAE f16d32 latents of 256 px (the others)
+        channels, latent = {"DiT": (4, 32), "EDM2": (4, 64)}.get(family, (32, 16))
         with torch.device("meta"):  # shapes only, so the XL models cost nothing
             model = create_model(name, input_size=latent, in_channels=channels)
         params = sum(p.numel() for p in model.parameters()) / 1e6
