@@ -917,7 +917,8 @@ EDM2_S_SHAPES = {"out_gain": (), "emb_fourier.freqs": (192,), "emb_noise.weight"
                  "emb_label.weight": (768, 1000), "enc.64x64_conv.weight": (192, 5, 3, 3),
                  "enc.64x64_block0.emb_linear.weight": (192, 768), "enc.32x32_down.conv_res0.weight": (192, 192, 3, 3),
                  "enc.32x32_block0.conv_skip.weight": (384, 192, 1, 1),
-                 "enc.16x16_block2.attn_qkv.weight": (1728, 576, 1, 1), "dec.8x8_in0.attn_proj.weight": (768, 768, 1, 1),
+                 "enc.16x16_block2.attn_qkv.weight": (1728, 576, 1, 1),
+                 "dec.8x8_in0.attn_proj.weight": (768, 768, 1, 1),
                  "dec.8x8_block0.conv_res0.weight": (768, 1536, 3, 3), "out_conv.weight": (4, 192, 3, 3)}
 
 
@@ -1077,7 +1078,8 @@ def test_edm2_denoiser_is_the_edm_transport_readout():
     x, z = (torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64) for _ in range(2))
     t, y = torch.tensor([0.02, 0.3, 0.7, 0.99], dtype=torch.float64), torch.tensor([1, 2, 3, 4])
     sigma = torch.exp(4 * (2.68 * t - 1.59)).reshape(-1, 1, 1, 1)
-    c_skip, c_out, c_in = 0.25 / (sigma ** 2 + 0.25), sigma * 0.5 / (sigma ** 2 + 0.25).sqrt(), 1 / (sigma ** 2 + 0.25).sqrt()
+    c_skip, c_in = 0.25 / (sigma ** 2 + 0.25), 1 / (sigma ** 2 + 0.25).sqrt()
+    c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
     x_noisy, tb = x + sigma * z, t.reshape(-1, 1, 1, 1)
     x_t = edm.alpha(tb) * z + edm.gamma(tb) * x
     torch.testing.assert_close(x_t, c_in * x_noisy)
@@ -1097,8 +1099,8 @@ def reconstruct_stand_in(meta):
 
 
 EasyDictStandIn.__module__, EasyDictStandIn.__qualname__ = "dnnlib.util", "EasyDict"
-reconstruct_stand_in.__module__, reconstruct_stand_in.__qualname__ = "torch_utils.persistence", "_reconstruct_persistent_obj"
-reconstruct_stand_in.__name__ = "_reconstruct_persistent_obj"
+reconstruct_stand_in.__module__ = "torch_utils.persistence"
+reconstruct_stand_in.__qualname__ = reconstruct_stand_in.__name__ = "_reconstruct_persistent_obj"
 
 
 class PersistentPickler(pickle.Pickler):
@@ -1187,7 +1189,7 @@ def test_edm2_state_dicts_load_strictly_and_are_told_from_other_families(tmp_pat
     state = model.state_dict()
     precond = {**{f"unet.{k}": v for k, v in state.items()}, "logvar_fourier.freqs": torch.zeros(128),
                "logvar_fourier.phases": torch.zeros(128), "logvar_linear.weight": torch.zeros(1, 128)}
-    assert ucgm.family_of(state) == "EDM2" and ucgm.family_of(tiny_dit().state_dict()) == "TiT"
+    assert ucgm.family_of(state) == ucgm.family_of(precond) == "EDM2" and ucgm.family_of(tiny_dit().state_dict()) == "TiT"
     assert all(ucgm.family_of(ucgm.create_model(n, input_size=16, in_channels=3).state_dict()) == n.split("-")[0]
                for n in ("TiT-T/4", "LightningDiT-T/4", "DiT-T/4"))
     for key, value in (("bare", state), ("precond", precond)):

@@ -850,7 +850,7 @@ class EDM2UNet(nn.Module):
         return mp_silu(emb)
 
     def forward(self, x, t, y=None):
-        """x (N, C, H, W), t (N,) in [0, 1] (1 is noise), y (N,) int64 with num_classes = null label -> F (N, C, H, W)."""
+        """x (N, C, H, W), t (N,) in [0, 1] (1: noise), y (N,) int64, num_classes the null label -> F (N, C, H, W)."""
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"EDM2: expected x of shape (N, {self.in_channels}, {self.input_size}, "
                              f"{self.input_size}), got {tuple(x.shape)}")
@@ -885,7 +885,8 @@ class EDM2UNet(nn.Module):
         total = 0
         for name, p in self.named_parameters():
             if p.dim() > 1:
-                res = int(re.match(r"(?:enc|dec)\.(\d+)x", name)[1]) if name[:4] in ("enc.", "dec.") else self.input_size
+                level = re.match(r"(?:enc|dec)\.(\d+)x", name)  # None for the embedding and output layers
+                res = int(level[1]) if level else self.input_size
                 total += p.numel() * (res * res if p.dim() == 4 else 1)
                 if name.endswith("attn_proj.weight"):
                     total += 2 * res ** 4 * p.shape[0]
@@ -1151,7 +1152,7 @@ REPA_EXTRAS = {"projectors.": "REPA's feature-alignment heads", "bn.": "REPA-E's
 
 def family_of(state):
     """DiT (also SiT, REPA, REPA-E), TiT, LightningDiT or EDM2, told from the weight names."""
-    if "emb_fourier.freqs" in state:  # EDM2's noise embedding; no DiT-family network has one
+    if "emb_fourier.freqs" in state or "unet.emb_fourier.freqs" in state:  # EDM2's noise embedding (or its Precond's)
         return "EDM2"
     if "blocks.0.norm1.weight" in state:  # only LightningDiT's RMSNorm has a weight
         return "LightningDiT"
