@@ -730,8 +730,8 @@ def mp_resample(x, mode):
 
 
 class MPFourier(nn.Module):
-    """Fourier features √2·cos(2π(f·x + φ)) of a scalar per sample (EDM2 Eq. (75)); the random frequencies and phases
-    are persistent buffers, so they come from the checkpoint."""
+    """Fourier features √2·cos(freqs·x + phases) of a scalar per sample (EDM2 Eq. (75)), freqs = 2π·N(0, 1) and
+    phases = 2π·U(0, 1): random persistent buffers, so they come from the checkpoint."""
     def __init__(self, channels):
         super().__init__()
         self.register_buffer("freqs", 2 * math.pi * torch.randn(channels))
@@ -744,7 +744,7 @@ class MPFourier(nn.Module):
 
 class MPConv(nn.Module):
     """Magnitude-preserving convolution (kernel (k, k)) or linear layer (kernel ()), no bias (EDM2 Eq. (47)): the
-    weight is normalised per output channel in every call (EDM2UNet.forward also rewrites it so in training)."""
+    weight is normalised per output channel in every call (in training EDM2UNet.forward also stores it normalised)."""
     def __init__(self, cin, cout, kernel):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(cout, cin, *kernel))
