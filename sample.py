@@ -81,7 +81,7 @@ def main(args):
     if autoencoder.channels != model.in_channels:
         raise ValueError(f"--vae {vae} decodes {autoencoder.channels}-channel latents, the model makes {model.in_channels}")
     mean, std = (s.to(device) for s in latent_stats(args, settings, model.in_channels, vae))
-    num_classes = model.num_classes if model.y_embedder is not None else 0
+    num_classes = model.num_classes if model.num_classes > 1 else 0  # DiT: 1, EDM2: 0 is unconditional
     if args.class_id is not None and not 0 <= args.class_id < max(num_classes, 1):
         raise ValueError(f"--class {args.class_id}: expected a class id in [0, {num_classes - 1}]")
     if sampler["cfg_scale"] != 1.0 and not num_classes:

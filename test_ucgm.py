@@ -6,12 +6,14 @@ import copy
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import struct
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
@@ -1143,6 +1145,340 @@ def test_sample_py_samples_a_released_ddt_config(tmp_path):
 
 
 #################################################################################
+#                                      EDM2                                     #
+#################################################################################
+
+EDM2_S_SHAPES = {"out_gain": (), "emb_fourier.freqs": (192,), "emb_noise.weight": (768, 192),
+                 "emb_label.weight": (768, 1000), "enc.64x64_conv.weight": (192, 5, 3, 3),
+                 "enc.64x64_block0.emb_linear.weight": (192, 768), "enc.32x32_down.conv_res0.weight": (192, 192, 3, 3),
+                 "enc.32x32_block0.conv_skip.weight": (384, 192, 1, 1),
+                 "enc.16x16_block2.attn_qkv.weight": (1728, 576, 1, 1),
+                 "dec.8x8_in0.attn_proj.weight": (768, 768, 1, 1),
+                 "dec.8x8_block0.conv_res0.weight": (768, 1536, 3, 3), "out_conv.weight": (4, 192, 3, 3)}
+
+
+def tiny_edm2(in_channels=3, num_classes=10, seed=0):
+    """EDM2-T on 8×8 (levels 8 and 4, attention at 8² and in dec.4x4_in0, 2 heads of 32 channels), its gains made
+    non-zero."""
+    torch.manual_seed(seed)
+    model = perturbed(ucgm.create_model("EDM2-T", input_size=8, in_channels=in_channels, num_classes=num_classes))
+    with torch.no_grad():  # the gains start at 0: values in [0.5, 1.5) make the output depend on every weight
+        for gain in (p for p in model.parameters() if p.dim() == 0):
+            gain.fill_(0.5 + torch.rand(()).item())
+    return model.eval()
+
+
+def edm2_oracle(state, x, t, y, num_classes, per_head=32):
+    """EDM2's U-Net from its formulas over a state dict, in float64 (EDM2 Eq. (47), (75), (81), (88), (103), Fig. 21;
+    the (C_h, 3) interleave of q, k, v): an independent check of ucgm.EDM2UNet."""
+    def conv(name, h, gain=1.0):  # a weight normalised per output channel to unit fan-in RMS, times gain/√fan_in
+        w = state[f"{name}.weight"].double()
+        fan_in = w[0].numel()
+        w = w / (1e-4 + w.flatten(1).norm(dim=1) / math.sqrt(fan_in)).reshape(-1, *[1] * (w.dim() - 1))
+        w = w * gain / math.sqrt(fan_in)
+        return h @ w.T if w.dim() == 2 else F.conv2d(h, w, padding=w.shape[-1] // 2)
+
+    def silu(h):
+        return F.silu(h) / 0.596
+
+    def msum(a, b, s):
+        return ((1 - s) * a + s * b) / math.sqrt((1 - s) ** 2 + s ** 2)
+
+    def unit_rms(h, dim):
+        return h / (1e-4 + h.norm(dim=dim, keepdim=True) / math.sqrt(h.shape[dim]))
+
+    def block(name, h, emb):
+        N, C = h.shape[:2]
+        if name.endswith("_down"):
+            h = h.reshape(N, C, h.shape[2] // 2, 2, h.shape[3] // 2, 2).mean((3, 5))
+        if name.endswith("_up"):
+            h = h.repeat_interleave(2, 2).repeat_interleave(2, 3)
+        skip, encoder = f"{name}.conv_skip.weight" in state, name.startswith("enc.")
+        if encoder:
+            h = unit_rms(conv(f"{name}.conv_skip", h) if skip else h, 1)
+        r = conv(f"{name}.conv_res0", silu(h)) * (conv(f"{name}.emb_linear", emb, state[f"{name}.emb_gain"].double())
+                                                  + 1)[:, :, None, None]
+        r = conv(f"{name}.conv_res1", silu(r))
+        h = msum(conv(f"{name}.conv_skip", h) if skip and not encoder else h, r, 0.3)
+        if f"{name}.attn_qkv.weight" in state:
+            N, C, H, W = h.shape
+            qkv = unit_rms(conv(f"{name}.attn_qkv", h).reshape(N, C // per_head, per_head, 3, H * W), 2)
+            q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # channel h·3C_h + c·3 + j is q, k, v for j
+            weights = torch.softmax(torch.einsum("nhcq,nhck->nhqk", q, k) / math.sqrt(per_head), dim=-1)
+            h = msum(h, conv(f"{name}.attn_proj", torch.einsum("nhqk,nhck->nhcq", weights, v).reshape(N, C, H, W)), 0.3)
+        return h.clamp(-256, 256)
+
+    t = t.double()
+    fourier = math.sqrt(2) * torch.cos(torch.outer(2.68 * t - 1.59, state["emb_fourier.freqs"].double())
+                                       + state["emb_fourier.phases"].double())
+    emb = conv("emb_noise", fourier)
+    if y is not None:
+        emb = msum(emb, conv("emb_label", F.one_hot(y, num_classes).double() * math.sqrt(num_classes)), 0.5)
+    emb = silu(emb)
+    h, skips = torch.cat([x.double(), torch.ones_like(x[:, :1]).double()], dim=1), []
+    layers = lambda part: dict.fromkeys(".".join(k.split(".")[:2]) for k in state if k.startswith(part))  # noqa: E731
+    for name in layers("enc."):
+        h = conv(name, h) if name.endswith("_conv") else block(name, h, emb)
+        skips.append(h)
+    for name in layers("dec."):
+        if "_block" in name:  # mp_cat with t = 1/2: each part scaled by √((Na + Nb)/2)·(1/2)/√N_part
+            a, b = h, skips.pop()
+            scale = math.sqrt((a.shape[1] + b.shape[1]) / 0.5) * 0.5
+            h = torch.cat([a * scale / math.sqrt(a.shape[1]), b * scale / math.sqrt(b.shape[1])], dim=1)
+        h = block(name, h, emb)
+    return conv("out_conv", h, state["out_gain"].double())
+
+
+@pytest.mark.parametrize("size, n_params", [("S", 280_212_709), ("L", 777_497_957), ("XXL", 1_523_164_645)])
+def test_edm2_real_sizes_have_the_released_keys_shapes_and_counts(size, n_params):
+    """EDM2-S/L/XXL at 64×64×4 (img512), on meta: 200 keys, the released parameter counts, attention where the
+    released file puts it (levels 16² and 8², dec.8x8_in0), the Fourier buffers in the state dict; input_size names."""
+    with torch.device("meta"):
+        model = ucgm.create_model(f"EDM2-{size}", input_size=64, in_channels=4, num_classes=1000)
+        small = ucgm.create_model(f"EDM2-{size}", input_size=32, in_channels=4, num_classes=1000)
+    state = model.state_dict()
+    assert len(state) == 200 and sum(p.numel() for p in model.parameters()) == n_params
+    attention = {k.rsplit(".", 2)[0] for k in state if k.endswith("attn_qkv.weight")}
+    assert attention == {f"enc.{r}x{r}_block{i}" for r in (16, 8) for i in range(3)} | {"dec.8x8_in0"} | \
+        {f"dec.{r}x{r}_block{i}" for r in (16, 8) for i in range(4)}
+    assert "emb_fourier.freqs" in state and "emb_fourier.phases" in state and "dec.8x8_in1.emb_gain" in state
+    if size == "S":
+        assert {k: tuple(state[k].shape) for k in EDM2_S_SHAPES} == EDM2_S_SHAPES
+    small_state = small.state_dict()
+    assert "enc.32x32_conv.weight" in small_state and "dec.4x4_in0.attn_qkv.weight" in small_state
+    assert not any(k.startswith("enc.32x32_block") and "attn" in k for k in small_state)  # 32² has no attention
+
+
+def test_edm2_forward_matches_an_oracle_written_from_the_formulas():
+    """ucgm.EDM2UNet (EDM2-T: skips, downs, ups, 2-head attention, label and noise embeddings) against edm2_oracle."""
+    model = tiny_edm2()
+    x, t, y = 2 * torch.randn(3, 3, 8, 8), torch.tensor([0.1, 0.5, 0.95]), torch.tensor([0, 4, 9])
+    want = edm2_oracle(model.state_dict(), x, t, y, 10)
+    with torch.no_grad():
+        got = model(x, t, y)
+    assert want.abs().mean() > 0.05  # the output depends on the gains
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+    assert set(model.state_dict()) == set(ucgm.create_model("EDM2-T", input_size=8, in_channels=3,
+                                                               num_classes=10).state_dict())
+
+
+def test_edm2_null_label_rows_get_no_class_embedding_without_a_host_read():
+    """A row with y = num_classes equals the unlabelled network (UCGM's unconditional rows skip the label term), the
+    other rows keep theirs, all in one batch without a host read (guidance and label dropout)."""
+    model = tiny_edm2()
+    x, t = torch.randn(4, 3, 8, 8), torch.full((4,), 0.6)
+    y = torch.tensor([3, 10, 7, 10])
+    with torch.no_grad(), HostReads() as counter:
+        mixed = model(x, t, y)
+    with torch.no_grad():
+        unlabelled, labelled = model(x, t), model(x, t, torch.tensor([3, 0, 7, 0]))
+    assert counter.reads == []
+    torch.testing.assert_close(mixed[[1, 3]], unlabelled[[1, 3]])
+    torch.testing.assert_close(mixed[[0, 2]], labelled[[0, 2]])
+    assert not torch.allclose(mixed[0], unlabelled[0], atol=1e-3)
+    want = edm2_oracle(model.state_dict(), x, t, None, 10)  # the noise embedding alone
+    torch.testing.assert_close(unlabelled.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+
+
+def test_edm2_train_mode_forces_weight_normalisation_and_grad_checkpoint_keeps_the_gradients():
+    """In train mode each forward first rewrites every stored weight as w / (1e-4 + ‖w_i‖/√fan_in) (EDM2 Eq. (66))
+    and runs on the rewritten weights; in eval mode the weights stay; grad_checkpoint gives the same gradients."""
+    model = tiny_edm2()
+    before, checkpointed = copy.deepcopy(model.state_dict()), copy.deepcopy(model)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.8]), torch.tensor([1, 10])
+    with torch.no_grad():
+        evaluated = model(x, t, y)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    trained = model.train()(x, t, y)
+    for key, w in before.items():
+        if key.endswith(".weight"):
+            norms = w.flatten(1).norm(dim=1) / math.sqrt(w[0].numel())
+            torch.testing.assert_close(model.state_dict()[key], w / (1e-4 + norms).reshape(-1, *[1] * (w.dim() - 1)))
+        else:  # gains and the Fourier buffers are not rewritten
+            assert torch.equal(model.state_dict()[key], w)
+    trained.square().mean().backward()
+    checkpointed.grad_checkpoint = True
+    checkpointed.train()(x, t, y).square().mean().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), checkpointed.parameters()))
+    with torch.no_grad():  # the forward ran on the rewritten weights, which change the output by O(1e-4) only
+        torch.testing.assert_close(trained, model.eval()(x, t, y))
+    assert 0 < (trained - evaluated).abs().max() < 1e-3 * evaluated.abs().max()
+
+
+def test_edm2_denoiser_is_the_edm_transport_readout():
+    """EDM transport ↔ EDM2's preconditioning (σ_data = 1/2, σ = e^(4(2.68t − 1.59))): x_t = c_in·(x + σz), the target
+    F* = (x − c_skip·x_noisy)/c_out, and x̂ = f^x(F) of Eq. (2) = c_skip·x_noisy + c_out·F, EDM2's D(x_noisy; σ)."""
+    model, edm = tiny_edm2(), ucgm.get_transport("EDM")
+    generator = torch.Generator().manual_seed(0)
+    x, z = (torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    t, y = torch.tensor([0.02, 0.3, 0.7, 0.99], dtype=torch.float64), torch.tensor([1, 2, 3, 4])
+    sigma = torch.exp(4 * (2.68 * t - 1.59)).reshape(-1, 1, 1, 1)
+    c_skip, c_in = 0.25 / (sigma ** 2 + 0.25), 1 / (sigma ** 2 + 0.25).sqrt()
+    c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
+    x_noisy, tb = x + sigma * z, t.reshape(-1, 1, 1, 1)
+    x_t = edm.alpha(tb) * z + edm.gamma(tb) * x
+    torch.testing.assert_close(x_t, c_in * x_noisy)
+    torch.testing.assert_close(edm.alpha_hat(tb) * z + edm.gamma_hat(tb) * x, (x - c_skip * x_noisy) / c_out)
+    with torch.no_grad():
+        F_x = model(x_t.float(), t.float(), y).double()
+    torch.testing.assert_close(edm.readout(F_x, x_t, tb)[0], c_skip * x_noisy + c_out * F_x)
+
+
+class EasyDictStandIn(dict):
+    """Pickled as dnnlib.util.EasyDict (its names set below), as EDM2's network pickles hold it."""
+
+
+def reconstruct_stand_in(meta):
+    """Pickled by name as torch_utils.persistence._reconstruct_persistent_obj; never called."""
+    raise AssertionError("the reader called the pickle's reconstruction function")
+
+
+EasyDictStandIn.__module__, EasyDictStandIn.__qualname__ = "dnnlib.util", "EasyDict"
+reconstruct_stand_in.__module__ = "torch_utils.persistence"
+reconstruct_stand_in.__qualname__ = reconstruct_stand_in.__name__ = "_reconstruct_persistent_obj"
+
+
+class PersistentPickler(pickle.Pickler):
+    """EDM2's network-pickle format: every nn.Module but a ModuleDict a torch_utils.persistence record of its state
+    and of a module source that writes `marker` if it is ever run."""
+    def __init__(self, f, marker):
+        super().__init__(f, protocol=4)
+        self.source = f"open({str(marker)!r}, 'w').write('ran')\n"
+
+    def reducer_override(self, obj):
+        if isinstance(obj, nn.Module) and not isinstance(obj, nn.ModuleDict):
+            meta = dict(type="class", version=6, module_src=self.source, class_name=type(obj).__name__,
+                        state=dict(obj.__dict__))
+            return reconstruct_stand_in, (meta,)
+        return NotImplemented
+
+
+class Precond(nn.Module):
+    """EDM2's Precond layout: the U-Net and the 3 weights of its uncertainty head."""
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.logvar_fourier, self.logvar_linear = unet, ucgm.MPFourier(128), ucgm.MPConv(128, 1, ())
+
+
+class StabilityVAEEncoder(nn.Module):
+    """EDM2's latent encoder record: final latents = raw · scale + bias, numpy float32 arrays."""
+    def __init__(self, raw_mean, raw_std):
+        super().__init__()
+        self.scale = np.float32(0.5) / np.float32(raw_std)
+        self.bias = -np.float32(raw_mean) * self.scale
+
+
+def write_edm2_pickle(path, data, marker, monkeypatch):
+    """Write data as EDM2 does; its dnnlib and torch_utils modules exist (as stand-ins) only while writing."""
+    stand_ins = {"dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": types.ModuleType("dnnlib.util"),
+                 "torch_utils": types.ModuleType("torch_utils"),
+                 "torch_utils.persistence": types.ModuleType("torch_utils.persistence")}
+    stand_ins["dnnlib.util"].EasyDict = EasyDictStandIn
+    stand_ins["torch_utils.persistence"]._reconstruct_persistent_obj = reconstruct_stand_in
+    with monkeypatch.context() as patch, open(path, "wb") as f:
+        for name, module in stand_ins.items():
+            patch.setitem(sys.modules, name, module)
+        PersistentPickler(f, marker).dump(data)
+    assert "dnnlib" not in sys.modules and "torch_utils" not in sys.modules
+
+
+def test_edm2_pickles_are_read_without_running_their_code_and_other_globals_refused(tmp_path, monkeypatch, capsys):
+    """An EDM2 network pickle (EasyDict(encoder, ema=Precond) of persistence records, ModuleDicts, float16 tensors and
+    numpy arrays) gives the U-Net weights and the latent statistics (mean −bias/scale, std 1/scale) with nothing
+    executed, and sample.py samples it; a pickle naming builtins.eval or os.system is refused by name, unexecuted."""
+    marker, unet = tmp_path / "ran", tiny_edm2()
+    ema = Precond(copy.deepcopy(unet)).half()
+    encoder = StabilityVAEEncoder([5.81, 3.25, 0.12], [4.17, 4.62, 3.71])
+    write_edm2_pickle(tmp_path / "net.pkl", EasyDictStandIn(encoder=encoder, dataset_kwargs=EasyDictStandIn(res=8),
+                                                            ema=ema), marker, monkeypatch)
+    model, name, settings = ucgm.load_network(str(tmp_path / "net.pkl"))
+    assert name == "EDM2-T" and not marker.exists() and "dropping the 3 weights logvar_*" in capsys.readouterr().out
+    assert all(torch.equal(model.state_dict()[k], v.half().float()) for k, v in unet.state_dict().items())
+    assert settings["transport"] == "EDM" and settings["sampler"] == {"cfg_scale": 1.0}
+    torch.testing.assert_close(settings["latent_stats"]["mean"], torch.tensor([5.81, 3.25, 0.12]))
+    torch.testing.assert_close(settings["latent_stats"]["std"], torch.tensor([8.34, 9.24, 7.42]))
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "net.pkl"), "--num-samples", "2", "--steps", "2",
+                                   "--out", str(tmp_path / "samples")]))
+    assert np.load(tmp_path / "samples" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3) and not marker.exists()
+
+    class Evil:
+        def __init__(self, function, argument):
+            self.function, self.argument = function, argument
+
+        def __reduce__(self):
+            return self.function, (self.argument,)
+    for function, argument, named in ((eval, f"open({str(marker)!r}, 'w')", "builtins.eval"),
+                                      (os.system, f"touch {marker}", f"{os.system.__module__}.system")):
+        torch.save({}, tmp_path / "evil.pkl")  # replaced below: a file that exists
+        with open(tmp_path / "evil.pkl", "wb") as f:
+            pickle.dump({"ema": {"_parameters": Evil(function, argument)}}, f)
+        with pytest.raises(ValueError, match=rf"evil.pkl: names {re.escape(named)}, .*pickle.load\(f\)\['ema'\]"):
+            ucgm.load_network(str(tmp_path / "evil.pkl"))
+        assert not marker.exists()
+
+
+def test_edm2_state_dicts_load_strictly_and_are_told_from_other_families(tmp_path, capsys):
+    """A bare 200-key-style state dict and a Precond dict (`unet.`, logvar_* dropped with one line) load as EDM2-T;
+    a missing or misshapen key is named; family detection tells EDM2 from the DiT families both ways."""
+    model = tiny_edm2()
+    state = model.state_dict()
+    precond = {**{f"unet.{k}": v for k, v in state.items()}, "logvar_fourier.freqs": torch.zeros(128),
+               "logvar_fourier.phases": torch.zeros(128), "logvar_linear.weight": torch.zeros(1, 128)}
+    assert ucgm.family_of(state) == ucgm.family_of(precond) == "EDM2" and ucgm.family_of(tiny_dit().state_dict()) == "TiT"
+    assert all(ucgm.family_of(ucgm.create_model(n, input_size=16, in_channels=3).state_dict()) == n.split("-")[0]
+               for n in ("TiT-T/4", "LightningDiT-T/4", "DiT-T/4"))
+    for key, value in (("bare", state), ("precond", precond)):
+        torch.save(value, tmp_path / f"{key}.pt")
+        loaded, name, settings = ucgm.load_network(str(tmp_path / f"{key}.pt"))
+        assert name == "EDM2-T" and settings == {"transport": "EDM", "sampler": {"cfg_scale": 1.0}}
+        assert (loaded.input_size, loaded.in_channels, loaded.num_classes) == (8, 3, 10)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    out = capsys.readouterr().out
+    assert out.count("dropping the 3 weights logvar_* (EDM2's uncertainty head)") == 1
+    broken = {k: v for k, v in state.items() if k != "dec.4x4_in1.emb_gain"}
+    torch.save(broken, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="missing key 'dec.4x4_in1.emb_gain'"):
+        ucgm.load_network(str(tmp_path / "missing.pt"))
+    torch.save({**state, "enc.8x8_block0.conv_res1.weight": torch.zeros(32, 32, 1, 1)}, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match=r"key 'enc.8x8_block0.conv_res1.weight' has shape \(32, 32, 1, 1\)"):
+        ucgm.load_network(str(tmp_path / "shape.pt"))
+
+
+def test_train_py_trains_edm2_with_grad_checkpoint_and_its_checkpoint_loads(tmp_path):
+    """train.py on the demo digits (3×24×24: EDM2 levels 24 and 12) with the EDM transport and --grad-checkpoint:
+    finite losses, and the checkpoint loads back as EDM2-T trained on EDM."""
+    found = train_in_process(tmp_path, "--model", "EDM2-T", "--transport", "EDM", "--grad-checkpoint",
+                             "--global-batch-size", "4", "--max-steps", "1")
+    assert len(found) == 1 and math.isfinite(found[0])
+    model, name, settings = ucgm.load_network(str(tmp_path / "checkpoints" / "latest.pt"))
+    assert name == "EDM2-T" and settings["transport"] == "EDM" and "enc.24x24_conv.weight" in model.state_dict()
+
+
+# configs/sampling_multi_steps/in1k512_edm2_s_sdvae_edm.yaml of LINs-lab/UCGM, the model made tiny, in pixel space
+EDM2_CONFIG = {"data": {"image_size": 8, "latent_norm": False, "latent_multiplier": 1.0},
+               "model": {"type": "EDM2-T", "in_chans": 3}, "transport": {"type": "EDM"},
+               "sample": {"cfg_scale": 0.0, "sampling_steps": 40, "stochast_ratio": 0.0, "extrapol_ratio": 0.4,
+                          "sampling_order": 1, "time_dist_ctrl": [1.17, 0.8, 1.1], "rfba_gap_steps": [0.001, 0.001]}}
+
+
+def test_sample_py_samples_a_released_edm2_checkpoint(tmp_path):
+    """A released-config EDM2 checkpoint ({ema, model, config}) sampled at 2 steps by sample.py: EDM transport, no
+    guidance, the released κ and warp, and the images UCGM-S gives by hand."""
+    model = tiny_edm2()
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": EDM2_CONFIG}, tmp_path / "edm2.pt")
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "edm2.pt"), "--num-samples", "2", "--steps", "2",
+                                   "--out", str(tmp_path / "out")]))
+    config = json.loads((tmp_path / "out" / "sample.json").read_text())
+    assert config["model"] == "EDM2-T" and config["transport"] == "EDM"
+    assert {k: config["sampler"][k] for k in ("steps", "kappa", "cfg_scale", "warp")} == \
+        {"steps": 2, "kappa": 0.4, "cfg_scale": 1.0, "warp": [1.17, 0.8, 1.1]}
+    noise = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    want = ucgm.UCGM("EDM").sample(model, noise, steps=2, kappa=0.4, warp=(1.17, 0.8, 1.1), y=torch.tensor([0, 1]))
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "samples.npz")["arr_0"],
+                               ucgm.to_uint8(want).permute(0, 2, 3, 1).numpy(), atol=1)
+
+
+#################################################################################
 #                        Autoencoders, extract_latents.py                       #
 #################################################################################
 
@@ -1727,7 +2063,6 @@ def test_released_config_sets_the_sampler_defaults(tmp_path, config, flags, want
 
 @pytest.mark.parametrize("model_type, vae_type, match", [
     ("UViT-H/2", "sdvae_ema_f8c4", "model 'UViT-H/2', which is not supported"),
-    ("EDM2-S", "edm2_sdvae_f8c4", "model 'EDM2-S', which is not supported"),
     ("SD15-UNet", "sdvae_f8c4", "model 'SD15-UNet', which is not supported")])
 def test_unsupported_released_models_are_named(tmp_path, model_type, vae_type, match):
     config = {**FEWSTEP_CONFIG, "model": {"type": model_type}, "vae": {"type": vae_type}}

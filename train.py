@@ -345,7 +345,7 @@ def build(args, rank, device):
                      f"{model.in_channels}×{model.input_size}×{model.input_size} latents, the data has "
                      f"{data.num_classes} classes of {data.channels}×{data.size}×{data.size}")
     else:
-        ucgm.require(data.size % ucgm.MODELS[args.model]["patch_size"] == 0, f"--model {args.model}: its patch size "
+        ucgm.require(data.size % ucgm.MODELS[args.model].get("patch_size", 1) == 0, f"--model {args.model}: its patch size "
                      f"does not divide the {data.size}×{data.size} latents")
         model = ucgm.create_model(args.model, input_size=data.size, in_channels=data.channels,
                                   num_classes=data.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
@@ -457,6 +457,8 @@ def main(args):
                  f"{args.global_batch_size} must divide by processes × --grad-accum = {world * args.grad_accum}")
     checkpoints, writer = os.path.join(args.out, "checkpoints"), rank == 0 and not args.bench  # --bench writes nothing
     data, model, trainer, ema, opt, teacher_file = build(args, rank, device)
+    if ucgm.family_of(model.state_dict()) not in SAVED_BYTES:  # EDM2: no measured activations, so no estimate
+        budget = None
     if writer:
         os.makedirs(checkpoints, exist_ok=True)
         for stale in glob.glob(os.path.join(checkpoints, "*.tmp*")):  # left by a run killed while saving

@@ -14,6 +14,7 @@ Reading order (the section banners, in order; a test keeps the list true):
   UCGM-S: the unified sampler (paper Alg. 2)
   The network: DiT / SiT, TiT and LightningDiT
   Network: DDT (decoupled diffusion transformer)
+  The network: EDM2 U-Net (magnitude-preserving)
   The autoencoder: LDM AutoencoderKL
   The autoencoder: DC-AE (deep compression)
   Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
@@ -22,9 +23,11 @@ Reading order (the section banners, in order; a test keeps the list true):
 """
 
 import argparse
+import collections
 import contextlib
 import copy
 import datetime
+import io
 import json
 import math
 import os
@@ -752,11 +755,12 @@ MODELS = {f"{family}-{size}/{patch}": dict(hidden_size=width, depth=depth, num_h
 
 
 def create_model(name, **kwargs):
-    """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32); the DDT
-    names build a DDT (its section below)."""
+    """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32); the DDT and
+    EDM2 names build a DDT or an EDM2UNet (their sections below)."""
     if name not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
-    return (DDT if name.startswith("DDT-") else DiT)(**{**MODELS[name], **kwargs})
+    network = DDT if name.startswith("DDT-") else EDM2UNet if name.startswith("EDM2-") else DiT
+    return network(**{**MODELS[name], **kwargs})
 
 
 #################################################################################
@@ -848,6 +852,216 @@ DDT_SIZES = {"T": (64, 3, 2, 2), "XL": (1152, 28, 22, 16)}
 MODELS.update({f"DDT-{size}/{patch}": dict(hidden_size=width, depth=depth, encoder_depth=encoder, num_heads=heads,
                                            patch_size=patch)
                for size, (width, depth, encoder, heads) in DDT_SIZES.items() for patch in (1, 2, 4)})
+
+
+#################################################################################
+#                 The network: EDM2 U-Net (magnitude-preserving)                #
+#################################################################################
+
+# Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2, arXiv 2312.02696): every
+# layer keeps unit-RMS activations; its equations are cited as "EDM2 Eq. (n)"
+
+def mp_normalize(x, dim=None, eps=1e-4):
+    """x / (eps + ‖x‖·√(n/N)) with the norms over `dim` (default: all but the first), n of them, N = numel(x): unit
+    RMS along `dim`; the norms in float32."""
+    dim = list(range(1, x.dim())) if dim is None else dim
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    return x / (eps + norm * math.sqrt(norm.numel() / x.numel())).to(x.dtype)
+
+
+def mp_silu(x):
+    """Magnitude-preserving SiLU (EDM2 Eq. (81))."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a, b, t=0.5):
+    """Magnitude-preserving sum ((1 − t)·a + t·b) / √((1 − t)² + t²) (EDM2 Eq. (88))."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, t=0.5):
+    """Magnitude-preserving concatenation along channels (EDM2 Eq. (103)): a and b weighted (1 − t) and t by size."""
+    na, nb = a.shape[1], b.shape[1]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (c * (1 - t) / math.sqrt(na)), b * (c * t / math.sqrt(nb))], dim=1)
+
+
+def mp_resample(x, mode):
+    """2×2 average pooling ("down"), nearest 2× upsampling ("up") or nothing (None): EDM2's [1, 1] filter."""
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    return F.interpolate(x, scale_factor=2.0, mode="nearest") if mode == "up" else x
+
+
+class MPFourier(nn.Module):
+    """Fourier features √2·cos(freqs·x + phases) of a scalar per sample (EDM2 Eq. (75)), freqs = 2π·N(0, 1) and
+    phases = 2π·U(0, 1): random persistent buffers, so they come from the checkpoint."""
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(channels))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(channels))
+
+    def forward(self, x):
+        angles = torch.outer(x.float(), self.freqs.float()) + self.phases.float()  # (N, C)
+        return (angles.cos() * math.sqrt(2)).to(x.dtype)
+
+
+class MPConv(nn.Module):
+    """Magnitude-preserving convolution (kernel (k, k)) or linear layer (kernel ()), no bias (EDM2 Eq. (47)): the
+    weight is normalised per output channel in every call (in training EDM2UNet.forward also stores it normalised)."""
+    def __init__(self, cin, cout, kernel):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, *kernel))
+
+    def forward(self, x, gain=1.0):
+        w = mp_normalize(self.weight.float()) * (gain / math.sqrt(self.weight[0].numel()))  # unit fan-in norm
+        w = w.to(x.dtype)
+        return x @ w.t() if w.dim() == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+class UNetBlock(nn.Module):
+    """EDM2's encoder or decoder block (EDM2 Fig. 21): resampling; a residual branch scaled by 1 + the embedding,
+    mp_sum-ed into the main path (balance 0.3); optionally self-attention likewise; activations clipped to ±256."""
+    def __init__(self, cin, cout, emb_channels, decoder=False, resample=None, attention=False, channels_per_head=64):
+        super().__init__()
+        self.decoder, self.resample = decoder, resample
+        self.num_heads = cout // channels_per_head if attention else 0
+        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(cin if decoder else cout, cout, (3, 3))
+        self.emb_linear = MPConv(emb_channels, cout, ())
+        self.conv_res1 = MPConv(cout, cout, (3, 3))
+        self.conv_skip = MPConv(cin, cout, (1, 1)) if cin != cout else None
+        if self.num_heads:
+            self.attn_qkv = MPConv(cout, 3 * cout, (1, 1))
+            self.attn_proj = MPConv(cout, cout, (1, 1))
+
+    def attention(self, x):
+        """Multi-head self-attention over the H·W positions with pixel-normalised q, k, v."""
+        N, C, H, W = x.shape
+        qkv = self.attn_qkv(x).reshape(N, self.num_heads, C // self.num_heads, 3, H * W)  # q, k, v per channel
+        q, k, v = (u.transpose(2, 3).contiguous() for u in mp_normalize(qkv, dim=2).unbind(3))  # (N, heads, HW, C_h)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √C_h) v, (N, heads, HW, C_h)
+        return self.attn_proj(y.transpose(2, 3).reshape(N, C, H, W))
+
+    def forward(self, x, emb):
+        x = mp_resample(x, self.resample)
+        if not self.decoder:
+            x = mp_normalize(x if self.conv_skip is None else self.conv_skip(x), dim=1)  # pixel norm
+        y = self.conv_res0(mp_silu(x))
+        scale = self.emb_linear(emb, gain=self.emb_gain) + 1  # (N, C)
+        y = self.conv_res1(mp_silu(y * scale[:, :, None, None].to(y.dtype)))
+        if self.decoder and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, 0.3)
+        if self.num_heads:
+            x = mp_sum(x, self.attention(x), 0.3)
+        return x.clip(-256, 256)
+
+
+class EDM2UNet(nn.Module):
+    """EDM2's U-Net (NVlabs/edm2, as UCGM releases it): forward(x, t, y) returns the raw network output F for the EDM
+    transport, whose x_t is EDM2's preconditioned input c_in·(x + σz), at EDM2's noise label ¼·ln σ = 2.68t − 1.59.
+    Key names and attention follow the resolutions: level ℓ works at input_size / 2^ℓ."""
+    def __init__(self, input_size=64, in_channels=4, num_classes=1000, model_channels=192, channel_mult=(1, 2, 3, 4),
+                 num_blocks=3, attn_resolutions=(16, 8), channels_per_head=64, grad_checkpoint=False):
+        super().__init__()
+        require(input_size % 2 ** (len(channel_mult) - 1) == 0, f"EDM2: input_size {input_size} must be divisible by "
+                f"2^{len(channel_mult) - 1} for its {len(channel_mult)} levels")
+        self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes  # 0: unconditional
+        self.grad_checkpoint = grad_checkpoint
+        widths, emb_channels = [model_channels * m for m in channel_mult], model_channels * max(channel_mult)
+        block = partial(UNetBlock, emb_channels=emb_channels, channels_per_head=channels_per_head)
+        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.emb_fourier = MPFourier(model_channels)
+        self.emb_noise = MPConv(model_channels, emb_channels, ())
+        self.emb_label = MPConv(num_classes, emb_channels, ()) if num_classes else None
+        self.enc, self.dec, c = nn.ModuleDict(), nn.ModuleDict(), in_channels + 1  # + a constant channel of ones
+        for level, width in enumerate(widths):
+            res = input_size >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"], c = MPConv(c, width, (3, 3)), width
+            else:
+                self.enc[f"{res}x{res}_down"] = block(c, c, resample="down")
+            for i in range(num_blocks):
+                self.enc[f"{res}x{res}_block{i}"], c = block(c, width, attention=res in attn_resolutions), width
+        skips = [m.weight.shape[0] if isinstance(m, MPConv) else m.conv_res1.weight.shape[0] for m in self.enc.values()]
+        for level, width in reversed(list(enumerate(widths))):
+            res = input_size >> level
+            if level == len(widths) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(c, c, decoder=True, attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(c, c, decoder=True)
+            else:
+                self.dec[f"{res}x{res}_up"] = block(c, c, decoder=True, resample="up")
+            for i in range(num_blocks + 1):
+                self.dec[f"{res}x{res}_block{i}"] = block(c + skips.pop(), width, decoder=True,
+                                                         attention=res in attn_resolutions)
+                c = width
+        self.out_conv = MPConv(c, in_channels, (3, 3))
+
+    @property
+    def blocks(self):
+        """The encoder and decoder layers in the order they run (train.py compiles each)."""
+        return [*self.enc.values(), *self.dec.values()]
+
+    def embedding(self, t, y):
+        """The block conditioning: Fourier features of the noise label, mp_sum-ed with the class embedding except on
+        rows of the null label `num_classes`, which skip it (UCGM's unconditional rows)."""
+        emb = self.emb_noise(self.emb_fourier(2.68 * t.flatten() - 1.59))  # (N, C_emb)
+        if self.emb_label is not None and y is not None:
+            one_hot = F.one_hot(y, self.num_classes + 1)[:, :self.num_classes]  # the null label: a row of zeros
+            labelled = mp_sum(emb, self.emb_label(one_hot.to(emb.dtype) * math.sqrt(self.num_classes)), 0.5)
+            emb = torch.where((y == self.num_classes)[:, None], emb, labelled)  # no host read
+        return mp_silu(emb)
+
+    def forward(self, x, t, y=None):
+        """x (N, C, H, W), t (N,) in [0, 1] (1: noise), y (N,) int64, num_classes the null label -> F (N, C, H, W)."""
+        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(f"EDM2: expected x of shape (N, {self.in_channels}, {self.input_size}, "
+                             f"{self.input_size}), got {tuple(x.shape)}")
+        if self.training:
+            self.force_weight_normalisation()
+        emb = self.embedding(t, y)
+        x, skips = torch.cat([x, torch.ones_like(x[:, :1])], dim=1), []
+        for name, layer in self.enc.items():
+            x = self.run(layer, x) if name.endswith("_conv") else self.run(layer, x, emb)
+            skips.append(x)
+        for name, layer in self.dec.items():
+            x = self.run(layer, mp_cat(x, skips.pop(), 0.5) if "_block" in name else x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+    @torch.no_grad()
+    def force_weight_normalisation(self):
+        """Replace every stored weight by its normalised self (EDM2 Eq. (66)), as EDM2 does in each training forward:
+        here, outside the blocks, as torch.compile of a block would drop the write and --grad-checkpoint repeat it."""
+        for module in self.modules():
+            if isinstance(module, MPConv):
+                module.weight.copy_(mp_normalize(module.weight.float()))
+
+    def run(self, layer, *inputs):
+        """layer(*inputs), recomputed in the backward with grad_checkpoint (trading compute for memory)."""
+        if self.grad_checkpoint and self.training:
+            return checkpoint(layer, *inputs, use_reentrant=False)
+        return layer(*inputs)
+
+    def flops_per_forward(self):
+        """Matmul FLOPs of one forward for one sample, a multiply-add counting 2: each conv at its layer's resolution
+        (the name's {r}x{r}), attention's QKᵀ and AV at 2·(r²)²·C."""
+        total = 0
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                level = re.match(r"(?:enc|dec)\.(\d+)x", name)  # None for the embedding and output layers
+                res = int(level[1]) if level else self.input_size
+                total += p.numel() * (res * res if p.dim() == 4 else 1)
+                if name.endswith("attn_proj.weight"):
+                    total += 2 * res ** 4 * p.shape[0]
+        return 2 * total
+
+
+# EDM2's sizes (NVlabs/edm2 train_edm2.py) by model_channels; T (tiny) is no paper size but the tests' CPU model
+EDM2_SIZES = {"T": dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, channels_per_head=32),
+              **{size: dict(model_channels=mc) for size, mc in
+                 (("XS", 128), ("S", 192), ("M", 256), ("L", 320), ("XL", 384), ("XXL", 448))}}
+MODELS.update({f"EDM2-{size}": kwargs for size, kwargs in EDM2_SIZES.items()})
 
 
 #################################################################################
@@ -1382,13 +1596,16 @@ RELEASED_SAMPLER_NAMES = {"sampling_steps": "steps", "stochast_ratio": "rho", "e
 # what the weights of each family imply (README, "Reproducing the paper"): LightningDiT was trained on the ReLinear
 # path, and its released results guide only the first 3 of its 32 latent channels
 FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3)),
-                   "DDT": dict(transport="ReLinear")}  # DDT guides all its channels
+                   "DDT": dict(transport="ReLinear"),  # DDT guides all its channels
+                   "EDM2": dict(transport="EDM", sampler=dict(cfg_scale=1.0))}  # EDM2's released rows: no guidance
 # weights in REPA / REPA-E checkpoints that neither sampling nor UCGM training uses
 REPA_EXTRAS = {"projectors.": "REPA's feature-alignment heads", "bn.": "REPA-E's latent BatchNorm statistics"}
 
 
 def family_of(state):
-    """DiT (also SiT, REPA, REPA-E), TiT, LightningDiT or DDT, told from the weight names."""
+    """DiT (also SiT, REPA, REPA-E), TiT, LightningDiT, DDT or EDM2, told from the weight names."""
+    if "emb_fourier.freqs" in state or "unet.emb_fourier.freqs" in state:  # EDM2's noise embedding (or its Precond's)
+        return "EDM2"
     if "s_embedder.proj.weight" in state and state["s_embedder.proj.weight"].dim() == 2:  # DDT's encoder patches
         return "DDT"
     if "blocks.0.norm1.weight" in state:  # only LightningDiT's RMSNorm has a weight
@@ -1408,7 +1625,7 @@ def released_settings(config, where):
     model = re.sub(r"^SiT-", "DiT-", config["model"]["type"])  # UCGM's SiT is our DiT family
     if model not in MODELS:
         raise ValueError(f"{where}: its config names model {config['model']['type']!r}, which is not supported here "
-                         f"(DiT/SiT, TiT, LightningDiT and DDT are; EDM2 and U-Nets are not)")
+                         f"(DiT/SiT, TiT, LightningDiT, DDT and EDM2 are; other U-Nets are not)")
     vae = config.get("vae", {}).get("type")  # one we lack is named where it would be used, unless --vae is given
     data, sample, family = config.get("data", {}), config.get("sample", {}), FAMILY_SETTINGS[model.split("-")[0]]
     sizes = dict(in_channels=config["model"].get("in_chans"), num_classes=data.get("num_classes"),
@@ -1436,7 +1653,7 @@ def read_checkpoint(path, weights, flag):
     settings = released_settings(config, where) if released else None  # an unsupported model is named first
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):  # a Lightning checkpoint
         checkpoint = lightning_weights(checkpoint["state_dict"], weights, where)
-    state = weights_of(checkpoint, weights, where)
+    state = edm2_weights(weights_of(checkpoint, weights, where), where)
     for prefix, what in REPA_EXTRAS.items():
         extra = [key for key in state if key.startswith(prefix)]
         if extra:
@@ -1449,6 +1666,8 @@ def read_checkpoint(path, weights, flag):
                         latent_stats=checkpoint.get("latent_stats"))
     elif not released:
         settings = dict(FAMILY_SETTINGS[family_of(state)])
+        if "latent_stats" in checkpoint:  # an EDM2 pickle's, from its latent encoder
+            settings["latent_stats"] = checkpoint["latent_stats"]
     return state, settings
 
 
@@ -1490,6 +1709,8 @@ def infer_model(state, name=None, where="--ckpt", sizes=None):
     win), the name given or matched by shape."""
     if family_of(state) == "DDT":
         return infer_ddt(state, name, where, sizes or {})
+    if family_of(state) == "EDM2":
+        return infer_edm2(state, name, where)
     width, channels, patch, _ = state["x_embedder.proj.weight"].shape
     grid = math.isqrt(state["pos_embed"].shape[1])
     table = state.get("y_embedder.embedding_table.weight")
@@ -1511,8 +1732,8 @@ def load_network(path, weights="ema", name=None, flag="--ckpt", sizes=None):
     """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly;
     `sizes` (input_size, ...) given by flags win over a released config's."""
     state, settings = read_checkpoint(path, weights, flag)
-    if "x_embedder.proj.weight" not in state:
-        raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight)")
+    if "x_embedder.proj.weight" not in state and family_of(state) != "EDM2":
+        raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight) and no EDM2 ones")
     sizes = {**settings.get("sizes", {}), **(sizes or {})}
     name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}", sizes)
     with torch.device("meta"):  # shapes only: initialising weights that are then overwritten takes 10 s at XL size
@@ -1520,6 +1741,103 @@ def load_network(path, weights="ema", name=None, flag="--ckpt", sizes=None):
     where = f"{flag} {path} (as --model {name})"
     model.load_state_dict(checked_state_dict(model.state_dict(), state, where, strict=True), assign=True)
     return model.float(), name, settings
+
+
+# ----- EDM2: its Precond weights and its network pickles, read without running their code ---------------------------
+
+def edm2_weights(state, where):
+    """The 200 U-Net weights of an EDM2 `Precond` state dict (`unet.` prefix, 203 keys); other states unchanged."""
+    if "unet.emb_fourier.freqs" not in state:
+        return state
+    head = [key for key in state if key.startswith("logvar_")]
+    print(f"{where}: dropping the {len(head)} weights logvar_* (EDM2's uncertainty head), unused here")
+    return {key.removeprefix("unet."): value for key, value in state.items() if key not in head}
+
+
+def infer_edm2(state, name, where):
+    """(model name, create_model kwargs) of EDM2 U-Net weights: model_channels from emb_noise.weight (C_emb, mc),
+    the channels from out_conv, the input size from the first layer's name enc.{r}x{r}_conv, the classes from
+    emb_label."""
+    first = next((key for key in state if re.fullmatch(r"enc\.(\d+)x\1_conv\.weight", key)), "enc.{r}x{r}_conv.weight")
+    missing = next((key for key in ("emb_noise.weight", "out_conv.weight", first) if key not in state), None)
+    require(missing is None, f"{where}: missing key {missing!r} (EDM2 weights of another architecture?)")
+    channels = state["emb_noise.weight"].shape[1]
+    if name is None:
+        matches = [n for n, c in MODELS.items() if n.startswith("EDM2-") and c["model_channels"] == channels]
+        require(matches, f"{where}: an EDM2 U-Net with {channels} model channels matches no model; give --model")
+        name = matches[0]
+    label = state.get("emb_label.weight")
+    return name, dict(input_size=int(re.match(r"enc\.(\d+)x", first)[1]), in_channels=state["out_conv.weight"].shape[0],
+                      num_classes=label.shape[1] if label is not None else 0)
+
+
+class PickledModule(dict):
+    """A torch.nn.ModuleDict of an EDM2 pickle, kept as the dict of its state."""
+    def __setstate__(self, state):
+        self.update(state)
+
+
+def persistent_state(meta):
+    """An EDM2 persistent-object record (torch_utils.persistence): its stored state; its embedded source never runs."""
+    return meta["state"]
+
+
+# every global an EDM2 network pickle names, and what it becomes: tensors, numpy arrays, containers and EDM2's records
+EDM2_PICKLE_GLOBALS = {
+    "torch_utils.persistence._reconstruct_persistent_obj": persistent_state, "dnnlib.util.EasyDict": dict,
+    "collections.OrderedDict": collections.OrderedDict, "torch.nn.modules.container.ModuleDict": PickledModule,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
+    "torch.storage._load_from_bytes": lambda data: torch.load(io.BytesIO(data), weights_only=True),
+    "numpy.core.multiarray._reconstruct": np.empty(0).__reduce__()[0], "numpy.ndarray": np.ndarray,
+    "numpy._core.multiarray._reconstruct": np.empty(0).__reduce__()[0], "numpy.dtype": np.dtype}
+
+
+class EDM2Unpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only EDM2_PICKLE_GLOBALS; any other global is refused and kept as `refused`."""
+    refused = None
+
+    def find_class(self, module, name):
+        if f"{module}.{name}" not in EDM2_PICKLE_GLOBALS:
+            self.refused = f"{module}.{name}"
+            raise pickle.UnpicklingError(f"global {module}.{name} refused")
+        return EDM2_PICKLE_GLOBALS[f"{module}.{name}"]
+
+
+def pickled_state_dict(module, prefix=""):
+    """The state dict of a module state from EDM2Unpickler: its parameters and persistent buffers, then its
+    children's, named by their path as torch names them."""
+    skip = module.get("_non_persistent_buffers_set", set())
+    state = {prefix + k: v for k, v in module["_parameters"].items() if v is not None}
+    state.update({prefix + k: v for k, v in module["_buffers"].items() if v is not None and k not in skip})
+    for name, child in module["_modules"].items():
+        if child is not None:
+            state.update(pickled_state_dict(child, f"{prefix}{name}."))
+    return state
+
+
+def load_edm2_pickle(path, where):
+    """{"ema": its Precond weights in float32, "latent_stats"} of an EDM2 network pickle (a plain pickle of
+    EasyDict(encoder=..., ema=Precond, ...)); mean = −bias/scale and std = 1/scale undo its latent encoder."""
+    with open(path, "rb") as f:
+        unpickler = EDM2Unpickler(f)
+        try:
+            data = unpickler.load()
+            checkpoint = {"ema": {k: v.detach().float() for k, v in pickled_state_dict(data["ema"]).items()}}
+        except Exception as error:  # a refused global, or not an EDM2 network pickle
+            if unpickler.refused:
+                raise ValueError(f"{where} {path}: names {unpickler.refused}, which an EDM2 network pickle does not "
+                                 "(unpickling it could run code); if you trust the file, convert it where NVlabs/edm2 "
+                                 "is cloned: torch.save(pickle.load(f)['ema'].unet.state_dict(), 'unet.pt')") from None
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{where} {path}: not an EDM2 network pickle with an 'ema' network ({reason[:160]})") \
+                from None
+    encoder = data.get("encoder")
+    if isinstance(encoder, dict) and {"scale", "bias"} <= set(encoder):  # final latents = raw · scale + bias
+        scale, bias = (torch.as_tensor(np.asarray(encoder[k], dtype=np.float32)) for k in ("scale", "bias"))
+        checkpoint["latent_stats"] = {"mean": -bias / scale, "std": 1 / scale}
+    return checkpoint
 
 
 #################################################################################
@@ -1638,6 +1956,8 @@ def load_tensor_file(path, where, mmap=False):
         raise ValueError(f"{where} {path}: no such file")
     if str(path).endswith(".safetensors"):
         return load_safetensors(path)
+    if str(path).endswith(".pkl"):  # EDM2's network pickles, read without running their code
+        return load_edm2_pickle(path, where)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # not a zip, cut short, or a pickle that weights_only refuses
@@ -1814,11 +2134,12 @@ def save_image_grid(images, per_row, path):
         grid[:, (i // per_row) * h:(i // per_row + 1) * h, (i % per_row) * w:(i % per_row + 1) * w] = pixels[i]
     atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
-if __name__ == "__main__":  # the reading order, then the model table: parameters and forward GFLOPs at 256 px
+if __name__ == "__main__":  # the reading order, then the model table: parameters and forward GFLOPs
     print(__doc__.strip(), end="\n\n")
     for name in MODELS:
         family = name.split("-")[0]
-        channels, latent = (4, 32) if family == "DiT" else (32, 16)  # SD-VAE f8 / VA-VAE f16d32 latents of 256 px
+        # SD-VAE f8 latents of 256 px (DiT) or 512 px (EDM2), VA-VAE f16d32 latents of 256 px (the others)
+        channels, latent = {"DiT": (4, 32), "EDM2": (4, 64)}.get(family, (32, 16))
         with torch.device("meta"):  # shapes only, so the XL models cost nothing
             model = create_model(name, input_size=latent, in_channels=channels)
         params = sum(p.numel() for p in model.parameters()) / 1e6
