@@ -13,11 +13,11 @@ Reading order (the section banners, in order; a test keeps the list true):
   UCGM-T: the unified trainer (paper Alg. 1)
   UCGM-S: the unified sampler (paper Alg. 2)
   The network: DiT / SiT, TiT and LightningDiT
-  Network: DDT (decoupled diffusion transformer)
+  The network: DDT (decoupled diffusion transformer)
   The network: EDM2 U-Net (magnitude-preserving)
   The autoencoder: LDM AutoencoderKL
   The autoencoder: DC-AE (deep compression)
-  Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT
+  Checkpoints: ours, released UCGM, SiT/REPA, LightningDiT, DDT, EDM2
   File I/O: safetensors, tensor files, atomic writes
   Script plumbing: folders, flags, processes, images
 """
@@ -764,7 +764,7 @@ def create_model(name, **kwargs):
 
 
 #################################################################################
-#                 Network: DDT (decoupled diffusion transformer)                #
+#               The network: DDT (decoupled diffusion transformer)              #
 #################################################################################
 
 class DDTRope(Rope2D):
@@ -1578,7 +1578,7 @@ def load_dcae_weights(model, path):
 
 
 #################################################################################
-#          Checkpoints: ours, released UCGM, SiT / REPA / LightningDiT          #
+#      Checkpoints: ours, released UCGM, SiT/REPA, LightningDiT, DDT, EDM2      #
 #################################################################################
 
 def weights_of(checkpoint, key, where):
