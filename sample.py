@@ -54,7 +54,8 @@ def latent_stats(args, settings, channels, vae):
         if not path or not os.path.isfile(path):
             raise ValueError(f"--latent-stats {args.latent_stats}: no stats file there")
         return ucgm.load_stats(path, channels)
-    stats = settings.get("latent_stats") or ucgm.DEFAULT_LATENT_STATS.get(vae)
+    stats = settings.get("latent_stats") or (ucgm.DEFAULT_LATENT_STATS.get(vae) if settings.get("latent_norm", True)
+                                              else None)  # a config saying raw latents keeps them raw
     if stats is None and settings.get("latent_norm"):  # a released model on normalised latents: stats in a file
         raise ValueError(f"--ckpt {args.ckpt}: the model was trained on normalised latents (data.latent_norm); give "
                          f"--latent-stats (the released pipeline reads {settings['released_stats']})")

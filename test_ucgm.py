@@ -1098,6 +1098,7 @@ def test_ddt_lightning_checkpoint_loads_its_ema_and_names_bad_keys(tmp_path, cap
     torch.save({"state_dict": state, "epoch": 3, "global_step": 100, "loops": {}}, tmp_path / "last.ckpt")
     with pytest.raises(ValueError, match=r"matches \['DDT-T/1', 'DDT-T/2'\]; give --model$"):
         ucgm.load_network(str(tmp_path / "last.ckpt"), sizes={"input_size": 8})
+    assert ucgm.load_network(str(tmp_path / "last.ckpt"), sizes={"input_size": 8, "in_channels": 3})[1] == "DDT-T/2"
     with pytest.raises(ValueError, match="DDT weights do not tell the latent size .* give --input-size"):
         ucgm.load_network(str(tmp_path / "last.ckpt"), name="DDT-T/2")
     capsys.readouterr()
@@ -1303,6 +1304,17 @@ def test_edm2_train_mode_forces_weight_normalisation_and_grad_checkpoint_keeps_t
     with torch.no_grad():  # the forward ran on the rewritten weights, which change the output by O(1e-4) only
         torch.testing.assert_close(trained, model.eval()(x, t, y))
     assert 0 < (trained - evaluated).abs().max() < 1e-3 * evaluated.abs().max()
+
+
+@pytest.mark.parametrize("lam, zeta", [(1.0, 0.0), (0.5, 0.0), (0.0, 0.5)])
+def test_edm2_trains_with_the_no_grad_passes_of_ucgm(lam, zeta):
+    """UCGM-T's no-grad passes of the online model (Δf of Alg. 1 l.9-13, θ⁻ = θ for l.6) leave the weights the grad
+    pass saved untouched: only a grad-enabled train-mode forward renormalises them."""
+    model = tiny_edm2().train()
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 3, 7, 9])
+    ucgm.UCGM("EDM", lam=lam, zeta=zeta, teacher_decay=0.0).loss(model, x, y).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
+               and p.dim() > 1)
 
 
 def test_edm2_denoiser_is_the_edm_transport_readout():
@@ -2172,7 +2184,9 @@ def test_train_py_tunes_released_layouts_into_a_few_step_model(tmp_path):
                                                                        transport)
         assert not any(k.startswith("teacher.") for k in state["ucgm"])  # frozen: named and checksummed, not copied
         assert state["teacher_file"] == {"path": ckpt, "sha256": train.sha256_of(model.state_dict())}
-        assert not torch.equal(state["model"]["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
+        start = model.state_dict()["blocks.0.attn.qkv.weight"]
+        moved = (state["model"]["blocks.0.attn.qkv.weight"] - start).norm()
+        assert moved > 0 and (state["ema"]["blocks.0.attn.qkv.weight"] - start).norm() < 0.1 * moved  # EMA 0.99, no warm-up
         assert all(math.isfinite(loss) for _, loss in losses(tmp_path / name))
         assert (tmp_path / name / "samples_0000003.png").exists()
     other = {k: v + 1 if k == "blocks.0.attn.qkv.weight" else v for k, v in sit.state_dict().items()}

@@ -333,7 +333,7 @@ def build(args, rank, device):
     else:
         data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats) if args.data else DigitsDataset(args.seed)
     init = ucgm.load_network(args.init, args.init_weights, args.model, "--init",  # DDT's weights hold no latent size
-                             sizes={"input_size": data.size}) if args.init else None
+                             sizes={"input_size": data.size, "in_channels": data.channels}) if args.init else None
     if init:  # unless given, the architecture and the transport are those of the start weights
         args.model, args.transport = init[1], args.transport or init[2].get("transport", "Linear")
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
@@ -515,7 +515,8 @@ def main(args):
                                f"{micro_batch} images a micro-batch on {name}"):
             step_loss, grad_norm, stepped = train_step(args, net, model, trainer, opt, x, y, autocast)
         if stepped and ema is not None:
-            decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
+            # a new network's EMA warms up (early weights fade fast); from --init weights, the constant decay as released
+            decay = args.ema_decay if args.init else min(args.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
         bad_in_a_row, skipped = (0, skipped) if stepped else (bad_in_a_row + 1, skipped + 1)
         ucgm.require(bad_in_a_row < args.max_bad_steps, f"stopping: {bad_in_a_row} consecutive non-finite losses or "

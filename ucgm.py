@@ -1018,7 +1018,7 @@ class EDM2UNet(nn.Module):
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(f"EDM2: expected x of shape (N, {self.in_channels}, {self.input_size}, "
                              f"{self.input_size}), got {tuple(x.shape)}")
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # not in UCGM's no-grad passes: the grad pass saved these weights
             self.force_weight_normalisation()
         emb = self.embedding(t, y)
         x, skips = torch.cat([x, torch.ones_like(x[:, :1])], dim=1), []
@@ -1724,8 +1724,8 @@ def infer_model(state, name=None, where="--ckpt", sizes=None):
                              f"give --model")
         name = matches[0]
     out_channels = state["final_layer.linear.weight"].shape[0] // patch ** 2
-    return name, {"input_size": grid * patch, "in_channels": channels, "learn_sigma": out_channels == 2 * channels,
-                  "num_classes": table.shape[0] - 1 if table is not None else 1, **(sizes or {})}
+    return name, {**(sizes or {}), "input_size": grid * patch, "in_channels": channels,  # the weights tell them all
+                  "learn_sigma": out_channels == 2 * channels, "num_classes": table.shape[0] - 1 if table is not None else 1}
 
 
 def load_network(path, weights="ema", name=None, flag="--ckpt", sizes=None):
@@ -1789,7 +1789,7 @@ EDM2_PICKLE_GLOBALS = {
     "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
-    "torch.storage._load_from_bytes": lambda data: torch.load(io.BytesIO(data), weights_only=True),
+    "torch.storage._load_from_bytes": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
     "numpy.core.multiarray._reconstruct": np.empty(0).__reduce__()[0], "numpy.ndarray": np.ndarray,
     "numpy._core.multiarray._reconstruct": np.empty(0).__reduce__()[0], "numpy.dtype": np.dtype}
 
