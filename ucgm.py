@@ -626,13 +626,13 @@ def run_block(block, x, c, rope, grad_checkpoint):
 
 
 class Block(nn.Module):
-    """Transformer block with adaLN-Zero conditioning; DDT's has swiglu "bias-free", no qkv bias and no adaLN SiLU."""
-    def __init__(self, dim, num_heads, mlp_ratio, norm, qk_norm, swiglu, qkv_bias=True, adaln_silu=True):
+    """Transformer block with adaLN-Zero conditioning; DDT's has no MLP or qkv bias and no adaLN SiLU."""
+    def __init__(self, dim, num_heads, mlp_ratio, norm, qk_norm, swiglu, qkv_bias=True, mlp_bias=True, adaln_silu=True):
         super().__init__()
         self.norm1, self.norm2 = norm(dim), norm(dim)
         self.attn = Attention(dim, num_heads, norm if qk_norm else None, qkv_bias)
         hidden = int(dim * mlp_ratio)
-        gated = BiasFreeSwiGLU if swiglu == "bias-free" else SwiGLU
+        gated = SwiGLU if mlp_bias else BiasFreeSwiGLU
         self.mlp = gated(dim, int(2 / 3 * hidden)) if swiglu else Mlp(dim, hidden)
         self.adaLN_modulation = adaln(dim, 6, adaln_silu)
 
@@ -801,7 +801,7 @@ class DDT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels,
                                       partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6), adaln_silu=False)
         self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, partial(RMSNorm, affine=True),
-                                           qk_norm=True, swiglu="bias-free", qkv_bias=False, adaln_silu=False)
+                                           qk_norm=True, swiglu=True, qkv_bias=False, mlp_bias=False, adaln_silu=False)
                                      for _ in range(depth)])
         # a fixed table, not a weight: made for real also on the meta device, where load_network builds the model
         # and loading (assign=True) would leave a non-persistent buffer empty
@@ -1725,7 +1725,8 @@ def infer_model(state, name=None, where="--ckpt", sizes=None):
         name = matches[0]
     out_channels = state["final_layer.linear.weight"].shape[0] // patch ** 2
     return name, {**(sizes or {}), "input_size": grid * patch, "in_channels": channels,  # the weights tell them all
-                  "learn_sigma": out_channels == 2 * channels, "num_classes": table.shape[0] - 1 if table is not None else 1}
+                  "learn_sigma": out_channels == 2 * channels,
+                  "num_classes": table.shape[0] - 1 if table is not None else 1}
 
 
 def load_network(path, weights="ema", name=None, flag="--ckpt", sizes=None):
