@@ -2454,7 +2454,8 @@ RELEASED_TUNING = [
     ("tune-repae", "Linear", dict(enhanced_ratio=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000,
                                   type="RAdam")),
     ("tune-ddt", "ReLinear", dict(enhanced_ratio=1.9, global_batch_size=512, max_steps=800, ckpt_every=800,
-                                  type="RAdam"))]
+                                  type="RAdam")),
+    ("tune-edm2", "EDM", dict(enhanced_ratio=1.7, global_batch_size=1024, max_steps=800, ckpt_every=800, type="RAdam"))]
 RELEASED_TUNING_COMMON = dict(lab_drop_ratio=0.1, consistc_ratio=1.0, enhanced_style="fc-vs-fe", scaled_cbl_eps=5.0,
                               ema_decay_rate=1.0, enhanced_range=[0.0, 0.75], time_dist_ctrl=[0.8, 1.0, 1.0],
                               weight_funcion="Cosine", wt_cosine_loss=False, lr=0.0001, weight_decay=0.0, beta1=0.9,
@@ -2477,7 +2478,7 @@ def test_tuning_presets_are_the_released_tuning_configs(preset, transport, relea
             c["max_grad_norm"], c["ema_decay"], c["global_batch_size"], c["max_steps"], c["ckpt_every"],
             c["log_every"])
     assert got == want
-    family = {"tune-lightningdit": "LightningDiT", "tune-ddt": "DDT"}.get(preset, "DiT")
+    family = {"tune-lightningdit": "LightningDiT", "tune-ddt": "DDT", "tune-edm2": "EDM2"}.get(preset, "DiT")
     assert ucgm.FAMILY_SETTINGS[family].get("transport", "Linear") == transport
 
 

@@ -38,7 +38,8 @@ BASE = dict(transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), la
             lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, log_every=100,
             ckpt_every=20_000, sample_every=20_000, sample_cfg=1.0)
 # tuning a pre-trained model into a 2-step one, as the later released trainer's tuning_few_steps configs: the frozen
-# start weights as teacher, fc-vs-fe; the transport is that of the --init weights (ReLinear for LightningDiT and DDT)
+# start weights as teacher, fc-vs-fe; the transport is that of the --init weights (ReLinear for LightningDiT and DDT,
+# EDM for EDM2)
 TUNE = dict(lam=1.0, enhance_style="fc-vs-fe", huber_c=5.0, teacher_decay=1.0, enhance_range=(0.0, 0.75),
             time_dist=(0.8, 1.0, 1.0), weighting="cosine", cosine_loss=False, label_drop=0.1, optimizer="radam",
             lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=0.1, ema_decay=0.99, log_every=100)
@@ -50,7 +51,8 @@ PRESETS = {
     "tune-lightningdit": dict(TUNE, zeta=3.0, global_batch_size=256, max_steps=3200, ckpt_every=1600),
     "tune-repa": dict(TUNE, zeta=1.7, optimizer="clion", global_batch_size=8, max_steps=800, ckpt_every=800),
     "tune-repae": dict(TUNE, zeta=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000),
-    "tune-ddt": dict(TUNE, zeta=1.9, global_batch_size=512, max_steps=800, ckpt_every=800)}
+    "tune-ddt": dict(TUNE, zeta=1.9, global_batch_size=512, max_steps=800, ckpt_every=800),
+    "tune-edm2": dict(TUNE, zeta=1.7, global_batch_size=1024, max_steps=800, ckpt_every=800)}
 # the digits demo without --data: a 1.3M-parameter TiT on 24×24 pixels (36 tokens), ~0.16 s a step on 2 CPU cores;
 # unweighted loss (the cos(πt/2) weight starves the high-noise steps that decide the digit) and guided grids
 DEMO = dict(model="TiT-T/4", global_batch_size=48, max_steps=1800, lr=2e-3, weighting="none", log_every=50,
