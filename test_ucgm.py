@@ -1170,7 +1170,7 @@ def tiny_edm2(in_channels=3, num_classes=10, seed=0):
 
 
 def edm2_oracle(state, x, t, y, num_classes, per_head=32):
-    """EDM2's U-Net from its formulas over a state dict, in float64 (EDM2 Eq. (47), (75), (81), (88), (103), Fig. 21;
+    """EDM2's U-Net from its formulas over a state dict, in float64 (EDM2's MP layers and its Fig. 21 U-Net;
     the (C_h, 3) interleave of q, k, v): an independent check of ucgm.EDM2UNet."""
     def conv(name, h, gain=1.0):  # a weight normalised per output channel to unit fan-in RMS, times gain/√fan_in
         w = state[f"{name}.weight"].double()
@@ -1282,7 +1282,7 @@ def test_edm2_null_label_rows_get_no_class_embedding_without_a_host_read():
 
 
 def test_edm2_train_mode_forces_weight_normalisation_and_grad_checkpoint_keeps_the_gradients():
-    """In train mode each forward first rewrites every stored weight as w / (1e-4 + ‖w_i‖/√fan_in) (EDM2 Eq. (66))
+    """In train mode each forward first rewrites every stored weight as w / (1e-4 + ‖w_i‖/√fan_in) (EDM2)
     and runs on the rewritten weights; in eval mode the weights stay; grad_checkpoint gives the same gradients."""
     model = tiny_edm2()
     before, checkpointed = copy.deepcopy(model.state_dict()), copy.deepcopy(model)

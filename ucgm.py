@@ -859,7 +859,7 @@ MODELS.update({f"DDT-{size}/{patch}": dict(hidden_size=width, depth=depth, encod
 #################################################################################
 
 # Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2, arXiv 2312.02696): every
-# layer keeps unit-RMS activations; its equations are cited as "EDM2 Eq. (n)"
+# layer keeps unit-RMS activations ("(EDM2)" below: the layer as that paper and NVlabs/edm2 define it)
 
 def mp_normalize(x, dim=None, eps=1e-4):
     """x / (eps + ‖x‖·√(n/N)) with the norms over `dim` (default: all but the first), n of them, N = numel(x): unit
@@ -870,17 +870,17 @@ def mp_normalize(x, dim=None, eps=1e-4):
 
 
 def mp_silu(x):
-    """Magnitude-preserving SiLU (EDM2 Eq. (81))."""
+    """Magnitude-preserving SiLU (EDM2)."""
     return F.silu(x) / 0.596
 
 
 def mp_sum(a, b, t=0.5):
-    """Magnitude-preserving sum ((1 − t)·a + t·b) / √((1 − t)² + t²) (EDM2 Eq. (88))."""
+    """Magnitude-preserving sum ((1 − t)·a + t·b) / √((1 − t)² + t²) (EDM2)."""
     return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
 def mp_cat(a, b, t=0.5):
-    """Magnitude-preserving concatenation along channels (EDM2 Eq. (103)): a and b weighted (1 − t) and t by size."""
+    """Magnitude-preserving concatenation along channels (EDM2): a and b weighted (1 − t) and t by size."""
     na, nb = a.shape[1], b.shape[1]
     c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
     return torch.cat([a * (c * (1 - t) / math.sqrt(na)), b * (c * t / math.sqrt(nb))], dim=1)
@@ -894,7 +894,7 @@ def mp_resample(x, mode):
 
 
 class MPFourier(nn.Module):
-    """Fourier features √2·cos(freqs·x + phases) of a scalar per sample (EDM2 Eq. (75)), freqs = 2π·N(0, 1) and
+    """Fourier features √2·cos(freqs·x + phases) of a scalar per sample (EDM2), freqs = 2π·N(0, 1) and
     phases = 2π·U(0, 1): random persistent buffers, so they come from the checkpoint."""
     def __init__(self, channels):
         super().__init__()
@@ -907,7 +907,7 @@ class MPFourier(nn.Module):
 
 
 class MPConv(nn.Module):
-    """Magnitude-preserving convolution (kernel (k, k)) or linear layer (kernel ()), no bias (EDM2 Eq. (47)): the
+    """Magnitude-preserving convolution (kernel (k, k)) or linear layer (kernel ()), no bias (EDM2): the
     weight is normalised per output channel in every call (in training EDM2UNet.forward also stores it normalised)."""
     def __init__(self, cin, cout, kernel):
         super().__init__()
@@ -1031,7 +1031,7 @@ class EDM2UNet(nn.Module):
 
     @torch.no_grad()
     def force_weight_normalisation(self):
-        """Replace every stored weight by its normalised self (EDM2 Eq. (66)), as EDM2 does in each training forward:
+        """Replace every stored weight by its normalised self (EDM2), as EDM2 does in each training forward:
         here, outside the blocks, as torch.compile of a block would drop the write and --grad-checkpoint repeat it."""
         for module in self.modules():
             if isinstance(module, MPConv):
