@@ -618,11 +618,12 @@ def adaln(dim, chunks, silu=True):
     return nn.Sequential(*([nn.SiLU()] if silu else []), nn.Linear(dim, chunks * dim))
 
 
-def run_block(block, x, c, rope, grad_checkpoint):
-    """block(x, c, rope); with grad_checkpoint recomputed in the backward, trading compute for memory."""
-    if grad_checkpoint:
-        return checkpoint(block, x, c, rope, use_reentrant=False)
-    return block(x, c, rope)
+def run_block(block, *inputs, recompute=False):
+    """block(*inputs); with recompute (--grad-checkpoint in training) recomputed in the backward, trading compute for
+    memory."""
+    if recompute:
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
 
 
 class Block(nn.Module):
@@ -722,7 +723,7 @@ class DiT(nn.Module):
         c = c.unsqueeze(1)  # (N, 1, D): one condition for every token
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         for block in self.blocks:
-            x = run_block(block, x, c, self.feat_rope, self.grad_checkpoint and self.training)
+            x = run_block(block, x, c, self.feat_rope, recompute=self.grad_checkpoint and self.training)
         x = self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)
         return x[:, :self.in_channels]  # a learned-sigma half, if any, is unused
 
@@ -832,11 +833,11 @@ class DDT(nn.Module):
         c = F.silu(t_emb + self.y_embedder(y).unsqueeze(1))  # (N, 1, D): one condition for every token
         s = self.s_embedder(x)  # (N, T, D)
         for block in self.blocks[:self.encoder_depth]:
-            s = run_block(block, s, c, self.rope, checkpointed)
+            s = run_block(block, s, c, self.rope, recompute=checkpointed)
         s = F.silu(t_emb + s)  # (N, T, D): the encoder's output conditions the decoder per token
         h = self.x_embedder(x)  # (N, T, D)
         for block in self.blocks[self.encoder_depth:]:
-            h = run_block(block, h, s, self.rope, checkpointed)
+            h = run_block(block, h, s, self.rope, recompute=checkpointed)
         h = self.final_layer(h, s).transpose(1, 2)  # (N, C·p·p, T), each patch in (c, kh, kw) order
         return F.fold(h, x.shape[-2:], self.patch_size, stride=self.patch_size)  # (N, C, H, W)
 
@@ -1022,11 +1023,13 @@ class EDM2UNet(nn.Module):
             self.force_weight_normalisation()
         emb = self.embedding(t, y)
         x, skips = torch.cat([x, torch.ones_like(x[:, :1])], dim=1), []
+        recompute = self.grad_checkpoint and self.training
         for name, layer in self.enc.items():
-            x = self.run(layer, x) if name.endswith("_conv") else self.run(layer, x, emb)
+            x = run_block(layer, x, recompute=recompute) if name.endswith("_conv") else \
+                run_block(layer, x, emb, recompute=recompute)
             skips.append(x)
         for name, layer in self.dec.items():
-            x = self.run(layer, mp_cat(x, skips.pop(), 0.5) if "_block" in name else x, emb)
+            x = run_block(layer, mp_cat(x, skips.pop(), 0.5) if "_block" in name else x, emb, recompute=recompute)
         return self.out_conv(x, gain=self.out_gain)
 
     @torch.no_grad()
@@ -1036,12 +1039,6 @@ class EDM2UNet(nn.Module):
         for module in self.modules():
             if isinstance(module, MPConv):
                 module.weight.copy_(mp_normalize(module.weight.float()))
-
-    def run(self, layer, *inputs):
-        """layer(*inputs), recomputed in the backward with grad_checkpoint (trading compute for memory)."""
-        if self.grad_checkpoint and self.training:
-            return checkpoint(layer, *inputs, use_reentrant=False)
-        return layer(*inputs)
 
     def flops_per_forward(self):
         """Matmul FLOPs of one forward for one sample, a multiply-add counting 2: each conv at its layer's resolution
@@ -1706,17 +1703,17 @@ def infer_ddt(state, name, where, sizes):
 
 def infer_model(state, name=None, where="--ckpt", sizes=None):
     """(model name, create_model kwargs): the data shape from the weights (`sizes`, of a released config or flags,
-    win), the name given or matched by shape."""
-    if family_of(state) == "DDT":
+    give what DDT's weights do not tell), the name given or matched by shape."""
+    family = family_of(state)
+    if family == "DDT":
         return infer_ddt(state, name, where, sizes or {})
-    if family_of(state) == "EDM2":
+    if family == "EDM2":
         return infer_edm2(state, name, where)
     width, channels, patch, _ = state["x_embedder.proj.weight"].shape
     grid = math.isqrt(state["pos_embed"].shape[1])
     table = state.get("y_embedder.embedding_table.weight")
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     if name is None:
-        family = family_of(state)
         matches = [n for n, c in MODELS.items() if n.split("-")[0] == family
                    and (c["hidden_size"], c["depth"], c["patch_size"]) == (width, depth, patch)]
         if not matches:
