@@ -84,18 +84,20 @@ def keep_readable(items):
     return torch.tensor([i for i, _ in good], dtype=torch.long), images, len(items) - len(good)
 
 
-def encode(autoencoder, images, indices, seed, autocast):
-    """Latents of the images and of their horizontal flips; a posterior sample draws its noise from (seed, index)."""
-    batch = torch.cat([images, images.flip(-1)])
+def encode(autoencoder, images, indices, seed, autocast, flip=True):
+    """Latents of the images and (with flip) of their horizontal flips; a posterior sample draws its noise from
+    (seed, index), the same draws with and without flips."""
+    views = 2 if flip else 1
+    batch = torch.cat([images, images.flip(-1)][:views])
     noise = None
     if autoencoder.sample_posterior:
         shape = (2, autoencoder.channels, images.shape[-2] // autoencoder.factor, images.shape[-1] // autoencoder.factor)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + int(i)))
                              for i in indices])  # (N, 2, C, h, w): one draw for the image, one for its flip
-        noise = noise.transpose(0, 1).reshape(-1, *shape[1:]).to(images.device)
+        noise = noise[:, :views].transpose(0, 1).reshape(-1, *shape[1:]).to(images.device)
     with torch.no_grad(), autocast:
         latents = autoencoder.encode(batch, noise).float()
-    return latents.chunk(2)
+    return latents.chunk(views)
 
 
 def shard_path(out, k):
@@ -153,7 +155,7 @@ def main(args):
     autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device)
     check_image_size(args, autoencoder)
     config = {"images": os.path.abspath(args.images), "count": len(paths), "vae": args.vae,
-              "image_size": args.image_size, "shard_size": args.shard_size, "seed": args.seed}
+              "image_size": args.image_size, "shard_size": args.shard_size, "seed": args.seed, "flip": args.flip}
     ucgm.claim_folder(args.out, "extract.json", config, write=rank == 0)
     if rank == 0:
         ucgm.write_json(os.path.join(args.out, "classes.json"), classes)
@@ -171,15 +173,15 @@ def main(args):
                            args.image_size)
         loader = torch.utils.data.DataLoader(files, args.batch_size, num_workers=args.num_workers,
                                              collate_fn=keep_readable)
-        shard = {"latents": [], "latents_flip": [], "labels": []}
+        shard = {"latents": [], "latents_flip": [], "labels": []} if args.flip else {"latents": [], "labels": []}
         for indices, images, dropped in loader:
             skipped += dropped
             bar.update(len(indices) + dropped)
             if images is None:
                 continue
-            latents, latents_flip = encode(autoencoder, images.to(device), indices, args.seed, autocast)
-            shard["latents"].append(latents.cpu())
-            shard["latents_flip"].append(latents_flip.cpu())
+            views = encode(autoencoder, images.to(device), indices, args.seed, autocast, args.flip)
+            for key, latents in zip(("latents", "latents_flip"), views):
+                shard[key].append(latents.cpu())
             shard["labels"].append(torch.tensor([labels[i] for i in indices]))
         if shard["labels"]:
             ucgm.save_safetensors({key: torch.cat(value) for key, value in shard.items()}, shard_path(args.out, k))
@@ -189,26 +191,47 @@ def main(args):
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        mean, std = latent_stats(args.out, num_shards, args.stats_images)
+        mean, std, used, encoded = latent_stats(args.out, num_shards, args.stats_images, args.seed)
         ucgm.atomic_write(os.path.join(args.out, "latents_stats.pt"), lambda f: torch.save({"mean": mean, "std": std}, f))
-        print(f"{args.out}: {len(paths)} images in {num_shards} shards; {int(total_skipped)} unreadable images "
-              f"skipped in this run; latent mean {mean.flatten()[:4].tolist()}..., std {std.flatten()[:4].tolist()}...")
+        ucgm.write_json(os.path.join(args.out, ucgm.LATENTS_INFO), provenance(args, len(paths), encoded, used))
+        print(f"{args.out}: {encoded} of {len(paths)} images in {num_shards} shards; {int(total_skipped)} unreadable "
+              f"images skipped in this run; latent mean {mean.flatten()[:4].tolist()}..., std "
+              f"{std.flatten()[:4].tolist()}... of {used} random images")
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def latent_stats(out, num_shards, max_images):
-    """Per-channel mean and std (1, C, 1, 1) of the latents of the first max_images images, as released."""
-    chunks, count = [], 0
-    for k in range(num_shards):
-        if count >= max_images:
-            break
-        if os.path.exists(shard_path(out, k)):  # a shard of unreadable images only is never written
-            latents = ucgm.load_safetensors(shard_path(out, k))["latents"][:max_images - count]
-            chunks.append(latents.double())
-            count += len(latents)
-    latents = torch.cat(chunks)
-    return latents.mean((0, 2, 3), keepdim=True).float(), latents.std((0, 2, 3), keepdim=True).float()
+def latent_stats(out, num_shards, stats_images, seed):
+    """(mean, std, images used, images encoded): per-channel mean and std (1, C, 1, 1) of the latents of
+    `stats_images` images drawn at random (seeded) from the whole set, or of all ("all"), as the released pipelines
+    do; the shards alone decide the draw, so it is the same for any number of processes."""
+    shards = [ucgm.load_safetensors(shard_path(out, k))["latents"] for k in range(num_shards)
+              if os.path.exists(shard_path(out, k))]  # a shard of unreadable images only is never written
+    offsets = np.cumsum([0] + [len(latents) for latents in shards])
+    count = int(offsets[-1])
+    chosen = torch.arange(count) if stats_images == "all" or stats_images >= count else \
+        torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:stats_images].sort().values
+    total = torch.zeros(shards[0].shape[1], dtype=torch.float64)
+    square = torch.zeros_like(total)
+    for k, latents in enumerate(shards):  # one shard's chosen rows at a time: memory holds no more than a shard
+        rows = chosen[(chosen >= offsets[k]) & (chosen < offsets[k + 1])] - int(offsets[k])
+        picked = latents[rows].double()
+        total += picked.sum((0, 2, 3))
+        square += picked.square().sum((0, 2, 3))
+    n = len(chosen) * shards[0].shape[2] * shards[0].shape[3]  # values per channel
+    mean = total / n
+    std = ((square - n * mean.square()) / (n - 1)).clamp_min(0).sqrt()  # the unbiased std, as torch.std
+    return mean.reshape(1, -1, 1, 1).float(), std.reshape(1, -1, 1, 1).float(), len(chosen), count
+
+
+def provenance(args, listed, encoded, stats_images):
+    """The record of what made the latents (ucgm.LATENTS_INFO): train.py and sample.py take the autoencoder from it."""
+    vae_path = os.path.abspath(args.vae_path) if args.vae_path else None
+    return {"autoencoder": args.vae, "vae_path": vae_path, "vae_sha256": vae_path and ucgm.file_sha256(vae_path),
+            "images": os.path.abspath(args.images), "image_size": args.image_size,
+            "crop": "ADM centre crop (BOX halving, BICUBIC resize, centre square)", "listed_images": listed,
+            "encoded_images": encoded, "flips": args.flip, "stats_images": stats_images, "seed": args.seed,
+            "precision": args.precision}
 
 
 def parse_args(argv=None):
@@ -222,8 +245,10 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=ucgm.number("[1, inf)", int), default=10_000, help="images per shard")
     p.add_argument("--batch-size", type=ucgm.number("[1, inf)", int), default=64,
                    help="images per encoder call (and their flips)")
-    p.add_argument("--stats-images", type=ucgm.number("[1, inf)", int), default=10_000,
-                   help="images for the per-channel mean/std")
+    p.add_argument("--stats-images", type=ucgm.number("[1, inf)", int, words=["all"]), default=10_000,
+                   help="random images (seeded by --seed) for the per-channel mean/std, or 'all' (10000)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="also encode each image's horizontal flip (--no-flip for text, digits, some medical images)")
     p.add_argument("--num-workers", type=ucgm.number("[0, inf)", int), default=4,
                    help="image-decoding processes per rank")
     p.add_argument("--seed", type=ucgm.seed, default=0, help="seed of the posterior samples (VA-VAE)")

@@ -2994,7 +2994,7 @@ BAD_FLAGS = [  # (script, flag and values, what argparse says after "argument FL
     ("extract_latents", ["--image-size", "0"], "expected an integer >= 1, got 0"),
     ("extract_latents", ["--shard-size", "0"], "expected an integer >= 1, got 0"),
     ("extract_latents", ["--batch-size", "0"], "expected an integer >= 1, got 0"),
-    ("extract_latents", ["--stats-images", "0"], "expected an integer >= 1, got 0"),
+    ("extract_latents", ["--stats-images", "0"], "expected an integer >= 1 or 'all', got 0"),
     ("extract_latents", ["--num-workers", "-1"], "expected an integer >= 0, got -1"),
     ("extract_latents", ["--seed", "1.5"], "expected an integer in [0, 4294967296), got 1.5")]
 

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import glob
+import importlib
 import inspect
 import json
 import hashlib
@@ -25,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import fid
 import ucgm
 
 #################################################################################
@@ -44,10 +46,12 @@ TUNE = dict(lam=1.0, enhance_style="fc-vs-fe", huber_c=5.0, teacher_decay=1.0, e
             time_dist=(0.8, 1.0, 1.0), weighting="cosine", cosine_loss=False, label_drop=0.1, optimizer="radam",
             lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=0.1, ema_decay=0.99, log_every=100)
 PRESETS = {
+    # the released lengths: multi-step checkpoints at 500k steps (1M for E2E-VAE and DC-AE), few-step at 40k-50k
     "multistep": dict(lam=0.0, zeta=0.47, cosine_loss=True, weighting="cosine", huber_c=0.0, time_dist=(1.0, 1.0, 1.0),
-                      teacher_decay=0.999, optimizer="adamw", lr=2e-4, betas=(0.9, 0.95)),
+                      teacher_decay=0.999, optimizer="adamw", lr=2e-4, betas=(0.9, 0.95), max_steps=500_000),
     "fewstep": dict(lam=1.0, zeta=2.0, cosine_loss=False, weighting="cosine", huber_c=5.0, time_dist=(0.8, 1.0, 1.0),
-                    teacher_decay=1.0, optimizer="radam", lr=1e-4, betas=(0.9, 0.999), grad_clip=0.1),
+                    teacher_decay=1.0, optimizer="radam", lr=1e-4, betas=(0.9, 0.999), grad_clip=0.1, max_steps=50_000,
+                    ckpt_every=10_000, sample_every=10_000),
     "tune-lightningdit": dict(TUNE, zeta=3.0, global_batch_size=256, max_steps=3200, ckpt_every=1600),
     "tune-repa": dict(TUNE, zeta=1.7, optimizer="clion", global_batch_size=8, max_steps=800, ckpt_every=800),
     "tune-repae": dict(TUNE, zeta=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000),
@@ -115,21 +119,22 @@ class DigitsDataset(torch.utils.data.Dataset):
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Latent shards of extract_latents.py (safetensors: latents, latents_flip, labels), memory-mapped and normalised."""
+    """Latent shards of extract_latents.py (safetensors: latents, labels, and latents_flip unless extracted with
+    --no-flip), memory-mapped and normalised; with flip=False the flipped latents are never read."""
 
-    def __init__(self, folder, multiplier=1.0, stats=None):
+    def __init__(self, folder, multiplier=1.0, stats=None, flip=True):
         paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
         paths = [p for p in paths if not os.path.basename(p).startswith("latents_stats")]
         if not paths:
             raise ValueError(f"--data {folder}: expected a folder of latent shards (*.safetensors), found none")
         self.shards = [ucgm.load_safetensors(p) for p in paths]
         for path, shard in zip(paths, self.shards):
-            if not {"latents", "latents_flip", "labels"} <= set(shard) or shard["labels"].is_floating_point() \
+            if not {"latents", "labels"} <= set(shard) or shard["labels"].is_floating_point() \
                     or len(shard["labels"]) and int(shard["labels"].min()) < 0:  # labels are checked here, once
-                raise ValueError(f"--data {path}: expected latents, latents_flip and labels (integers >= 0), got "
+                raise ValueError(f"--data {path}: expected latents, labels (integers >= 0) and latents_flip, got "
                                  f"{ {k: f'{v.dtype} {tuple(v.shape)}' for k, v in shard.items()} }")
-            shapes = [tuple(shard[k].shape[1:]) for k in ("latents", "latents_flip")]
-            if shapes[0] != shapes[1] or shapes[0] != tuple(self.shards[0]["latents"].shape[1:]):
+            shapes = [tuple(shard[k].shape[1:]) for k in ("latents", "latents_flip") if k in shard]
+            if shapes[0] != shapes[-1] or shapes[0] != tuple(self.shards[0]["latents"].shape[1:]):
                 raise ValueError(f"--data {path}: latents of shapes {shapes}, expected "
                                  f"{tuple(self.shards[0]['latents'].shape[1:])} as in {paths[0]}")
         self.offsets = np.cumsum([0] + [len(s["labels"]) for s in self.shards])
@@ -141,6 +146,7 @@ class LatentDataset(torch.utils.data.Dataset):
                              "extract_latents.py); give --latent-stats FILE, or --latent-stats none for raw latents")
         self.mean, self.std = ucgm.load_stats(None if stats == "none" else stats, self.channels)
         self.multiplier = multiplier
+        self.flip = flip and all("latents_flip" in shard for shard in self.shards)
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -149,7 +155,7 @@ class LatentDataset(torch.utils.data.Dataset):
         index, flip = item
         shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
         data, row = self.shards[shard], index - self.offsets[shard]
-        latent = data["latents_flip" if flip else "latents"][row].float()
+        latent = data["latents_flip" if flip and self.flip else "latents"][row].float()
         return (latent - self.mean) / self.std * self.multiplier, data["labels"][row].long()
 
 
@@ -327,13 +333,34 @@ class CautiousLion(torch.optim.Optimizer):
                 m.lerp_(p.grad, 1 - beta2)
 
 
+def resolve_autoencoder(args, data):
+    """--vae and --vae-path of the grids (and FID): the flags, else the latents' own record (ucgm.LATENTS_INFO), else
+    pixels; an explicit --vae that differs from the record is named in one line, and must decode the data's channels."""
+    info = ucgm.latents_info(args.data) if args.data and not args.bench else None
+    if args.vae is None and info:
+        args.vae, args.vae_path = info["autoencoder"], args.vae_path or info.get("vae_path")
+        needed = args.sample_every or args.fid_every
+        ucgm.require(not needed or args.vae_path is None or os.path.isfile(args.vae_path), f"--data {args.data}: the "
+                     f"latents were made by {args.vae} from {args.vae_path} ({ucgm.LATENTS_INFO}), not found here; "
+                     "give --vae-path FILE, or --sample-every 0 without --fid-every")
+    elif info and args.vae != info["autoencoder"]:
+        print(f"--vae {args.vae}: the latents of --data {args.data} were made by {info['autoencoder']} "
+              f"({ucgm.LATENTS_INFO}); the grids decode with --vae {args.vae}")
+    args.vae = args.vae or "identity"
+    channels = ucgm.AUTOENCODERS.get(args.vae, {"channels": ucgm.PixelSpace.channels})["channels"]
+    ucgm.require(args.bench or channels == data.channels, f"--vae {args.vae} decodes {channels}-channel latents, the "
+                 f"data has {data.channels}" + ("" if info or not args.data else f" (--data {args.data} has no "
+                                                f"{ucgm.LATENTS_INFO}: give the --vae that made it)"))
+
+
 def build(args, rank, device):
     """(data, model, trainer, ema, optimizer, teacher_file) of a run: the start weights of --init or a new network,
     the EMA on rank 0 only (it alone samples and saves), a frozen --teacher named by its path and checksum."""
     if args.bench:
         data = SyntheticLatents(*args.bench_shape, length=args.global_batch_size)
     else:
-        data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats) if args.data else DigitsDataset(args.seed)
+        data = LatentDataset(args.data, args.latent_multiplier, args.latent_stats, args.flip) if args.data \
+            else DigitsDataset(args.seed)
     init = ucgm.load_network(args.init, args.init_weights, args.model, "--init",  # DDT's weights hold no latent size
                              sizes={"input_size": data.size, "in_channels": data.channels}) if args.init else None
     if init:  # unless given, the architecture and the transport are those of the start weights
@@ -351,13 +378,16 @@ def build(args, rank, device):
                      f"does not divide the {data.size}×{data.size} latents")
         model = ucgm.create_model(args.model, input_size=data.size, in_channels=data.channels,
                                   num_classes=data.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
-    vae_channels = ucgm.AUTOENCODERS.get(args.vae, {"channels": ucgm.PixelSpace.channels})["channels"]
-    ucgm.require(args.bench or vae_channels == data.channels,
-                 f"--vae {args.vae} decodes {vae_channels}-channel latents, the data has {data.channels}")
+    resolve_autoencoder(args, data)
     trainer = ucgm.UCGM(args.transport, args.lam, args.zeta, args.enhance_range, args.label_drop, args.huber_c,
                         args.cosine_loss, args.weighting, args.time_dist, args.teacher_decay,
                         enhance_style=args.enhance_style).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 else None
+    null_label = args.zeta != 0 and trainer.enhance_style in ("ft-vs-fe", "fc-vs-fe")  # R is a prediction at ∅
+    ucgm.require(data.num_classes > 1 or not null_label, f"--zeta {args.zeta} with --enhance-style "
+                 f"{trainer.enhance_style}: compares the model with itself at the null label, but the data has one "
+                 "class (unconditional); use --enhance-style fc-vs-xz, or --zeta 0")
+    # the EMA samples and saves on rank 0; with --fid-every every rank samples, so every rank keeps one (the same)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if rank == 0 or args.fid_every else None
     optimizer = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam, "clion": CautiousLion}[args.optimizer]
     fused = {"fused": True} if device.type == "cuda" and "fused" in inspect.signature(optimizer).parameters else {}
     opt = optimizer(model.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay, **fused)
@@ -375,11 +405,28 @@ def build(args, rank, device):
     return data, model, trainer, ema, opt, teacher_file
 
 
-def resume(path, model, ema, opt, trainer, teacher_file):
+def same_run(args, data, state, path):
+    """Refuse, in one line naming both, a checkpoint of another model, data shape or transport: an --out folder
+    of another run. The model and data shape can never change; the transport only with an explicit --resume PATH."""
+    saved, shape = state.get("args", {}), (data.channels, data.size, data.size)
+    then = (saved.get("model"), tuple(state.get("data_shape", shape)), saved.get("transport"))
+    now = (args.model, shape, args.transport)
+    if then == now:
+        return
+    text = "model {}, data {}, transport {}".format
+    fixed = then[:2] != now[:2] or args.resume == "auto"
+    ucgm.require(not fixed, f"--resume {path}: a checkpoint of {text(then[0], '×'.join(map(str, then[1])), then[2])},"
+                 f" this run is {text(now[0], '×'.join(map(str, now[1])), now[2])}; give another --out" +
+                 (", or --resume PATH to continue it on purpose" if then[:2] == now[:2] else ""))
+    print(f"--resume {path}: continuing a {then[2]} run with transport {now[2]}, as asked")
+
+
+def resume(args, path, data, model, ema, opt, trainer, teacher_file):
     """(step, skipped) of the checkpoint at path, loaded into the run, memory-mapped (8 ranks share the page cache)."""
     state = ucgm.load_tensor_file(path, "--resume", mmap=True)
     missing = {"model", "ema", "opt", "ucgm", "step", "rng"} - set(state if isinstance(state, dict) else ())
     ucgm.require(not missing, f"--resume {path}: not a train.py checkpoint (it lacks {sorted(missing)})")
+    same_run(args, data, state, path)
     model.load_state_dict(state["model"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
@@ -402,8 +449,9 @@ def save(args, step, skipped, data, model, ema, opt, trainer, teacher_file):
     trainer_state = {k: v for k, v in trainer.state_dict().items() if not (teacher_file and k.startswith("teacher."))}
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "ucgm": trainer_state,
              "teacher_file": teacher_file, "args": vars(args), "latent_stats": {"mean": data.mean, "std": data.std},
+             "data_shape": (data.channels, data.size, data.size),
              "step": step, "skipped": skipped, "rng": {"torch": torch.get_rng_state()}}
-    save_checkpoint(state, os.path.join(args.out, "checkpoints"), step, args.ckpt_every)
+    save_checkpoint(state, os.path.join(args.out, "checkpoints"), step, args.keep_every)
 
 
 def sample_grids(args, step, trainer, ema, autoencoder, data, autocast):
@@ -427,6 +475,75 @@ def sample_grids(args, step, trainer, ema, autoencoder, data, autocast):
                              os.path.join(args.out, f"steps_{step:07d}.png"))
 
 
+def setup_fid(args, device, rank):
+    """(Inception, reference mu and sigma) of --fid-every: the network on every rank, the reference on rank 0."""
+    inception = fid.load_inception(args.inception_weights, device)
+    reference = fid.load_reference(args.fid_ref, inception, 200) if rank == 0 else None
+    return inception, reference
+
+
+@torch.no_grad()
+def training_fid(args, trainer, ema, autoencoder, data, inception, reference, autocast, rank, world, device):
+    """FID of --fid-samples EMA samples (the UCGM-S preset of λ, no guidance, sample i of class i mod K with the
+    noise of (--seed, i) as sample.py draws it) against --fid-ref; each rank draws every world-th sample and the
+    sums of features and their products meet in one all-reduce. Rank 0 returns the number, the others None."""
+    preset = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"]
+    mine = list(range(rank, args.fid_samples, world))
+    sums = None
+    for first in range(0, len(mine), 100):  # 100 samples a call bounds the decoder's memory
+        indices = mine[first:first + 100]
+        noise = torch.stack([torch.randn(data.channels, data.size, data.size, generator=torch.Generator().manual_seed(
+            args.seed * 2**32 + i)) for i in indices]).to(device)
+        labels = torch.tensor(indices, device=device) % data.num_classes
+        with autocast:
+            latents = trainer.sample(ema, noise, y=labels, **preset)
+        latents = ucgm.denormalise(latents, data.mean.to(device), data.std.to(device), data.multiplier)
+        pixels = ucgm.to_uint8(torch.cat([autoencoder.decode(z) for z in latents.split(25)]))
+        with fid.full_fp32():  # the features in IEEE float32, as fid.py computes them
+            pool = inception(pixels)["pool"].double()
+        part = torch.cat([pool.sum(0), (pool.T @ pool).flatten(), pool.new_tensor([len(pool)])])
+        sums = part if sums is None else sums + part
+    sums = ucgm.all_reduce(sums, device).cpu().numpy()  # Σf, Σff^T and n over all ranks
+    if rank:
+        return None
+    width = int(round((len(sums) - 1) ** 0.5 - 0.5))  # 2048: len = d + d² + 1
+    n, mu = sums[-1], sums[:width] / sums[-1]
+    sigma = (sums[width:-1].reshape(width, width) - n * np.outer(mu, mu)) / (n - 1)  # unbiased, as numpy.cov
+    return fid.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+
+
+def open_tracker(args):
+    """The writer of each log record: log.jsonl, and W&B (--wandb) or TensorBoard (--tensorboard), optional packages
+    imported only when their flag is given."""
+    path = os.path.join(args.out, "log.jsonl")
+    scalars = lambda record: {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    if args.wandb:
+        wandb = optional_package("wandb", "wandb", "--wandb")
+        run_id = hashlib.sha256(os.path.abspath(args.out).encode()).hexdigest()[:16]  # a resumed run logs on
+        run = wandb.init(project=args.wandb, name=os.path.basename(os.path.normpath(args.out)), config=vars(args),
+                         dir=args.out, resume="allow", id=run_id)
+        tracker = lambda record: run.log(scalars(record), step=record["step"])
+    elif args.tensorboard:
+        board = optional_package("torch.utils.tensorboard", "tensorboard", "--tensorboard").SummaryWriter(
+            os.path.join(args.out, "tensorboard"))
+        tracker = lambda record: [board.add_scalar(k, v, record["step"]) for k, v in scalars(record).items()]
+    else:
+        tracker = lambda record: None
+
+    def log(record):
+        append_log(path, record)
+        tracker(record)
+    return log
+
+
+def optional_package(module, package, flag):
+    """Import an optional integration, or one line naming the flag that asked for it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{flag}: needs the optional package {package} (pip install {package})") from None
+
+
 def train_step(args, net, model, trainer, opt, x, y, autocast):
     """Alg. 1 on one global batch over --grad-accum micro-batches, the gradient norm (clipped with --grad-clip) and,
     if every rank's loss and norm are finite, the optimiser step; returns (loss, grad norm, whether it stepped)."""
@@ -440,7 +557,8 @@ def train_step(args, net, model, trainer, opt, x, y, autocast):
     if args.grad_clip:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     else:  # the norm for the log and the guard, without clipping's rescale pass over every gradient
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        grads = [p.grad for p in model.parameters() if p.grad is not None]  # as get_total_norm (torch >= 2.6)
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     bad = ucgm.all_reduce((~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float(), x.device, "max")
     stepped = not bad.item()  # the guard's one host sync a step, read after the backward has queued; ranks agree
     if stepped:
@@ -470,14 +588,17 @@ def main(args):
     start_step, skipped = 0, 0
     path = os.path.join(checkpoints, "latest.pt") if args.resume == "auto" else args.resume
     if path and os.path.exists(path) and not args.bench:
-        start_step, skipped = resume(path, model, ema, opt, trainer, teacher_file)
+        start_step, skipped = resume(args, path, data, model, ema, opt, trainer, teacher_file)
         if rank == 0:
             print(f"resumed from {path} at step {start_step}")
     ucgm.require(args.resume in (None, "auto") or os.path.exists(args.resume), f"--resume {args.resume}: no such "
                  "checkpoint")
     if writer:
         append_log(os.path.join(args.out, "log.jsonl"), None, keep_through=start_step)
-    autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device) if writer else None  # for grids
+    sampling = writer or args.fid_every  # the grids (rank 0) and the FID (every rank) decode samples
+    autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device) if sampling else None
+    fid_setup = setup_fid(args, device, rank) if args.fid_every else None
+    log = open_tracker(args) if writer else None
 
     trainer.make_teacher(model)  # before compiling: the teacher is a copy of the plain network
     if args.compile:  # fuses the elementwise work of every block: ~2.5x less memory traffic on a GPU
@@ -531,13 +652,14 @@ def main(args):
             elapsed, steps_done = time.time() - window_start, step - window_first + 1
             memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            record = {"step": step, "loss": window_loss / world / window_steps if window_steps else None,
+            record = {"step": step, "time": round(time.time(), 3), "loss": window_loss / world / window_steps
+                      if window_steps else None,
                       "grad_norm": grad_norm.item(), "lr": opt.param_groups[0]["lr"],
                       "img_per_s": steps_done * args.global_batch_size / elapsed, "ms_per_step": 1000 * elapsed / steps_done,
                       "skipped": skipped, "peak_mem_gb": memory / 2 ** 30}
             record.update({"mfu": flops * steps_done / elapsed / world / peak} if peak else {})
             if writer:
-                append_log(os.path.join(args.out, "log.jsonl"), record)
+                log(record)
                 bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", img_s=f"{record['img_per_s']:.0f}")
             window_loss, window_steps, window_start, window_first = torch.zeros((), device=device), 0, time.time(), step + 1
         if writer and (every(step, args.ckpt_every) or step == args.max_steps) and not bad_in_a_row:
@@ -545,6 +667,10 @@ def main(args):
         grid = args.sample_every and (every(step, args.sample_every) or step == args.max_steps)
         if writer and grid:
             sample_grids(args, step, trainer, ema, autoencoder, data, autocast)
+        if args.fid_every and (every(step, args.fid_every) or step == args.max_steps):  # every rank samples
+            score = training_fid(args, trainer, ema, autoencoder, data, *fid_setup, autocast, rank, world, device)
+            if writer:
+                log({"step": step, "time": round(time.time(), 3), "fid": score, "fid_samples": args.fid_samples})
         if dist.is_initialized() and (every(step, args.ckpt_every) or grid):  # the others wait here, not in a collective
             dist.barrier()
     bar.close()
@@ -608,10 +734,13 @@ def parse_args(argv=None):
     g.add_argument("--latent-multiplier", type=ucgm.number("(0, inf)"), default=1.0,
                    help="scale after normalising (0.18215 SD-VAE)")
     g.add_argument("--latent-stats", help="mean/std file, or 'none' for raw latents (default: DATA/latents_stats.pt, required)")
-    g.add_argument("--vae", choices=["identity", *ucgm.AUTOENCODERS], default="identity",
-                   help="autoencoder that decodes the sample grids")
-    g.add_argument("--vae-path", help="its local weight file (LDM, diffusers, VA-VAE or efficientvit layout)")
-    g.add_argument("--out", default="runs/demo", help="output folder: checkpoints/, log.jsonl, samples (runs/demo)")
+    g.add_argument("--vae", choices=["identity", *ucgm.AUTOENCODERS],
+                   help="autoencoder that decodes the sample grids (default: the one DATA/latents_info.json names)")
+    g.add_argument("--vae-path", help="its local weight file (default: the one DATA/latents_info.json names)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on the flipped latents half of the time, where the data has them (--no-flip: never)")
+    g.add_argument("--out", help="output folder: checkpoints/, log.jsonl, samples (runs/demo without --data; "
+                   "runs/PRESET_MODEL_DATA with it)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch-size", type=ucgm.number("[1, inf)", int),
                    help="images per step over all processes" + defaults("global_batch_size"))
@@ -645,27 +774,47 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=ucgm.number("[0, inf)", int),
                    help="steps between log.jsonl lines, 0: only the last" + defaults("log_every"))
     g.add_argument("--ckpt-every", type=ucgm.number("[0, inf)", int),
-                   help="keep a checkpoint every this many steps, 0: only the last" + defaults("ckpt_every"))
+                   help="save a checkpoint every this many steps, 0: only the last" + defaults("ckpt_every"))
+    g.add_argument("--keep-every", type=ucgm.number("[0, inf)", int), help="keep the checkpoints of the multiples of "
+                   "this many steps, and the latest; 0: only the latest (default: --ckpt-every, all)")
     g.add_argument("--sample-every", type=ucgm.number("[0, inf)", int),
                    help="steps between EMA sample grids, 0: none" + defaults("sample_every"))
     g.add_argument("--sample-cfg", type=ucgm.number(), help="guidance scale of the sample grids" + defaults("sample_cfg"))
+    g.add_argument("--fid-every", type=ucgm.number("[0, inf)", int), default=0,
+                   help="FID of EMA samples every this many steps, all ranks sampling (0: never)")
+    g.add_argument("--fid-ref", help="reference .npz for --fid-every (ADM batch or fid.py --save-stats)")
+    g.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth, for --fid-every")
+    g.add_argument("--fid-samples", type=ucgm.number("[2, inf)", int), default=10_000,
+                   help="samples per --fid-every evaluation (10000)")
+    g.add_argument("--wandb", metavar="PROJECT", help="also log to this W&B project (needs the wandb package)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log to OUT/tensorboard (needs the tensorboard package)")
     g.add_argument("--resume", default="auto", help="'auto' (newest in OUT/checkpoints), a path, or 'none'")
     g.add_argument("--init", help="start weights, and unless given --model and --transport: any checkpoint "
                    "sample.py reads (ours, released UCGM, SiT, REPA, REPA-E, LightningDiT)")
     g.add_argument("--init-weights", choices=["ema", "model"], default="ema",
                    help="which weights of an --init checkpoint that holds both (ema)")
     g.add_argument("--teacher", help="weights of the frozen teacher (teacher-decay 1), e.g. a multi-step model")
-    return resolve(p.parse_args(argv))
+    args = resolve(p.parse_args(argv))
+    if args.fid_every and not (args.fid_ref and args.inception_weights):
+        p.error("--fid-every needs --fid-ref and --inception-weights")
+    return args
 
 
 def resolve(args):
-    """Fill unset flags: explicit flag > --preset > demo (no --data) > BASE."""
+    """Fill unset flags: explicit flag > --preset > demo (no --data) > BASE; a --data run without --out writes to
+    runs/PRESET_MODEL_DATA, never to the demo's runs/demo."""
     for key, value in BASE.items():
         if getattr(args, key) is None and not (args.init and key in ("model", "transport")):  # --init's, in main
             layers = [PRESETS.get(args.preset, {}), {} if args.data else DEMO, BASE]
             setattr(args, key, next(layer[key] for layer in layers if key in layer))
     args.weighting = None if args.weighting == "none" else args.weighting
     args.resume = None if args.resume == "none" else args.resume
+    args.keep_every = args.ckpt_every if args.keep_every is None else args.keep_every
+    if args.out is None and args.data:
+        model = args.model.replace("/", "-") if args.model else os.path.splitext(os.path.basename(args.init))[0]
+        args.out = os.path.join("runs", f"{args.preset or 'custom'}_{model}_{os.path.basename(os.path.normpath(args.data))}")
+    args.out = args.out or "runs/demo"
     if args.bench:
         args.max_steps = args.log_every = args.bench
     return args

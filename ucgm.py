@@ -27,6 +27,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import hashlib
 import io
 import json
 import math
@@ -1993,6 +1994,33 @@ def stats_file(folder):
     """The latents_stats.pt (or .safetensors) file of a latent folder, or None."""
     paths = [os.path.join(folder, f"latents_stats.{ext}") for ext in ("pt", "safetensors")]
     return next((path for path in paths if os.path.exists(path)), None)
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes, read 16 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+LATENTS_INFO = "latents_info.json"  # what made a latent folder (extract_latents.py; README, "Latents")
+
+
+def latents_info(folder):
+    """The provenance record of a latent folder (autoencoder, its file and SHA-256, image size, crop, images,
+    flips), or None for a folder written before records existed."""
+    path = os.path.join(folder, LATENTS_INFO)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable JSON record ({error})") from None
+    require(isinstance(info, dict) and "autoencoder" in info, f"{path}: expected a record with an 'autoencoder'")
+    return info
 
 
 #################################################################################
