@@ -47,16 +47,6 @@ def list_images(root):
     return paths, labels, classes or [os.path.basename(os.path.normpath(root))]
 
 
-def center_crop(image, size):
-    """ADM's centre crop: halve with BOX while the short side is >= 2·size, BICUBIC to a short side of size, crop."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 class ImageFiles(torch.utils.data.Dataset):
     """(index, image in [-1, 1] (3, size, size)) per file; an unreadable file gives (index, None) and a warning."""
 
@@ -70,7 +60,7 @@ class ImageFiles(torch.utils.data.Dataset):
         index = self.indices[i]
         try:
             with Image.open(self.paths[index]) as image:
-                pixels = np.asarray(center_crop(image.convert("RGB"), self.size))
+                pixels = np.asarray(ucgm.center_crop(image.convert("RGB"), self.size))
         except Exception as error:  # a truncated or corrupt file must not kill a 1.28M-image run
             warnings.warn(f"skipping unreadable image {self.paths[index]}: {error}")
             return index, None

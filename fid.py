@@ -232,8 +232,9 @@ def npz_batches(path, batch_size):
         yield np.frombuffer(data, np.uint8).reshape(count, *shape[1:])
 
 
-def folder_batches(path, batch_size):
-    """The images of a folder (sorted, recursively) as RGB uint8 NHWC batches of equal-size images."""
+def folder_batches(path, batch_size, image_size=None):
+    """The images of a folder (sorted, recursively) as RGB uint8 NHWC batches of equal-size images; with image_size,
+    each first ADM-centre-cropped to that size, as extract_latents.py crops the training images."""
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
                    if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
     yield len(files)
@@ -241,7 +242,8 @@ def folder_batches(path, batch_size):
     for file in files:
         try:
             with Image.open(file) as image:
-                pixels = np.asarray(image.convert("RGB"))  # grayscale and palette images become RGB
+                image = image.convert("RGB")  # grayscale and palette images become RGB
+                pixels = np.asarray(ucgm.center_crop(image, image_size) if image_size else image)
         except OSError as error:  # not an image, or cut short
             raise ValueError(f"{file}: not a readable image ({error})") from None
         if batch and (len(batch) == batch_size or pixels.shape != batch[0].shape):
@@ -277,12 +279,16 @@ def full_fp32():
 
 
 @torch.no_grad()
-def extract_features(inception, source, batch_size=200, device=None, progress=True):
-    """{pool, spatial, logits} (numpy float64) of an .npz path, an image folder, or an NHWC uint8 array/tensor."""
+def extract_features(inception, source, batch_size=200, device=None, progress=True, image_size=None):
+    """{pool, spatial, logits} (numpy float64) of an .npz path, an image folder (ADM-centre-cropped to image_size if
+    given), or an NHWC uint8 array/tensor."""
     device = device or next(inception.parameters()).device
     if isinstance(source, (str, os.PathLike)):
         source = str(source)
-        batches = folder_batches(source, batch_size) if os.path.isdir(source) else npz_batches(source, batch_size)
+        if image_size and not os.path.isdir(source):
+            raise ValueError(f"--image-size {image_size}: crops the images of a folder, but {source} is not one")
+        batches = folder_batches(source, batch_size, image_size) if os.path.isdir(source) \
+            else npz_batches(source, batch_size)
     else:
         batches = array_batches(source, batch_size)
     count = next(batches)
@@ -396,7 +402,7 @@ def main(args):
     inception = load_inception(args.inception_weights, device)
     if args.save_stats:
         source, out = args.save_stats
-        features = extract_features(inception, source, args.batch_size)
+        features = extract_features(inception, source, args.batch_size, image_size=args.image_size)
         stats = {**statistics(features), "pool": features["pool"].astype(np.float32)}
         ucgm.atomic_write(out, lambda f: np.savez(f, **stats))
         print(f"{out}: statistics of {len(features['pool'])} images")
@@ -415,6 +421,8 @@ def parse_args(argv=None):
                    help="samples (.npz with arr_0, or an image folder) and reference (.npz: ADM batch or --save-stats)")
     p.add_argument("--inception-weights", help="pytorch-fid's or torch-fidelity's pt_inception-2015-12-05 file")
     p.add_argument("--save-stats", nargs=2, metavar=("SRC", "OUT"), help="write the statistics of SRC to OUT.npz")
+    p.add_argument("--image-size", type=ucgm.number("[1, inf)", int),
+                   help="with --save-stats of an image folder: ADM centre crop to this size, as extract_latents.py")
     p.add_argument("--batch-size", type=ucgm.number("[1, inf)", int), default=200,
                    help="images per Inception batch (200)")
     p.add_argument("--out", help="also write the metrics to this JSON file")

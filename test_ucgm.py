@@ -1727,10 +1727,10 @@ def test_every_script_ends_unreadable_files_with_one_line(bad_files):
 
 def test_adm_center_crop_halves_with_box_then_crops():
     pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)  # H, W
-    cropped = np.asarray(extract_latents.center_crop(Image.fromarray(pixels), 32))
+    cropped = np.asarray(ucgm.center_crop(Image.fromarray(pixels), 32))
     box = pixels.reshape(32, 2, 48, 2, 3).astype(np.float64).mean((1, 3))  # one BOX halving: 2×2 means
     np.testing.assert_allclose(cropped, box[:, 8:40], atol=1)  # short side already 32: centre columns 8..39
-    assert extract_latents.center_crop(Image.fromarray(pixels[:50, :70]), 32).size == (32, 32)
+    assert ucgm.center_crop(Image.fromarray(pixels[:50, :70]), 32).size == (32, 32)
 
 
 def image_folder(root):
@@ -1770,7 +1770,7 @@ def test_extract_latents_writes_the_shards_train_reads(tmp_path):
 
     index = paths.index(str(tmp_path / "images" / "cat" / "cmyk.jpg"))  # the flip uses the second noise draw
     with Image.open(paths[index]) as image:
-        pixels = np.asarray(extract_latents.center_crop(image.convert("RGB"), 32))
+        pixels = np.asarray(ucgm.center_crop(image.convert("RGB"), 32))
     flipped = torch.from_numpy(pixels[:, ::-1].copy()).permute(2, 0, 1).float()[None] / 127.5 - 1
     noise = torch.randn(2, 32, 2, 2, generator=torch.Generator().manual_seed(5 * 2**32 + index))
     with torch.no_grad():
@@ -1799,12 +1799,21 @@ def test_extract_latents_writes_the_shards_train_reads(tmp_path):
                               "--out", str(tmp_path / f"procs{processes}")],
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-    for name in [s.name for s in shards] + ["latents_stats.pt", "classes.json"]:
+    for name in [s.name for s in shards] + ["latents_stats.pt", "classes.json", ucgm.LATENTS_INFO]:
         assert (tmp_path / "procs1" / name).read_bytes() == (tmp_path / "procs2" / name).read_bytes(), name
 
+    info = json.loads((tmp_path / "one" / ucgm.LATENTS_INFO).read_text())  # what made the latents
+    file = tmp_path / "vavae.safetensors"
+    assert info["autoencoder"] == "vavae" and info["vae_path"] == str(file)
+    assert info["vae_sha256"] == __import__("hashlib").sha256(file.read_bytes()).hexdigest()
+    assert (info["image_size"], info["listed_images"], info["encoded_images"], info["flips"]) == (32, 21, 20, True)
+    assert info["stats_images"] == 20 and "ADM" in info["crop"]
+
     run = run_train(tmp_path / "run", "--data", str(tmp_path / "one"), "--model", "TiT-T/1", "--max-steps", "1",
-                    "--sample-every", "1", "--vae", "vavae", "--vae-path", str(tmp_path / "vavae.safetensors"))
+                    "--sample-every", "1")  # no --vae: the grids decode with the record's autoencoder
     assert run.returncode == 0, run.stderr[-2000:]
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (saved["vae"], saved["vae_path"]) == ("vavae", str(file))
     with Image.open(tmp_path / "run" / "samples_0000001.png") as grid:  # 80 decoded 32-px samples, 8 a row
         assert grid.size == (8 * 32, 10 * 32)
     with Image.open(tmp_path / "run" / "steps_0000001.png") as grid:  # the last step: a class a row, 5 step counts
@@ -2326,6 +2335,153 @@ def test_save_checkpoint_keeps_the_multiples_of_keep_and_the_latest(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == [*kept, "latest.pt"]
 
 
+def pixel_latents(root, images, *flags):
+    """A latent folder of 8×8 pixels (--vae identity) of an image folder, made by extract_latents.py."""
+    extract_latents.main(extract_latents.parse_args(["--images", str(images), "--out", str(root), "--vae", "identity",
+                                                     "--image-size", "8", "--num-workers", "0", *flags]))
+    return root
+
+
+def test_statistics_come_from_a_seeded_random_subset_of_the_whole_set(tmp_path):
+    """README "Latents": mean/std of --stats-images images drawn at random from all shards (as the released
+    pipelines), not the first ones; 'all' takes every image; the same draw for any number of processes (the
+    1-vs-2-process test above compares the files)."""
+    values = torch.arange(30, dtype=torch.float64)  # image i's latent is i everywhere: the draw shows in the mean
+    for k in range(3):
+        latents = values[10 * k:10 * k + 10].reshape(10, 1, 1, 1).expand(10, 2, 2, 2).float().contiguous()
+        ucgm.save_safetensors({"latents": latents, "labels": torch.zeros(10, dtype=torch.long)},
+                              extract_latents.shard_path(str(tmp_path), k))
+    mean, std, used, count = extract_latents.latent_stats(str(tmp_path), 3, 6, seed=4)
+    chosen = torch.randperm(30, generator=torch.Generator().manual_seed(4))[:6]
+    assert (used, count) == (6, 30) and chosen.max() >= 10  # drawn beyond the first shard
+    torch.testing.assert_close(mean.flatten().double(), values[chosen].mean().expand(2), rtol=1e-6, atol=0)
+    torch.testing.assert_close(std.flatten().double(), values[chosen].repeat_interleave(4).std().expand(2), rtol=1e-5,
+                               atol=0)
+    mean, std, used, _ = extract_latents.latent_stats(str(tmp_path), 3, "all", seed=4)
+    assert used == 30 and math.isclose(mean.flatten()[0], 14.5, rel_tol=1e-6)
+    assert extract_latents.parse_args(["--images", "i", "--out", "o", "--stats-images", "all"]).stats_images == "all"
+
+
+def test_no_flip_extracts_and_trains_without_mirror_images(tmp_path):
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    pixel_latents(tmp_path / "plain", tmp_path / "img", "--no-flip")
+    shard = ucgm.load_safetensors(extract_latents.shard_path(str(tmp_path / "plain"), 0))
+    assert set(shard) == {"latents", "labels"}
+    assert json.loads((tmp_path / "plain" / ucgm.LATENTS_INFO).read_text())["flips"] is False
+    both = train.LatentDataset(str(pixel_latents(tmp_path / "both", tmp_path / "img")))
+    never = train.LatentDataset(str(tmp_path / "both"), flip=False)
+    assert both.flip and not never.flip and not train.LatentDataset(str(tmp_path / "plain")).flip
+    torch.testing.assert_close(both[(1, True)][0], both[(1, False)][0].flip(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(never[(1, True)][0], both[(1, False)][0])
+    assert train.parse_args(["--no-flip"]).flip is False
+
+
+def test_a_data_run_never_writes_into_the_demo_folder_and_refuses_another_runs_checkpoint(tmp_path):
+    """README "Training": without --out, runs/PRESET_MODEL_DATA; a folder holding another model's, data shape's or
+    transport's checkpoint is refused in one line naming both (--resume PATH continues a transport on purpose)."""
+    image_folder(tmp_path / "images")
+    with pytest.warns(UserWarning, match="truncated.png"):
+        pixel_latents(tmp_path / "pix", tmp_path / "images")
+    args = train.parse_args(["--data", str(tmp_path / "pix"), "--model", "TiT-T/4", "--preset", "multistep"])
+    assert args.out == os.path.join("runs", "multistep_TiT-T-4_pix") and args.max_steps == 500_000
+    assert train.parse_args(["--data", "d", "--model", "TiT-T/4", "--preset", "fewstep"]).max_steps == 50_000
+    assert train.parse_args(["--data", "d", "--init", "w/SiT-XL-2-REPA.pt"]).out == os.path.join("runs", "custom_SiT-XL-2-REPA_d")
+    assert train.parse_args([]).out == "runs/demo"
+
+    common = [sys.executable, os.path.join(HERE, "train.py"), "--data", str(tmp_path / "pix"), *TINY[:-2],
+              "--max-steps", "3", "--ckpt-every", "1", "--keep-every", "2"]
+    run = subprocess.run([*common, "--model", "TiT-T/4"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "runs" / "custom_TiT-T-4_pix"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["0000002.pt", "0000003.pt", "latest.pt"]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(abs(r["time"] - time.time()) < 600 for r in rows) and [r["step"] for r in rows] == [1, 2, 3]
+
+    other = subprocess.run([*common, "--model", "TiT-T/2", "--out", str(out)], capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 1 and other.stderr.strip() == (
+        f"train.py: error: --resume {out / 'checkpoints' / 'latest.pt'}: a checkpoint of model TiT-T/4, data 3×8×8, "
+        f"transport Linear, this run is model TiT-T/2, data 3×8×8, transport Linear; give another --out")
+    trig = [*common, "--model", "TiT-T/4", "--out", str(out), "--transport", "TrigFlow", "--max-steps", "4"]
+    refused = subprocess.run(trig, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and refused.stderr.strip().endswith(
+        "give another --out, or --resume PATH to continue it on purpose"), refused.stderr[-2000:]
+    on_purpose = subprocess.run([*trig, "--resume", str(out / "checkpoints" / "0000003.pt")], capture_output=True,
+                                text=True, timeout=300)
+    assert on_purpose.returncode == 0 and "continuing a Linear run with transport TrigFlow" in on_purpose.stdout
+
+
+def test_latents_without_a_record_need_their_vae_and_unconditional_data_refuses_a_null_label_comparison(tmp_path):
+    (tmp_path / "flat").mkdir()  # one folder of images: one class, unconditional
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+    data = pixel_latents(tmp_path / "pix", tmp_path / "flat")
+    base = ["--data", str(data), "--model", "TiT-T/4", "--max-steps", "1", "--num-workers", "0",
+            "--global-batch-size", "8", "--sample-every", "0", "--out", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=r"^--zeta 0.5 with --enhance-style ft-vs-fe: compares the model with itself "
+                       r"at the null label, but the data has one class \(unconditional\); use --enhance-style "
+                       r"fc-vs-xz, or --zeta 0$"):
+        train.main(train.parse_args([*base, "--zeta", "0.5"]))
+    train.main(train.parse_args([*base, "--zeta", "0.5", "--enhance-style", "fc-vs-xz"]))
+    (data / ucgm.LATENTS_INFO).unlink()  # a folder from before the records: --vae as before
+    with pytest.raises(ValueError, match=rf"--vae sdvae decodes 4-channel latents, the data has 3$"):
+        train.main(train.parse_args([*base, "--vae", "sdvae", "--resume", "none"]))
+
+
+def test_another_number_of_processes_resumes_on_the_same_global_batches(tmp_path):
+    """README "Several nodes": the global batch of a step is the same examples for any number of processes (its
+    slices per rank), so a run resumes on another world size; t and noise are drawn per (seed, rank, step), so the
+    losses then differ from those of the unchanged world size."""
+    one = list(train.StepBatches(100, 12, 0, 1, seed=3, start_step=0, max_steps=20))
+    two = [list(train.StepBatches(100, 12, r, 2, seed=3, start_step=0, max_steps=20)) for r in range(2)]
+    assert [a + b for a, b in zip(*two)] == one
+    run = run_train(tmp_path, "--max-steps", "2", "--ckpt-every", "2", torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    resumed = run_train(tmp_path, "--max-steps", "4", "--ckpt-every", "2")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    assert [step for step, _ in losses(tmp_path)] == [1, 2, 3, 4] and all(np.isfinite(v) for _, v in losses(tmp_path))
+
+
+def test_optional_trackers_are_imported_only_when_asked_for(tmp_path, monkeypatch):
+    logged = []
+    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(log=lambda d, step: logged.append((step, d))))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = argparse.Namespace(out=str(tmp_path), wandb="proj", tensorboard=False)
+    train.open_tracker(args)({"step": 3, "loss": 0.5, "time": 1.0, "note": "text"})
+    assert logged == [(3, {"loss": 0.5, "time": 1.0})]
+    assert json.loads((tmp_path / "log.jsonl").read_text())["loss"] == 0.5
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ValueError, match=r"^--wandb: needs the optional package wandb \(pip install wandb\)$"):
+        train.open_tracker(args)
+    imported = subprocess.run([sys.executable, "-c", "import sys, train; print(sorted({'wandb', "
+                               "'torch.utils.tensorboard'} & set(sys.modules)))"], cwd=HERE, capture_output=True,
+                              text=True, timeout=120)
+    assert imported.stdout.strip() == "[]", imported.stderr[-2000:]
+
+
+def test_fid_during_training_equals_fid_py_on_sample_py_samples(tmp_path, inception_file):
+    """--fid-every: every rank samples its share and the feature sums meet in an all-reduce; the number equals
+    fid.py's on the same samples drawn by sample.py from the saved EMA (same noise, labels and UCGM-S preset)."""
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 24, 24, 3), dtype=np.uint8))
+    fid_flags = ["--fid-every", "2", "--fid-samples", "6", "--fid-ref", str(tmp_path / "ref.npz"),
+                 "--inception-weights", str(inception_file)]
+    run = run_train(tmp_path / "run", "--max-steps", "2", "--global-batch-size", "8", *fid_flags, torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    scores = [r["fid"] for r in rows if "fid" in r]
+    assert len(scores) == 1 and rows[-1]["fid_samples"] == 6
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "run" / "checkpoints" / "latest.pt"), "--num-samples",
+                                   "6", "--batch-size", "3", "--out", str(tmp_path / "s")]))
+    inception = fid.load_inception(str(inception_file))
+    expected = fid.compute_metrics(str(tmp_path / "s" / "samples.npz"), str(tmp_path / "ref.npz"), inception)["fid"]
+    assert math.isclose(scores[0], expected, rel_tol=1e-4), (scores[0], expected)
+
+
 def test_latest_is_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
     def refuse(source, target):
         raise OSError(95, "Operation not supported")
@@ -2840,6 +2996,26 @@ def test_folder_npz_and_metrics_end_to_end(inception_file, tmp_path):
         assert stats["sigma"].shape == (2048, 2048) and stats["pool"].shape == (6, 2048)
     again = fid.compute_metrics(images, str(tmp_path / "stats.npz"), model)
     assert again["fid"] == pytest.approx(metrics["fid"], abs=1e-6)
+
+
+def test_save_stats_crops_a_folder_as_extraction_does(inception_file, tmp_path):
+    """README "Your own data": fid.py --save-stats FOLDER OUT --image-size S writes the reference of the training
+    images at the ADM centre crop extract_latents.py uses; a file source with --image-size is refused."""
+    rng = np.random.default_rng(2)
+    (tmp_path / "own").mkdir()
+    crops = []
+    for i, (h, w) in enumerate([(40, 57), (64, 33), (35, 35)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "own" / f"{i}.png")
+        with Image.open(tmp_path / "own" / f"{i}.png") as image:
+            crops.append(np.asarray(ucgm.center_crop(image.convert("RGB"), 24)))
+    fid.main(fid.parse_args(["--save-stats", str(tmp_path / "own"), str(tmp_path / "own.npz"), "--image-size", "24",
+                             "--inception-weights", inception_file]))
+    expected = fid.extract_features(fid.load_inception(inception_file), np.stack(crops), progress=False)["pool"]
+    with np.load(tmp_path / "own.npz") as stats:
+        np.testing.assert_allclose(stats["mu"], expected.mean(0), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match=r"--image-size 24: crops the images of a folder, but .*own.npz is not one"):
+        fid.main(fid.parse_args(["--save-stats", str(tmp_path / "own.npz"), str(tmp_path / "x.npz"), "--image-size",
+                                 "24", "--inception-weights", inception_file]))
 
 
 def test_fid_bad_input_is_refused(inception_file, tmp_path):

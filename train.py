@@ -337,6 +337,7 @@ def resolve_autoencoder(args, data):
     """--vae and --vae-path of the grids (and FID): the flags, else the latents' own record (ucgm.LATENTS_INFO), else
     pixels; an explicit --vae that differs from the record is named in one line, and must decode the data's channels."""
     info = ucgm.latents_info(args.data) if args.data and not args.bench else None
+    guessed = args.vae is None and not info and args.data  # pixels assumed for a folder without a record
     if args.vae is None and info:
         args.vae, args.vae_path = info["autoencoder"], args.vae_path or info.get("vae_path")
         needed = args.sample_every or args.fid_every
@@ -349,8 +350,8 @@ def resolve_autoencoder(args, data):
     args.vae = args.vae or "identity"
     channels = ucgm.AUTOENCODERS.get(args.vae, {"channels": ucgm.PixelSpace.channels})["channels"]
     ucgm.require(args.bench or channels == data.channels, f"--vae {args.vae} decodes {channels}-channel latents, the "
-                 f"data has {data.channels}" + ("" if info or not args.data else f" (--data {args.data} has no "
-                                                f"{ucgm.LATENTS_INFO}: give the --vae that made it)"))
+                 f"data has {data.channels}" + (f" (--data {args.data} has no {ucgm.LATENTS_INFO}: give the --vae "
+                                                "that made it)" if guessed else ""))
 
 
 def build(args, rank, device):

@@ -2150,6 +2150,17 @@ def to_uint8(images, dit_rounding=False):
     return pixels.clamp(0, 255).to(torch.uint8)
 
 
+def center_crop(image, size):
+    """ADM's centre crop of a PIL image: halve with BOX while the short side is >= 2·size, BICUBIC to a short side of
+    size, crop the centre square (extract_latents.py, and fid.py --image-size for reference images)."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 def save_image_grid(images, per_row, path):
     """Save images in [-1, 1] (N, 3, H, W) as one PNG grid, atomically."""
     pixels = to_uint8(images).cpu()
