@@ -2,12 +2,15 @@
 and the scripts end to end. Run: python -m pytest -q test_ucgm.py"""
 
 import argparse
+import collections
 import copy
 import json
 import math
 import os
 import pickle
 import re
+import shlex
+import shutil
 import signal
 import struct
 import subprocess
@@ -21,6 +24,7 @@ import pytest
 import scipy.linalg
 import scipy.stats
 import torch
+import torch.distributed.run
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -3194,6 +3198,172 @@ def test_flags_in_range_are_parsed():
                              "--ckpt-every", "0", "--sample-every", "0", "--num-workers", "0", "--bench", "2"])
     assert (args.lam, args.lr, args.betas, args.ckpt_every, args.sample_every, args.max_steps) == \
         (1.0, 1e-4, [0.0, 0.999], 0, 0, 2)
+
+
+#################################################################################
+#             The README's commands, as written, at miniature scale             #
+#################################################################################
+# Each ```bash block of the README is read as a shell would (its variables, `\` continuations, `&&` and `;`);
+# every extract_latents.py and train.py command runs in-process on a few images with tiny models and random-weight
+# files of the named kinds (one step); every sample.py and fid.py command goes through its argument parser, and
+# every file a command reads must come from an earlier command or from a row of the README's files table.
+
+README_SCRIPTS = {"train.py": train, "sample.py": sample, "fid.py": fid, "extract_latents.py": extract_latents}
+OTHER_COMMANDS = {"pip", "wget", "curl", "huggingface-cli", "mkdir", "tar", "salloc", "sbatch", "export"}
+SCHEDULER_VARIABLES = {"NODE_RANK": "0", "MASTER_ADDR": "localhost", "SLURM_NODEID": "0"}  # set per node
+INPUT_FLAGS = ("--images", "--vae-path", "--latent-stats", "--init", "--teacher", "--ckpt", "--fid-ref",
+               "--inception-weights", "--data")
+# the start weights a tuning preset expects, when the README names a released file: (model, what it mimics)
+PRESET_STARTS = {"tune-lightningdit": "LightningDiT-XL/1", "tune-repa": "DiT-XL/2", "tune-repae": "DiT-XL/1",
+                 "tune-ddt": "DDT-XL/2", "tune-edm2": "EDM2-S"}
+
+
+def readme_commands():
+    """[(block, argv)] of every command in the README's bash blocks, variables expanded as bash would."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    commands = []
+    for number, block in enumerate(blocks):
+        names = dict(SCHEDULER_VARIABLES)
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\$\{?(\w+)\}?", lambda m: names.get(m[1], f"<unset {m[1]}>"), line)
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+            lexer.whitespace_split, lexer.commenters = True, "#"
+            statement = []
+            for token in [*lexer, ";"]:
+                if token not in (";", "&&"):
+                    statement.append(token)
+                    continue
+                while statement and re.fullmatch(r"\w+=.*", statement[0]):  # NAME=value, as many as given
+                    name, value = statement.pop(0).split("=", 1)
+                    names[name] = value
+                if statement:
+                    assert not any("<unset" in t for t in statement), f"README block {number}: {statement}"
+                    commands.append((number, statement))
+                statement = []
+    return commands
+
+
+def script_of(argv, where):
+    """(script name, its flags, the launcher's flags) of a README command; None for the commands it may name."""
+    if argv[0] == "srun":  # srun's own flags, then the command it starts on every node
+        argv = argv[next(i for i, t in enumerate(argv) if t in ("torchrun", "python")):]
+    if argv[0] in OTHER_COMMANDS or argv[:3] == ["python", "-m", "pytest"]:
+        return None
+    position = next((i for i, t in enumerate(argv) if t.endswith(".py")), None)
+    assert argv[0] in ("torchrun", "python") and position, f"{where}: an unexpected command"
+    assert argv[position] in README_SCRIPTS, f"{where}: {argv[position]} is not one of the scripts"
+    first = 1 if argv[0] == "torchrun" else 3 if argv[1:3] == ["-m", "torch.distributed.run"] else position
+    return argv[position], argv[position + 1:], argv[first:position]
+
+
+def flag_values(flags, name):
+    return [flags[i + 1] for i, t in enumerate(flags[:-1]) if t == name]
+
+
+def check_inputs(where, paths, known, table):
+    """Every file a README command reads comes from an earlier command or from a row of the README's files table
+    (by its path, its name or its top folder, e.g. the released `outputs/`). A checkpoint OUT/checkpoints/N.pt of
+    an earlier (one-step) train.py run must be one that run keeps: its last step or a multiple of --keep-every;
+    its latest.pt stands in for it."""
+    for path in paths:
+        run = re.fullmatch(r"(.*)/checkpoints/(\d{7})\.pt", path)
+        if run and run[1] in known and isinstance(known[run[1]], tuple) and not os.path.exists(path):
+            step, (last, keep) = int(run[2]), known[run[1]]
+            assert step == last or (keep and step % keep == 0 and step < last), f"{where}: {path} is not kept by " \
+                f"the run that writes {run[1]} ({last} steps, keeping the multiples of {keep})"
+            shutil.copy(os.path.join(run[1], "checkpoints", "latest.pt"), path)
+        parts = path.split("/")
+        made = any(path.startswith(k) for k in known)
+        assert made or any(word in table for word in (path, parts[-1], parts[0] + "/")), \
+            f"{where}: {path} is neither made by an earlier README command nor in the README's files table"
+
+
+def miniature_files(flags, known, table, where):
+    """Create what a README training or extraction command reads that no earlier command made: a few images,
+    random-weight autoencoders of the named kind, latent statistics, start weights of the preset's family."""
+    check_inputs(where, [p for f in INPUT_FLAGS if f != "--data" for p in flag_values(flags, f) if p != "none"],
+                 known, table)
+    assert all(d in known for d in flag_values(flags, "--data")), f"{where}: --data made by no earlier command"
+    images = flag_values(flags, "--images")
+    if images and not os.path.exists(images[0]):
+        for c in range(2):
+            os.makedirs(os.path.join(images[0], f"class{c}"))
+            for i in range(3):
+                Image.fromarray(np.random.default_rng([c, i]).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                    os.path.join(images[0], f"class{c}", f"{i}.png"))
+    for kind, path in zip(flag_values(flags, "--vae"), flag_values(flags, "--vae-path")):
+        if not os.path.exists(path):
+            torch.manual_seed(0)
+            state = ucgm.autoencoder_architecture(kind).state_dict()
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            ucgm.save_safetensors(state, path) if path.endswith(".safetensors") else torch.save(state, path)
+    data = flag_values(flags, "--data")
+    latents = ucgm.load_safetensors(extract_latents.shard_path(data[0], 0))["latents"] if data else None
+    for path in flag_values(flags, "--latent-stats"):
+        if path != "none" and not os.path.exists(path):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            torch.save({"mean": torch.zeros(latents.shape[1]), "std": torch.ones(latents.shape[1])}, path)
+    preset = (flag_values(flags, "--preset") or [None])[0]
+    for path in flag_values(flags, "--init") + flag_values(flags, "--teacher"):
+        if not os.path.exists(path):
+            assert preset in PRESET_STARTS, f"{where}: --init {path}, a released file, for preset {preset}"
+            model = ucgm.create_model(PRESET_STARTS[preset], input_size=latents.shape[-1],
+                                      in_channels=latents.shape[1], num_classes=10)
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            torch.save(model.state_dict(), path)
+
+
+def miniature_models(monkeypatch):
+    """Every model and autoencoder of the README at a few thousand parameters (same families, layouts, patches)."""
+    tiny = {"DiT": dict(hidden_size=32, depth=2, num_heads=2), "TiT": dict(hidden_size=32, depth=2, num_heads=2),
+            "LightningDiT": dict(hidden_size=32, depth=2, num_heads=2)}
+    for name, config in list(ucgm.MODELS.items()):
+        family = name.split("-")[0]
+        if family in tiny and "-XL/" in name:
+            monkeypatch.setitem(ucgm.MODELS, name, {**config, **tiny[family]})
+        elif family in ("DDT", "EDM2") and not name.endswith(("-T", "-T/1", "-T/2")):
+            small = ucgm.MODELS[f"DDT-T/{config['patch_size']}" if family == "DDT" else "EDM2-T"]
+            monkeypatch.setitem(ucgm.MODELS, name, small)
+    for kind, config in list(ucgm.AUTOENCODERS.items()):
+        monkeypatch.setitem(ucgm.AUTOENCODERS, kind, TINY_DCAE if kind == "dcae" else {**config, "ch": 32})
+
+
+def test_readme_commands_run_as_written(tmp_path, monkeypatch, inception_file):
+    commands = readme_commands()
+    with open(os.path.join(HERE, "README.md")) as f:
+        table = "\n".join(line for line in f if line.startswith("|"))
+    assert sum(1 for _, argv in commands if script_of(argv, "") is not None) >= 10
+    miniature_models(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    known, ran = {}, collections.Counter()
+    for number, argv in commands:
+        where = f"README block {number}: {' '.join(argv)[:100]}"
+        found = script_of(argv, where)
+        if found is None:
+            continue
+        script, flags, launcher = found
+        if launcher:  # torchrun's own flags, checked by its parser
+            torch.distributed.run.get_args_parser().parse_args([*launcher, script, *flags])
+        flags = [f"root{t}" if t.startswith("/") else t for t in flags]  # absolute paths inside the test's folder
+        module = README_SCRIPTS[script]
+        if script in ("train.py", "extract_latents.py"):
+            miniature_files(flags, known, table, where)
+            extra = ["--num-workers", "0"] + (["--batch-size", "4"] if script == "extract_latents.py" else
+                                              ["--global-batch-size", "2", "--ckpt-every", "0", "--sample-every", "0"]
+                                              + (["--bench", "2"] if "--bench" in flags else ["--max-steps", "1"]))
+            args = module.parse_args([*flags, *extra])
+            written = module.parse_args(flags) if script == "train.py" else None  # as the README has it
+            module.main(args)
+            known[args.out] = (written.max_steps, written.keep_every) if written else "made"
+        else:  # its flags parse, and what it reads exists or is listed
+            args = module.parse_args(flags)
+            reads = [getattr(args, f[2:].replace("-", "_"), None) for f in INPUT_FLAGS if f not in ("--images", "--data")]
+            reads += [*getattr(args, "sources", []), *(getattr(args, "save_stats", None) or [])[:1]]
+            check_inputs(where, [p for p in reads if isinstance(p, str) and p != "none"], known, table)
+            known[getattr(args, "out", None) or (getattr(args, "save_stats", None) or ["<none>"])[-1]] = "made"
+        ran[script] += 1
+    assert ran["train.py"] >= 3 and ran["extract_latents.py"] >= 1 and ran["sample.py"] >= 5 and ran["fid.py"] >= 1
 
 
 #################################################################################
