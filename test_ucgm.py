@@ -4,6 +4,8 @@ and the scripts end to end. Run: python -m pytest -q test_ucgm.py"""
 import argparse
 import collections
 import copy
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -1818,6 +1820,11 @@ def test_extract_latents_writes_the_shards_train_reads(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     saved = json.loads((tmp_path / "run" / "args.json").read_text())
     assert (saved["vae"], saved["vae_path"]) == ("vavae", str(file))
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "run" / "checkpoints" / "latest.pt"), "--steps", "1",
+                                   "--num-samples", "2", "--out", str(tmp_path / "samples")]))  # no --vae either
+    assert json.loads((tmp_path / "samples" / "sample.json").read_text())["vae"] == "vavae"
+    with np.load(tmp_path / "samples" / "samples.npz") as drawn:
+        assert drawn["arr_0"].shape == (2, 32, 32, 3)  # decoded by the record's VA-VAE: 2×2 latents to 32 px
     with Image.open(tmp_path / "run" / "samples_0000001.png") as grid:  # 80 decoded 32-px samples, 8 a row
         assert grid.size == (8 * 32, 10 * 32)
     with Image.open(tmp_path / "run" / "steps_0000001.png") as grid:  # the last step: a class a row, 5 step counts
@@ -3038,8 +3045,21 @@ def test_fid_bad_input_is_refused(inception_file, tmp_path):
         fid.compute_metrics(random_images(2), str(tmp_path / "ref.npz"), model)
 
 
-def test_features_match_torch_fidelity_when_installed(inception_file):
-    extractor = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+def torch_fidelity_inception():
+    """torch-fidelity's Inception module (test-only, installed by .ci/run without its dependencies): loaded on its own,
+    since the package's __init__ also imports its torchvision-based extractors, which this one does not use."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        pytest.fail("the Inception reference needs torch-fidelity (pip install --no-deps torch-fidelity==0.4.0, as "
+                    ".ci/run does)")
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("torch_fidelity", package)
+    return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+
+
+def test_features_match_torch_fidelity(inception_file):
+    extractor = torch_fidelity_inception()
     theirs = extractor.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                    feature_extractor_weights_path=inception_file)
     images = torch.from_numpy(random_images(2, 48)).permute(0, 3, 1, 2)
