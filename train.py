@@ -465,8 +465,8 @@ def sample_grids(args, step, trainer, ema, autoencoder, data, autocast):
     @torch.no_grad()
     def decoded(noise, labels, steps):
         with autocast:
-            images = trainer.sample(ema, noise.to(device), y=labels.to(device), cfg_scale=args.sample_cfg,
-                                    **{**preset, "steps": steps})
+            images = trainer.sample(ema, noise.to(device), y=labels.to(device), **{**preset, "steps": steps},
+                                    cfg_scale=args.sample_cfg if data.num_classes > 1 else 1.0)  # 1 class: unguided
         latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
         return torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # in float32; 16 at a time bounds memory
     ucgm.save_image_grid(decoded(noise, labels, preset["steps"]), 8, os.path.join(args.out, f"samples_{step:07d}.png"))

@@ -807,7 +807,7 @@ class DDT(nn.Module):
                                      for _ in range(depth)])
         # a fixed table, not a weight: made for real also on the meta device, where load_network builds the model
         # and loading (assign=True) would leave a non-persistent buffer empty
-        on_meta = torch.get_default_device().type == "meta"
+        on_meta = torch.empty(()).is_meta  # inside `with torch.device("meta")` (torch.get_default_device: 2.5+)
         with torch.device("cpu") if on_meta else contextlib.nullcontext():
             self.rope = DDTRope(hidden_size // num_heads, input_size // patch_size)
         self.initialize_weights()
