@@ -517,9 +517,9 @@ def main(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = next((v for k, v in PEAK_FLOPS if k in name), None)
     micro_batch = args.global_batch_size // (world * args.grad_accum)
+    autoencoder_bytes = sum(v.numel() * v.element_size() for v in autoencoder.state_dict().values()) if writer else 0
     setting = dict(precision=precision, compiled=args.compile, teacher=trainer.teacher is not None,
-                   no_grad_rows=max(passes, default=0), autoencoder=sum(
-                       v.numel() * v.element_size() for v in autoencoder.state_dict().values()) if autoencoder else 0)
+                   no_grad_rows=max(passes, default=0), autoencoder=autoencoder_bytes)
     if budget is not None and rank == 0:
         estimate = memory_estimate(model, micro_batch, grad_checkpoint=args.grad_checkpoint, **setting)
         print(f"memory: ~{estimate / 2**30:.1f} GiB estimated for {micro_batch} images a micro-batch, "
@@ -567,7 +567,7 @@ def main(args):
         grid = args.sample_every and (every(step, args.sample_every) or step == args.max_steps)
         if writer and grid:
             sample_grids(args, step, trainer, ema, autoencoder, data, autocast)
-            torch.cuda.empty_cache()  # hand the grids' cached blocks back, whole, to the next step (no-op on CPU)
+            torch.cuda.empty_cache()  # release the grids' cached blocks, of sizes a step never reuses (no-op on CPU)
         if dist.is_initialized() and (every(step, args.ckpt_every) or grid):  # the others wait here, not in a collective
             dist.barrier()
     bar.close()
