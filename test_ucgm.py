@@ -2595,8 +2595,8 @@ def test_setup_distributed_on_a_gpu_node(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
     with fid.full_fp32():  # and restores the precision of this process after it
         assert ucgm.setup_distributed() == (0, 1, torch.device("cuda:0")) and devices == [torch.device("cuda:0")]
-        tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        assert tf32 == ("high", True, True)
+        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        assert (torch.get_float32_matmul_precision(), matmul.allow_tf32, cudnn.allow_tf32) == ("high", True, True)
         with fid.full_fp32():
             assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("highest", False)
         assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", True)
@@ -2643,7 +2643,8 @@ def test_compiled_blocks_stay_whole_graphs_under_ddp(tmp_path, monkeypatch):
                                          rank=0, world_size=1)
     try:
         pieces, (graphs, calls) = [], counting_compile(monkeypatch)
-        for compile_blocks in (train.compile_blocks, lambda net: [block.compile(dynamic=False) for block in net.blocks]):
+        per_block = lambda net: [block.compile(dynamic=False) for block in net.blocks]  # noqa: E731
+        for compile_blocks in (train.compile_blocks, per_block):
             torch._dynamo.reset()
             graphs.clear(), calls.clear()
             torch._dynamo.config.optimize_ddp = True  # the default
@@ -3385,7 +3386,8 @@ def test_cuda_scripts_run_under_nccl(tmp_path, figure):
     out, extracted = tmp_path / "run", time.time()
     run = nccl_run("train.py", "--data", str(tmp_path / "latents"), *vae, "--model", "TiT-T/2", "--lam", "1",
                    "--zeta", "1", "--teacher-decay", "1", "--grad-checkpoint", "--compile", "--global-batch-size", "8",
-                   "--max-steps", "3", "--log-every", "1", "--sample-every", "3", "--num-workers", "0", "--out", str(out))
+                   "--max-steps", "3", "--log-every", "1", "--sample-every", "3", "--num-workers", "0",
+                   "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     assert all(math.isfinite(loss) for _, loss in losses(out)) and (out / "samples_0000003.png").exists()
     trained = time.time()
