@@ -440,6 +440,7 @@ def sample_grids(args, step, trainer, ema, autoencoder, data, autocast):
         latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
         return torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # in float32; 16 at a time bounds memory
     ucgm.save_image_grid(decoded(noise, labels, preset["steps"]), 8, os.path.join(args.out, f"samples_{step:07d}.png"))
+    torch.cuda.empty_cache()  # release the grid's cached blocks, of sizes a step never reuses (no-op on CPU)
     if step == args.max_steps:  # the same noise through ever more steps: a column per step count
         columns = [decoded(noise[::8], labels[::8], steps) for steps in STEPS_PICTURE]
         ucgm.save_image_grid(torch.stack(columns, 1).flatten(0, 1), len(STEPS_PICTURE),
@@ -567,7 +568,6 @@ def main(args):
         grid = args.sample_every and (every(step, args.sample_every) or step == args.max_steps)
         if writer and grid:
             sample_grids(args, step, trainer, ema, autoencoder, data, autocast)
-            torch.cuda.empty_cache()  # release the grids' cached blocks, of sizes a step never reuses (no-op on CPU)
         if dist.is_initialized() and (every(step, args.ckpt_every) or grid):  # the others wait here, not in a collective
             dist.barrier()
     bar.close()
