@@ -518,7 +518,8 @@ def main(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = next((v for k, v in PEAK_FLOPS if k in name), None)
     micro_batch = args.global_batch_size // (world * args.grad_accum)
-    autoencoder_bytes = sum(v.numel() * v.element_size() for v in autoencoder.state_dict().values()) if writer else 0
+    autoencoder_bytes = 0 if autoencoder is None else \
+        sum(v.numel() * v.element_size() for v in autoencoder.state_dict().values())  # for the grids
     setting = dict(precision=precision, compiled=args.compile, teacher=trainer.teacher is not None,
                    no_grad_rows=max(passes, default=0), autoencoder=autoencoder_bytes)
     if budget is not None and rank == 0:
