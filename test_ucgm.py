@@ -3512,9 +3512,10 @@ def test_cuda_figure_training_tit_xl(figure):
                               "--global-batch-size", str(GPU_BATCH), *flags], capture_output=True, text=True,
                              timeout=300)
         lines = [line for line in run.stdout.splitlines() if line.startswith("bench ")]
-        figure(f"{lines[0]} (--preset {flags[1]}; the process took {time.time() - started:.0f} s)" if lines else
-               f"train.py --bench {' '.join(flags)} failed: {run.stderr.strip().splitlines()[-1:]}")
         estimate = re.search(r"memory: ~([\d.]+) GiB estimated", run.stdout)
+        figure(f"{lines[0]} (--preset {flags[1]}; {estimate and estimate[1]} GiB estimated; the process took "
+               f"{time.time() - started:.0f} s)" if lines else
+               f"train.py --bench {' '.join(flags)} failed: {run.stderr.strip().splitlines()[-1:]}")
         checks.append((flags, run.returncode, lines[0] if lines else "", float(estimate[1]) if estimate else None))
     for flags, returncode, line, estimate in checks:
         assert returncode == 0 and line, flags
