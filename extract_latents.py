@@ -154,7 +154,7 @@ def main(args):
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     num_shards = math.ceil(len(paths) / args.shard_size)
-    todo = [k for k in range(rank, num_shards, world) if not os.path.exists(shard_path(args.out, k))]
+    todo = ucgm.missing_shards(num_shards, lambda k: shard_path(args.out, k), rank, world)  # dealt evenly
     bar = tqdm(total=sum(min(args.shard_size, len(paths) - k * args.shard_size) for k in todo),
                disable=rank != 0, unit="img", desc="encoding")
     skipped = 0

@@ -270,12 +270,14 @@ def array_batches(images, batch_size):
 def full_fp32():
     """IEEE float32 matmuls and convs inside (the scripts turn TF32 on for CUDA): Inception features and their
     distances are computed in full precision, as the TensorFlow graph did."""
-    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32  # the switches of ucgm.use_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 @torch.no_grad()

@@ -106,7 +106,7 @@ def main(args):
     if ucgm.resolve_compile(args.compile, device):
         model.compile(dynamic=False)  # static graphs: batch B, 2B inside cfg_interval, and a short last shard
     num_shards = math.ceil(args.num_samples / args.batch_size)
-    todo = [k for k in range(rank, num_shards, world) if not os.path.exists(shard_path(args.out, k))]
+    todo = ucgm.missing_shards(num_shards, lambda k: shard_path(args.out, k), rank, world)  # dealt evenly
     shape = (model.in_channels, model.input_size, model.input_size)
     for k in tqdm(todo, disable=rank != 0, desc="sampling", unit="shard"):
         indices = range(k * args.batch_size, min((k + 1) * args.batch_size, args.num_samples))

@@ -252,19 +252,29 @@ def append_log(path, record, keep_through=None):
 #                     Memory, compilation and a frozen teacher                  #
 #################################################################################
 
-def memory_estimate(model, batch, precision, compiled, grad_checkpoint, teacher):
-    """Bytes of one process's GPU memory for training `model` on micro-batches of `batch` (README, "Memory"):
+def no_grad_passes(trainer):
+    """The no-grad forwards of a step in micro-batches (Alg. 1): the difference of Eq. (6) for 0 < λ < 1 (one), or
+    λ = 1's central difference (l.12-13: both points in one doubled batch); for ζ ≠ 0 the teacher's of l.6 (doubled
+    by fc-vs-fe, which asks it on y and on ∅)."""
+    passes = [2 if trainer.lam == 1 else 1] if trainer.lam > 0 else []
+    return passes + ([2 if trainer.enhance_style == "fc-vs-fe" else 1] if trainer.zeta != 0 else [])
+
+
+def memory_estimate(model, batch, precision, compiled, grad_checkpoint, teacher, no_grad_rows=0, autoencoder=0):
+    """Bytes of rank 0's GPU memory for training `model` on micro-batches of `batch` (README, "Memory"):
     float32 weights, gradients (DDP's buckets are views of them), Adam's m and v, the EMA (rank 0) and a teacher;
     autocast's bf16 weight copies; the activations the grad forward saves (SAVED_BYTES), which with
-    --grad-checkpoint are each block's float32 input and one block recomputed at a time."""
+    --grad-checkpoint are each block's float32 input and one block recomputed at a time; beside them the largest
+    no-grad pass (no_grad_rows micro-batches, `no_grad_passes`), about one block's tensors at a time (at most a
+    compiled block's saved bytes); `autoencoder` bytes of weights for the grids, decoded between steps."""
     params = sum(p.numel() for p in model.parameters())
     state = params * (4 * (5 + teacher) + 2 * (precision == "bf16"))
     eager, fused, rest = SAVED_BYTES[ucgm.family_of(model.state_dict())][precision]
     tokens, depth = (model.input_size // model.patch_size) ** 2, len(model.blocks)
     width = model.t_embedder.mlp[-1].out_features
     block = fused if compiled else eager
-    per_image = tokens * width * (rest + (4 * depth + block if grad_checkpoint else depth * block))
-    return state + batch * per_image
+    saved = rest + (4 * depth + block if grad_checkpoint else depth * block)
+    return state + autoencoder + batch * tokens * width * (saved + no_grad_rows * (rest + fused))
 
 
 def what_fits(model, args, micro_batch, budget, **setting):
@@ -293,9 +303,18 @@ def first_step_memory(active, advice, what):
 
 
 def compile_blocks(network):
-    """torch.compile each transformer block in place, as the released code does: one static graph serves every
-    block, DDP stays eager around them (its hooks overlap the all-reduce with the backward), and --grad-checkpoint
-    recomputes compiled blocks (a whole-model compile under DDP is split into ~108 graphs and breaks both)."""
+    """torch.compile each block in place, as the released code does: one static graph serves every block of a shape,
+    DDP stays eager around them (its hooks overlap the all-reduce with the backward, block by block), and
+    --grad-checkpoint recomputes compiled blocks (a whole-model compile under DDP is split into ~108 graphs)."""
+    if torch.distributed.is_initialized():  # DDPOptimizer would split each block's graph at DDP's bucket boundaries
+        torch._dynamo.config.optimize_ddp = False
+    # EDM2's blocks share one forward at ~20 shapes: room for a graph per block and pass (grad, no-grad, teacher),
+    # so that none runs eager after dynamo's 8 recompiles of a code object (torch 2.4: cache_size_limit)
+    config = torch._dynamo.config
+    names = ("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit") else \
+        ("cache_size_limit", "accumulated_cache_size_limit")
+    for name in names:
+        setattr(config, name, max(getattr(config, name), 3 * len(network.blocks)))
     for block in network.blocks:
         block.compile(dynamic=False)
 
@@ -470,6 +489,7 @@ def sample_grids(args, step, trainer, ema, autoencoder, data, autocast):
         latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
         return torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # in float32; 16 at a time bounds memory
     ucgm.save_image_grid(decoded(noise, labels, preset["steps"]), 8, os.path.join(args.out, f"samples_{step:07d}.png"))
+    torch.cuda.empty_cache()  # release the grid's cached blocks, of sizes a step never reuses (no-op on CPU)
     if step == args.max_steps:  # the same noise through ever more steps: a column per step count
         columns = [decoded(noise[::8], labels[::8], steps) for steps in STEPS_PICTURE]
         ucgm.save_image_grid(torch.stack(columns, 1).flatten(0, 1), len(STEPS_PICTURE),
@@ -615,11 +635,15 @@ def main(args):
                                         args.max_steps), num_workers=args.num_workers, pin_memory=device.type == "cuda")
     precision = ucgm.resolve_precision(args.precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    flops = model.flops_per_forward() * args.global_batch_size * (3 + (args.lam > 0) + (args.lam == 1) + (args.zeta != 0))
+    passes = no_grad_passes(trainer)
+    flops = model.flops_per_forward() * args.global_batch_size * (3 + sum(passes))  # forward and backward: 3
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = next((v for k, v in PEAK_FLOPS if k in name), None)
     micro_batch = args.global_batch_size // (world * args.grad_accum)
-    setting = dict(precision=precision, compiled=args.compile, teacher=trainer.teacher is not None)
+    autoencoder_bytes = 0 if autoencoder is None else \
+        sum(v.numel() * v.element_size() for v in autoencoder.state_dict().values())  # for the grids
+    setting = dict(precision=precision, compiled=args.compile, teacher=trainer.teacher is not None,
+                   no_grad_rows=max(passes, default=0), autoencoder=autoencoder_bytes)
     if budget is not None and rank == 0:
         estimate = memory_estimate(model, micro_batch, grad_checkpoint=args.grad_checkpoint, **setting)
         print(f"memory: ~{estimate / 2**30:.1f} GiB estimated for {micro_batch} images a micro-batch, "

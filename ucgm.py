@@ -2111,22 +2111,50 @@ def resolve_precision(precision, device):
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
+def use_tf32():
+    """float32 matmuls and convs on CUDA in TF32 (~3x faster, 10 mantissa bits), through the switches every torch
+    since 2.4 reads alike: setting only the newer fp32_precision ones leaves a "mix of legacy and new APIs" in which
+    the legacy getters (read by max-autotune, torch.utils.benchmark, the profiler) raise."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def process_defaults(local_world):
+    """Environment defaults of one of `local_world` processes on a machine, each kept if the user set it."""
+    # torch.compile's workers (min(32, cores) in every process by default): the cores shared among the processes
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // local_world)))
+    if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ):  # read at the first CUDA allocation
+        # freed blocks of any size are reused: the grids drawn between steps leave no fragments the next step can't use
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def setup_distributed():
     """Join torchrun's process group if there is one (NCCL on CUDA, gloo on CPU); return (rank, world, device)."""
     distributed = "RANK" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    process_defaults(local_world)
+    # LOCAL_RANK modulo the visible GPUs: a process may see only its own (SLURM --gpus-per-task=1)
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group, so that NCCL binds this rank to its own GPU
-        torch.backends.cuda.matmul.fp32_precision = "tf32"  # float32 matmuls and convs in TF32: ~3x faster
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        use_tf32()
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores among the processes of this machine
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if distributed:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
                                              device_id=device if device.type == "cuda" else None)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     return rank, world, device
+
+
+def missing_shards(num_shards, path_of, rank, world):
+    """This process's share of the shards whose file path_of(k) does not exist yet: the missing ones dealt in turn
+    to the processes, so that after an uneven resume each gets as many as the others (± 1); every process lists
+    them before any of them writes one (a barrier), so all deal the same list."""
+    missing = [k for k in range(num_shards) if not os.path.exists(path_of(k))]
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return missing[rank::world]
 
 
 def all_reduce(value, device, op="sum"):
