@@ -36,6 +36,7 @@ import pickle
 import re
 import struct
 import sys
+import tarfile
 import warnings
 from functools import partial, reduce
 
@@ -1047,8 +1048,9 @@ class EDM2UNet(nn.Module):
 
 
 def unet_flops(model, attention_out):
-    """Matmul FLOPs of one forward of an EDM2 or UNet+ U-Net for one sample, a multiply-add counting 2: each conv at its
-    layer's resolution (the name's {r}x{r}), attention's QKᵀ and AV at 2·(r²)²·C where `attention_out` ends a name."""
+    """Matmul FLOPs of one forward of an EDM2 or UNet+ U-Net for one sample, a multiply-add counting 2: each conv at
+    its layer's resolution (the name's {r}x{r}), attention's QKᵀ and AV at 2·(r²)²·C where `attention_out` ends a
+    name."""
     total = 0
     for name, p in model.named_parameters():
         if p.dim() > 1:
@@ -1084,7 +1086,8 @@ def edm_init(layer, init, fan_in, fan_out):
     with torch.no_grad():
         for p, gain in ((layer.weight, weight_gain), (layer.bias, bias_gain)):
             if p is not None:
-                p.copy_((torch.randn_like(p) if mode == "kaiming_normal" else torch.rand_like(p) * 2 - 1) * scale * gain)
+                noise = torch.randn_like(p) if mode == "kaiming_normal" else torch.rand_like(p) * 2 - 1
+                p.copy_(noise * (scale * gain))
     return layer
 
 
@@ -2027,13 +2030,14 @@ def infer_unetplus(state, name, where):
     require(missing is None, f"{where}: missing key {missing!r} (UNet+ weights of another architecture?)")
     adm, fourier = "out_conv.weight" in state, "map_noise.freqs" in state
     name = name or ("UNet+-ADM" if adm else "UNet+-NCSN++" if fourier else "UNet+")
-    require(name.startswith("UNet+") and MODELS[name].get("adm", False) == adm, f"{where}: {'ADM' if adm else 'SongUNet'}"
-            f" weights, not those of --model {name}")
+    require(name.startswith("UNet+") and MODELS[name].get("adm", False) == adm,
+            f"{where}: {'ADM' if adm else 'SongUNet'} weights, not those of --model {name}")
     levels = sorted({int(m[1]) for key in state if (m := re.match(r"enc\.(\d+)x\1_block", key))}, reverse=True)
     model_channels = state["map_layer0.weight"].shape[1] if adm else state[first].shape[0]
     filters = [v for k, v in state.items() if k.endswith("resample_filter")]  # f·fᵀ/(Σf)²: f ∝ its first row
+    widths = [state[f"enc.{r}x{r}_block0.conv1.weight"].shape[0] for r in levels]
     kwargs = dict(input_size=levels[0], in_channels=state[first].shape[1], model_channels=model_channels,
-                  channel_mult=tuple(state[f"enc.{r}x{r}_block0.conv1.weight"].shape[0] // model_channels for r in levels),
+                  channel_mult=tuple(width // model_channels for width in widths),
                   channel_mult_emb=state["map_layer0.weight"].shape[0] // model_channels,
                   num_blocks=sum(bool(re.fullmatch(rf"enc\.{levels[0]}x{levels[0]}_block\d+\.conv1\.weight", k))
                                  for k in state),
@@ -2043,8 +2047,10 @@ def infer_unetplus(state, name, where):
     if not adm:
         kwargs.update(embedding="fourier" if fourier else "positional",
                       channel_mult_noise=state["map_layer0.weight"].shape[1] // model_channels,
-                      encoder=next((e for e in ("residual", "skip") if any(f"aux_{e}" in k for k in state)), "standard"),
-                      resample_filter=tuple((filters[0][0, 0, 0] / filters[0][0, 0, 0, 0]).tolist()) if filters else (1, 1))
+                      encoder=next((e for e in ("residual", "skip") if any(f"_aux_{e}." in k for k in state)),
+                                   "standard"),
+                      resample_filter=tuple((filters[0][0, 0, 0] / filters[0][0, 0, 0, 0]).tolist()) if filters
+                      else (1, 1))
     return name, kwargs
 
 
@@ -2066,8 +2072,9 @@ def persistent_state(meta):
 
 
 # what numpy's pickles name (numpy 1.x and 2.x module names): arrays, dtypes and scalars, built from their bytes
-NUMPY_PICKLE_GLOBALS = {**{f"numpy{core}.multiarray.{name}": function for core in (".core", "._core") for name, function
-                           in (("_reconstruct", np.empty(0).__reduce__()[0]), ("scalar", np.float32(0).__reduce__()[0]))},
+NUMPY_PICKLE_GLOBALS = {**{f"numpy{core}.multiarray.{name}": function for core in (".core", "._core")
+                           for name, function in (("_reconstruct", np.empty(0).__reduce__()[0]),
+                                                  ("scalar", np.float32(0).__reduce__()[0]))},
                         "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
 # every global an EDM or EDM2 network pickle names, and what it becomes: tensors, numpy values, containers and records
 NETWORK_PICKLE_GLOBALS = {
@@ -2140,9 +2147,10 @@ def load_network_pickle(path, where):
             state = pickled_state_dict(ema)
         except Exception as error:  # a refused global, or not a network pickle
             if unpickler.refused:
-                raise ValueError(f"{where} {path}: names {unpickler.refused}, which an EDM or EDM2 network pickle does "
-                                 "not (unpickling it could run code); if you trust the file, convert it where NVlabs/edm2"
-                                 " is cloned: torch.save(pickle.load(f)['ema'].unet.state_dict(), 'unet.pt')") from None
+                raise ValueError(f"{where} {path}: names {unpickler.refused}, which an EDM or EDM2 network pickle "
+                                 "does not (unpickling it could run code); if you trust the file, convert it where "
+                                 "NVlabs/edm2 (or edm) is cloned: torch.save(pickle.load(f)['ema'].unet.state_dict(), "
+                                 "'unet.pt') (EDM: .model)") from None
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ValueError(f"{where} {path}: not an EDM or EDM2 network pickle with an 'ema' network "
                              f"({reason[:160]})") from None
@@ -2449,6 +2457,76 @@ def save_image_grid(images, per_row, path):
     for i in range(n):
         grid[:, (i // per_row) * h:(i // per_row + 1) * h, (i % per_row) * w:(i % per_row + 1) * w] = pixels[i]
     atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
+
+# CIFAR-10 (Krizhevsky 2009; the paper's Table 7): the batches of each split, in order, and the class names
+CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def is_cifar10(path):
+    """Whether path is a CIFAR-10 archive (a .tar.gz, e.g. cifar-10-python.tar.gz or cifar-10-binary.tar.gz) or a
+    folder of its batches (data_batch_1, or data_batch_1.bin, there or in cifar-10-batches-py/-bin)."""
+    if not os.path.isdir(path):
+        return str(path).endswith((".tar.gz", ".tgz", ".tar"))
+    return any(os.path.isfile(os.path.join(path, sub, f"{name}{ext}")) for name in ("data_batch_1", "test_batch")
+               for sub in ("", "cifar-10-batches-py", "cifar-10-batches-bin") for ext in ("", ".bin"))
+
+
+def cifar10_files(path, split, where):
+    """{file name: bytes} of the batches of a split in a CIFAR-10 archive or folder (python: data_batch_1, binary:
+    data_batch_1.bin)."""
+    wanted, found = CIFAR10_BATCHES[split], {}
+    if os.path.isdir(path):
+        for sub in ("", "cifar-10-batches-py", "cifar-10-batches-bin"):
+            for name in (n + ext for n in wanted for ext in ("", ".bin")):
+                if os.path.isfile(os.path.join(path, sub, name)):
+                    with open(os.path.join(path, sub, name), "rb") as f:
+                        found[name] = f.read()
+    else:
+        try:
+            with tarfile.open(path) as archive:
+                for member in archive:
+                    if member.isfile() and os.path.basename(member.name).removesuffix(".bin") in wanted:
+                        found[os.path.basename(member.name)] = archive.extractfile(member).read()
+        except (OSError, EOFError, tarfile.TarError) as error:
+            raise ValueError(f"{where} {path}: not a readable CIFAR-10 archive ({error})") from None
+    missing = [n for n in wanted if n not in found and f"{n}.bin" not in found]
+    require(not missing, f"{where} {path}: expected the CIFAR-10 {split} batches {', '.join(wanted)} (python) or their "
+            f".bin (binary), missing {', '.join(missing)}")
+    return {n if n in found else f"{n}.bin": found.get(n, found.get(f"{n}.bin")) for n in wanted}
+
+
+def cifar10_batch(name, data, where):
+    """(pixels (n, 3072) uint8, labels (n,) int64) of one CIFAR-10 batch: binary, records of a label byte and 3072
+    pixel bytes; python, a pickled dict {data, labels, ...} read by RestrictedUnpickler (arrays, dicts, lists and
+    bytes only)."""
+    if name.endswith(".bin"):
+        require(len(data) % 3073 == 0, f"{where}: {len(data)} bytes, not whole records of 3073 bytes")
+        records = np.frombuffer(data, np.uint8).reshape(-1, 3073)
+        pixels, labels = records[:, 1:], records[:, 0].astype(np.int64)
+    else:
+        unpickler = RestrictedUnpickler(io.BytesIO(data), NUMPY_PICKLE_GLOBALS, encoding="latin1")  # Python 2's str
+        try:
+            batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in unpickler.load().items()}
+            pixels, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+        except Exception as error:  # a refused global, a cut pickle, or another dict
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{where}: not a CIFAR-10 batch (python pickle of data and labels, or binary records of "
+                             f"3073 bytes): {reason[:160]}") from None
+    require(pixels.dtype == np.uint8 and pixels.shape == (len(labels), 3072) and labels.ndim == 1
+            and np.isin(labels, range(10)).all(), f"{where}: expected uint8 data (n, 3072) and n labels in 0..9, got "
+            f"{pixels.dtype} {pixels.shape} and {labels.shape} labels")
+    return pixels, labels
+
+
+def read_cifar10(path, split="train", where="--images"):
+    """(images (N, 32, 32, 3) uint8, labels (N,) int64) of the train (data_batch_1..5) or test split of the official
+    CIFAR-10 python or binary archive, or of its extracted folder; each row holds the R, G and B planes of 32×32."""
+    batches = [cifar10_batch(name, data, f"{where} {path}: {name}")
+               for name, data in cifar10_files(path, split, where).items()]
+    pixels, labels = (np.concatenate(part) for part in zip(*batches))
+    return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # NCHW planes -> NHWC
+
 
 if __name__ == "__main__":  # the reading order, then the model table: parameters and forward GFLOPs
     print(__doc__.strip(), end="\n\n")
