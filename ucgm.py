@@ -1175,8 +1175,9 @@ class FourierEmbedding(nn.Module):
 
 
 def positional_embedding(x, channels, endpoint):
-    """[cos | sin] of x·10000^(−k/(C/2 − endpoint)), k = 0 .. C/2 − 1 (EDM's PositionalEmbedding)."""
-    k = torch.arange(channels // 2, dtype=torch.float32, device=x.device)
+    """[cos | sin] of x·10000^(−k/(C/2 − endpoint)), k = 0 .. C/2 − 1 (EDM's PositionalEmbedding; the frequencies
+    in float64, rounded once)."""
+    k = torch.arange(channels // 2, dtype=torch.float64, device=x.device)
     angles = torch.outer(x, ((1 / 10000) ** (k / (channels // 2 - endpoint))).to(x.dtype))
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
@@ -1206,11 +1207,12 @@ class EDMUNet(nn.Module):
                             eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
                             init=init, init_zero=init_zero, init_attn=("xavier_uniform", math.sqrt(0.2), 0))
         self.map_noise = FourierEmbedding(noise) if embedding == "fourier" else None  # positional: no state
+        self.map_label = edm_linear(num_classes, noise, init) if num_classes > 1 and not adm else None
         self.map_augment = edm_linear(augment_dim, noise, init_zero if adm else init, bias=False) if augment_dim \
             else None
         self.map_layer0, self.map_layer1 = edm_linear(noise, emb, init), edm_linear(emb, emb, init)
-        self.map_label = None if num_classes <= 1 else edm_linear(num_classes, noise, init) if not adm else \
-            edm_linear(num_classes, emb, ("kaiming_normal", math.sqrt(num_classes), 0), bias=False)
+        if num_classes > 1 and adm:  # (EDM) ADM's labels join after the mapping layers, so they come after them
+            self.map_label = edm_linear(num_classes, emb, ("kaiming_normal", math.sqrt(num_classes), 0), bias=False)
         self.enc, self.dec, c, aux = nn.ModuleDict(), nn.ModuleDict(), in_channels, in_channels
         for level, mult in enumerate(channel_mult):
             res = input_size >> level
@@ -2071,11 +2073,13 @@ def persistent_state(meta):
     return record
 
 
-# what numpy's pickles name (numpy 1.x and 2.x module names): arrays, dtypes and scalars, built from their bytes
+# what numpy's pickles name (numpy 1.x and 2.x module names): arrays, dtypes and scalars, built from their bytes,
+# which Python 3 writes at protocol 2 as _codecs.encode(text, "latin1")
 NUMPY_PICKLE_GLOBALS = {**{f"numpy{core}.multiarray.{name}": function for core in (".core", "._core")
                            for name, function in (("_reconstruct", np.empty(0).__reduce__()[0]),
                                                   ("scalar", np.float32(0).__reduce__()[0]))},
-                        "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+                        "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+                        "_codecs.encode": lambda text, encoding="utf-8": text.encode(encoding)}
 # every global an EDM or EDM2 network pickle names, and what it becomes: tensors, numpy values, containers and records
 NETWORK_PICKLE_GLOBALS = {
     **NUMPY_PICKLE_GLOBALS, "torch_utils.persistence._reconstruct_persistent_obj": persistent_state,
