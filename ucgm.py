@@ -1163,25 +1163,6 @@ class EDMBlock(nn.Module):
         return x
 
 
-class FourierEmbedding(nn.Module):
-    """NCSN++'s noise embedding [cos | sin] of 2π·freqs·x, freqs = 16·N(0, 1) a persistent buffer (EDM)."""
-    def __init__(self, channels, scale=16.0):
-        super().__init__()
-        self.register_buffer("freqs", torch.randn(channels // 2) * scale)
-
-    def forward(self, x):
-        angles = torch.outer(x, 2 * math.pi * self.freqs.to(x.dtype))
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
-
-
-def positional_embedding(x, channels, endpoint):
-    """[cos | sin] of x·10000^(−k/(C/2 − endpoint)), k = 0 .. C/2 − 1 (EDM's PositionalEmbedding; the frequencies
-    in float64, rounded once)."""
-    k = torch.arange(channels // 2, dtype=torch.float64, device=x.device)
-    angles = torch.outer(x, ((1 / 10000) ** (k / (channels // 2 - endpoint))).to(x.dtype))
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
-
-
 class EDMUNet(nn.Module):
     """EDM's SongUNet (DDPM++: positional embedding, standard encoder, filter [1, 1]; NCSN++: Fourier, residual,
     [1, 3, 3, 1]) or, with adm, its DhariwalUNet; defaults: UCGM's released UNet+ (dropout 0.2; EDM's CIFAR-10 0.13).
@@ -1206,7 +1187,10 @@ class EDMUNet(nn.Module):
             block = partial(EDMBlock, emb_channels=emb, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
                             eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
                             init=init, init_zero=init_zero, init_attn=("xavier_uniform", math.sqrt(0.2), 0))
-        self.map_noise = FourierEmbedding(noise) if embedding == "fourier" else None  # positional: no state
+        self.map_noise = None  # positional: no state; Fourier (NCSN++): EDM's frequencies 16·N(0, 1), a buffer
+        if embedding == "fourier":
+            self.map_noise = nn.Module()
+            self.map_noise.register_buffer("freqs", 16 * torch.randn(noise // 2))
         self.map_label = edm_linear(num_classes, noise, init) if num_classes > 1 and not adm else None
         self.map_augment = edm_linear(augment_dim, noise, init_zero if adm else init, bias=False) if augment_dim \
             else None
@@ -1250,11 +1234,16 @@ class EDMUNet(nn.Module):
             self.dec[f"{input_size}x{input_size}_aux_norm"], self.dec[f"{input_size}x{input_size}_aux_conv"] = head
 
     def embedding(self, t, y, dtype):
-        """SiLU of the mapping network of the noise label (SongUNet: [sin | cos]) and of the labels (EDM)."""
+        """SiLU of the mapping network of the noise label and of the labels (EDM): [cos | sin] (SongUNet: [sin | cos])
+        of c_noise times 2π·freqs (Fourier) or 10000^(−k/(C/2 − 1)) (positional; ADM: C/2), the latter in float64."""
         c_noise = 2.68 * t.flatten().to(dtype) - 1.59  # EDM's c_noise = ¼·ln σ(t) (Table 6)
-        emb = self.map_noise(c_noise) if self.map_noise is not None else \
-            positional_embedding(c_noise, self.map_layer0.in_features, endpoint=not self.adm)
-        emb = emb if self.adm else emb.reshape(len(emb), 2, -1).flip(1).flatten(1)  # [sin | cos] (EDM)
+        if self.map_noise is not None:
+            freqs = 2 * math.pi * self.map_noise.freqs
+        else:
+            k = torch.arange(self.map_layer0.in_features // 2, dtype=torch.float64, device=t.device)
+            freqs = (1 / 10000) ** (k / (len(k) - (not self.adm)))
+        angles = torch.outer(c_noise, freqs.to(dtype))  # (N, C/2)
+        emb = torch.cat([angles.cos(), angles.sin()] if self.adm else [angles.sin(), angles.cos()], dim=1)
         labels = None
         if self.map_label is not None:
             one_hot = F.one_hot(y, self.num_classes + 1)[:, :self.num_classes].to(dtype) if y is not None else \
