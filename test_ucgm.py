@@ -1742,6 +1742,32 @@ def test_edm_pickles_of_other_preconditionings_and_foreign_classes_are_refused(t
     assert not marker.exists()
 
 
+# configs/debug/debug.yaml of LINs-lab/UCGM (Table 7's setting), its sections as eval.py reads them
+DEBUG_CONFIG = {"data": {"image_size": 8, "num_classes": 1, "latent_norm": False, "latent_multiplier": 1.0},
+                "vae": {"type": "idae_f1c3", "downsample_ratio": 1}, "model": {"type": "UNet+", "in_chans": 3},
+                "transport": {"type": "EDM", "consistc_ratio": 1.0},
+                "sample": {"cfg_scale": 0.0, "sampling_steps": 1, "stochast_ratio": 0.0, "extrapol_ratio": 0.0,
+                           "sampling_order": 1, "time_dist_ctrl": [1.1, 0.7, 1.1], "rfba_gap_steps": [0.001, 0.001]}}
+
+
+def test_sample_py_samples_a_released_unetplus_checkpoint_with_its_debug_yaml_settings(tmp_path):
+    """A released-format UNet+ checkpoint ({model, ema, config: debug.yaml}, the U-Net made tiny: its sizes come from
+    the weights) is sampled as released: pixels (idae_f1c3), EDM transport, 1 step with warp (1.1, 0.7, 1.1), no
+    guidance, unconditional; the images are UCGM-S's by hand."""
+    model = tiny_unetplus("ddpm++", num_classes=1)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": DEBUG_CONFIG}, tmp_path / "ucgm.pt")
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "ucgm.pt"), "--num-samples", "2", "--out",
+                                   str(tmp_path / "out")]))
+    config = json.loads((tmp_path / "out" / "sample.json").read_text())
+    assert (config["model"], config["transport"], config["vae"]) == ("UNet+", "EDM", "identity")
+    assert {k: config["sampler"][k] for k in ("steps", "rho", "kappa", "warp", "gaps", "cfg_scale")} == \
+        {"steps": 1, "rho": 0.0, "kappa": 0.0, "warp": [1.1, 0.7, 1.1], "gaps": [0.001, 0.001], "cfg_scale": 1.0}
+    noise = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    want = ucgm.UCGM("EDM").sample(model, noise, steps=1, rho=0.0, kappa=0.0, warp=(1.1, 0.7, 1.1))
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "samples.npz")["arr_0"],
+                               ucgm.to_uint8(want).permute(0, 2, 3, 1).numpy(), atol=1)
+
+
 def write_cifar10(root, kind, per_batch=2, seed=0):
     """CIFAR-10's archives in miniature, per_batch images a batch: cifar-10-batches-py/{data_batch_1..5, test_batch},
     pickled dicts (data: rows of the R, G and B planes, labels; the second with bytes keys), or cifar-10-batches-bin/
