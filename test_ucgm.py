@@ -1624,12 +1624,10 @@ def test_unetplus_forward_matches_an_oracle_written_from_edms_formulas(kind):
                            else (1, 1))
     assert got.shape == x.shape and got.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    unconditional = tiny_unetplus(kind, num_classes=1).double()
+    unconditional = tiny_unetplus(kind, num_classes=1)
     with torch.no_grad():
-        a, b = unconditional(x, t, y), unconditional(x, t, None)
+        a, b = unconditional(x.float(), t.float(), y), unconditional(x.float(), t.float(), None)
     assert "map_label.weight" not in unconditional.state_dict() and torch.equal(a, b)
-    torch.testing.assert_close(a, unetplus_oracle(unconditional.state_dict(), x, t, y, 1, adm=kind == "adm",
-                                                  taps=(1, 3, 3, 1) if kind == "ncsn++" else (1, 1)))
 
 
 @pytest.mark.parametrize("name, kwargs, n_params", [
@@ -1708,11 +1706,13 @@ def test_edm_pickles_load_as_unetplus_on_the_edm_transport_with_nothing_executed
     assert (loaded.num_classes, loaded.augment_dim, loaded.input_size) == (num_classes, 9, 8)
     assert loaded.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "edm.pkl"), "--num-samples", "2", "--steps", "1",
-                                   "--out", str(tmp_path / "samples")]))
-    config = json.loads((tmp_path / "samples" / "sample.json").read_text())
-    assert config["model"] == name and config["transport"] == "EDM" and not marker.exists()
-    assert np.load(tmp_path / "samples" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+    if kind == "adm":  # sample.py, once
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path / "edm.pkl"), "--num-samples", "2", "--steps", "1",
+                                       "--out", str(tmp_path / "samples")]))
+        config = json.loads((tmp_path / "samples" / "sample.json").read_text())
+        assert config["model"] == name and config["transport"] == "EDM"
+        assert np.load(tmp_path / "samples" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+    assert not marker.exists()
 
 
 def test_edm_pickles_of_other_preconditionings_and_foreign_classes_are_refused(tmp_path, monkeypatch):
@@ -1836,13 +1836,14 @@ def test_cifar10_path_extract_train_tune_and_reference_statistics(tmp_path):
     pixels = torch.from_numpy(truth["train"][0]).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert torch.equal(shard["latents"], pixels) and torch.equal(shard["latents_flip"], pixels.flip(-1))
     assert shard["labels"].tolist() == [0] * 10
-    extract_latents.main(extract_latents.parse_args([*common, "--split", "test", "--out", str(tmp_path / "test")]))
-    test = ucgm.load_safetensors(str(tmp_path / "test" / "latents_00000.safetensors"))
-    assert test["labels"].tolist() == truth["test"][1].tolist() and len(test["latents"]) == 2
+    images, labels, classes = extract_latents.image_source(extract_latents.parse_args([*common, "--split", "test",
+                                                                                      "--out", "x"]))
+    assert np.array_equal(np.stack(images), truth["test"][0]) and labels == truth["test"][1].tolist()
+    assert classes == ucgm.CIFAR10_CLASSES
     with pytest.raises(ValueError, match="--split test: only for a CIFAR-10 archive"):
         extract_latents.main(extract_latents.parse_args(["--images", HERE, "--split", "test", "--out", "x"]))
     tiny = [*TINY[2:], "--data", str(data), "--latent-stats", "none", "--model", "UNet+-T", "--global-batch-size", "4",
-            "--max-steps", "2", "--ckpt-every", "0"]
+            "--max-steps", "1", "--ckpt-every", "0"]
     train.main(train.parse_args([*tiny, "--preset", "cifar10", "--out", str(tmp_path / "run")]))
     start = str(tmp_path / "run" / "checkpoints" / "latest.pt")
     train.main(train.parse_args([*tiny, "--preset", "cifar10-fewstep", "--init", start, "--out", str(tmp_path / "tune")]))
