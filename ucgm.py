@@ -1044,6 +1044,7 @@ class EDM2UNet(nn.Module):
                 module.weight.copy_(mp_normalize(module.weight.float()))
 
     def flops_per_forward(self):
+        """Matmul FLOPs of one forward for one sample (unet_flops)."""
         return unet_flops(self, "attn_proj.weight")
 
 
@@ -1092,11 +1093,13 @@ def edm_init(layer, init, fan_in, fan_out):
 
 
 def edm_linear(cin, cout, init, bias=True):
+    """EDM's Linear: torch's, initialised by edm_init."""
     return edm_init(nn.Linear(cin, cout, bias=bias), init, cin, cout)
 
 
 def edm_group_norm(channels, eps):
-    return nn.GroupNorm(min(32, channels // 4), channels, eps=eps)  # (EDM) at least 4 channels a group
+    """EDM's GroupNorm: 32 groups of at least 4 channels."""
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=eps)
 
 
 class EDMConv(nn.Module):
@@ -1285,6 +1288,7 @@ class EDMUNet(nn.Module):
         return [m for m in (*self.enc.values(), *self.dec.values()) if isinstance(m, EDMBlock)]
 
     def flops_per_forward(self):
+        """Matmul FLOPs of one forward for one sample (unet_flops)."""
         return unet_flops(self, "proj.weight")
 
 
