@@ -1846,7 +1846,8 @@ def test_cifar10_path_extract_train_tune_and_reference_statistics(tmp_path):
             "--max-steps", "1", "--ckpt-every", "0"]
     train.main(train.parse_args([*tiny, "--preset", "cifar10", "--out", str(tmp_path / "run")]))
     start = str(tmp_path / "run" / "checkpoints" / "latest.pt")
-    train.main(train.parse_args([*tiny, "--preset", "cifar10-fewstep", "--init", start, "--out", str(tmp_path / "tune")]))
+    train.main(train.parse_args([*tiny, "--preset", "cifar10-fewstep", "--init", start, "--out",
+                                 str(tmp_path / "tune")]))
     assert all(math.isfinite(loss) for run in ("run", "tune") for _, loss in losses(tmp_path / run))
     model, name, settings = ucgm.load_network(str(tmp_path / "tune" / "checkpoints" / "latest.pt"))
     assert (name, settings["transport"], settings["lam"], model.num_classes) == ("UNet+-T", "EDM", 1.0, 1)
@@ -1870,9 +1871,10 @@ def test_cifar10_presets_state_their_sources():
     log_sigma = 4 * (2.68 * scipy.stats.beta(a, b).rvs(200_000, random_state=0) * s - 1.59)  # Table 6's σ(t)
     assert abs(log_sigma.mean() + 1.2) < 0.02 and abs(log_sigma.std() - 1.2) < 0.02
     tune = train.parse_args(["--preset", "cifar10-fewstep", "--data", "somewhere", "--init", "edm.pkl"])
-    released = dict(consistc_ratio=1.0, enhanced_ratio=-0.45, enhanced_range=[0.0, 0.75], time_dist_ctrl=[3.5, 3.5, 1.2],
-                    ema_decay_rate=1.0, scaled_cbl_eps=0.0, lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.0,
-                    global_batch_size=128, max_steps=5000, ckpt_every=1000, ema_decay=0.999)  # configs/debug/debug.yaml
+    released = dict(consistc_ratio=1.0, enhanced_ratio=-0.45, enhanced_range=[0.0, 0.75],  # configs/debug/debug.yaml
+                    time_dist_ctrl=[3.5, 3.5, 1.2], ema_decay_rate=1.0, scaled_cbl_eps=0.0, lr=1e-4, beta1=0.9,
+                    beta2=0.999, weight_decay=0.0, global_batch_size=128, max_steps=5000, ckpt_every=1000,
+                    ema_decay=0.999)
     assert (tune.lam, tune.zeta, list(tune.enhance_range), list(tune.time_dist), tune.teacher_decay, tune.huber_c,
             tune.lr, *tune.betas, tune.weight_decay, tune.global_batch_size, tune.max_steps, tune.ckpt_every,
             tune.ema_decay) == tuple(released.values())

@@ -53,8 +53,8 @@ PRESETS = {
     "tune-repae": dict(TUNE, zeta=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000),
     "tune-ddt": dict(TUNE, zeta=1.9, global_batch_size=512, max_steps=800, ckpt_every=800),
     "tune-edm2": dict(TUNE, zeta=1.7, global_batch_size=1024, max_steps=800, ckpt_every=800),
-    # Table 7's unconditional CIFAR-10 on pixels (extract_latents.py --unconditional; --latent-stats none), UNet+ and the
-    # EDM transport, no label dropping and no ζ (the self-guided ζ needs labels). The multi-step recipe is not
+    # Table 7's unconditional CIFAR-10 on pixels (extract_latents.py --unconditional; --latent-stats none), UNet+ and
+    # the EDM transport, no label dropping and no ζ (the self-guided ζ needs labels). The multi-step recipe is not
     # released; this is EDM's CIFAR-10 one (NVlabs/edm train.py): Adam (AdamW without decay) at lr 1e-3, betas (0.9,
     # 0.999), no clipping, batch 512 for 200 Mimg (390,625 steps), EMA half-life 0.5 Mimg (0.5^(512/5e5) = 0.99929 a
     # step); the loss on F unweighted (EDM's λ(σ) on D is unit weight on F) and t ~ Beta(9.1, 9.8), the mean and
