@@ -1823,11 +1823,11 @@ def test_cifar10_archives_and_folders_read_exactly_and_bad_ones_in_one_line(tmp_
         ucgm.read_cifar10(str(tmp_path / "fake.tar.gz"), "test")
 
 
-def test_cifar10_path_extract_train_tune_and_reference_statistics(tmp_path):
+def test_cifar10_path_extract_train_tune_and_reference_statistics(tmp_path, monkeypatch):
     """The CIFAR path on CPU: extract_latents.py --vae identity --image-size 32 on the python archive gives pixels
     x/127.5 − 1 and their mirror images exactly (--unconditional: label 0; --split test: the test batch); train.py
-    --preset cifar10 trains UNet+-T on it, --preset cifar10-fewstep tunes the result; fid.py reads the archive's
-    training images."""
+    --preset cifar10 trains UNet+-T on it, --preset cifar10-fewstep tunes an EDM pickle (with EDM's augmentation
+    inputs) on it; fid.py reads the archive's training images."""
     truth = write_cifar10(tmp_path, "py")
     archive, data = str(tmp_path / "cifar-10-python.tar.gz"), tmp_path / "latents"
     common = ["--images", archive, "--vae", "identity", "--image-size", "32", "--num-workers", "0"]
@@ -1845,12 +1845,16 @@ def test_cifar10_path_extract_train_tune_and_reference_statistics(tmp_path):
     tiny = [*TINY[2:], "--data", str(data), "--latent-stats", "none", "--model", "UNet+-T", "--global-batch-size", "4",
             "--max-steps", "1", "--ckpt-every", "0"]
     train.main(train.parse_args([*tiny, "--preset", "cifar10", "--out", str(tmp_path / "run")]))
-    start = str(tmp_path / "run" / "checkpoints" / "latest.pt")
-    train.main(train.parse_args([*tiny, "--preset", "cifar10-fewstep", "--init", start, "--out",
+    _, name, settings = ucgm.load_network(str(tmp_path / "run" / "checkpoints" / "latest.pt"))
+    assert (name, settings["transport"], settings["lam"]) == ("UNet+-T", "EDM", 0.0)
+    edm = ucgm.create_model("UNet+-T", input_size=32, in_channels=3, num_classes=1, augment_dim=9)
+    write_edm_pickle(tmp_path / "edm.pkl", edm, "SongUNet", "EDMPrecond", monkeypatch, tmp_path / "ran")
+    train.main(train.parse_args([*tiny, "--preset", "cifar10-fewstep", "--init", str(tmp_path / "edm.pkl"), "--out",
                                  str(tmp_path / "tune")]))
     assert all(math.isfinite(loss) for run in ("run", "tune") for _, loss in losses(tmp_path / run))
     model, name, settings = ucgm.load_network(str(tmp_path / "tune" / "checkpoints" / "latest.pt"))
-    assert (name, settings["transport"], settings["lam"], model.num_classes) == ("UNet+-T", "EDM", 1.0, 1)
+    assert (name, settings["transport"], settings["lam"], model.num_classes, model.augment_dim) == \
+        ("UNet+-T", "EDM", 1.0, 1, 9)
 
     class Pixels(nn.Module):  # a stand-in Inception whose pool features are the pixels
         def forward(self, images):
