@@ -5,6 +5,8 @@ Encode an ImageNet-style folder into the latent shards that train.py reads (READ
       --vae-path vavae-imagenet256-f16d32-dinov2.pt --image-size 256 --out latents/in1k256_vavae
   torchrun --nproc_per_node=8 extract_latents.py --images /data/imagenet/train --vae dcae \\
       --vae-path dc-ae-f32c32-in-1.0/model.safetensors --image-size 512 --out latents/in1k512_dcae
+  python extract_latents.py --images cifar-10-python.tar.gz --vae identity --image-size 32 --unconditional \\
+      --out latents/cifar10_train
   python extract_latents.py --bench 4 --vae dcae --image-size 512 --batch-size 2   # img/s and memory, no files
 
 Shard k holds images [k·S, (k+1)·S) of the sorted file list (S = --shard-size) and process r encodes shards
@@ -47,6 +49,24 @@ def list_images(root):
     return paths, labels, classes or [os.path.basename(os.path.normpath(root))]
 
 
+def image_source(args):
+    """(images, labels, class names) of --images: a CIFAR-10 archive or folder (the --split, images as arrays) or an
+    image folder (file paths); with --unconditional every label is 0 (one class, as Table 7's CIFAR-10)."""
+    if ucgm.is_cifar10(args.images):
+        images, labels = ucgm.read_cifar10(args.images, args.split or "train")
+        images, labels, classes = list(images), labels.tolist(), ucgm.CIFAR10_CLASSES
+    else:
+        ucgm.require(args.split is None, f"--split {args.split}: only for a CIFAR-10 archive, and --images "
+                     f"{args.images} is none")
+        images, labels, classes = list_images(args.images)
+    return (images, [0] * len(labels), ["unconditional"]) if args.unconditional else (images, labels, classes)
+
+
+def open_image(item):
+    """A PIL image of a file path, or of an (H, W, 3) uint8 array (a CIFAR-10 image)."""
+    return Image.fromarray(item) if isinstance(item, np.ndarray) else Image.open(item)
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """(index, image in [-1, 1] (3, size, size)) per file; an unreadable file gives (index, None) and a warning."""
 
@@ -59,7 +79,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         index = self.indices[i]
         try:
-            with Image.open(self.paths[index]) as image:
+            with open_image(self.paths[index]) as image:
                 pixels = np.asarray(ucgm.center_crop(image.convert("RGB"), self.size))
         except Exception as error:  # a truncated or corrupt file must not kill a 1.28M-image run
             warnings.warn(f"skipping unreadable image {self.paths[index]}: {error}")
@@ -141,7 +161,7 @@ def main(args):
     rank, world, device = ucgm.setup_distributed()
     if args.bench:
         return bench(args, device)
-    paths, labels, classes = list_images(args.images)
+    paths, labels, classes = image_source(args)
     autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device)
     check_image_size(args, autoencoder)
     config = {"images": os.path.abspath(args.images), "count": len(paths), "vae": args.vae,
@@ -220,13 +240,17 @@ def provenance(args, listed, encoded, stats_images):
     return {"autoencoder": args.vae, "vae_path": vae_path, "vae_sha256": vae_path and ucgm.file_sha256(vae_path),
             "images": os.path.abspath(args.images), "image_size": args.image_size,
             "crop": "ADM centre crop (BOX halving, BICUBIC resize, centre square)", "listed_images": listed,
-            "encoded_images": encoded, "flips": args.flip, "stats_images": stats_images, "seed": args.seed,
+            "encoded_images": encoded, "split": args.split, "unconditional": args.unconditional, "flips": args.flip, "stats_images": stats_images, "seed": args.seed,
             "precision": args.precision}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", help="an ImageFolder (one folder per class) or a flat folder (required)")
+    p.add_argument("--images", help="an ImageFolder (one folder per class), a flat folder, or CIFAR-10's python or "
+                   "binary archive (.tar.gz) or its folder (required)")
+    p.add_argument("--split", choices=["train", "test"], help="the CIFAR-10 split (train: data_batch_1..5)")
+    p.add_argument("--unconditional", action="store_true", help="label 0 for every image: one class, an "
+                   "unconditional model (Table 7's CIFAR-10)")
     p.add_argument("--out", help="the output folder of latent shards (required)")
     p.add_argument("--vae", default="vavae", choices=["identity", *ucgm.AUTOENCODERS], help="the autoencoder")
     p.add_argument("--vae-path", help="its local weight file (LDM, diffusers, VA-VAE or efficientvit layout)")

@@ -3,6 +3,8 @@ FID, Inception Score, sFID, precision and recall, computed the way published num
 
   python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05-6726825d.pth
   python fid.py --save-stats images/ ref_stats.npz --inception-weights pt_inception-2015-12-05-6726825d.pth
+  python fid.py --save-stats cifar-10-python.tar.gz cifar10_train.npz \\
+      --inception-weights pt_inception-2015-12-05-6726825d.pth
 
 The network is the TF Inception-v3 graph of 2015-12-05 with the FID-specific blocks, fed uint8 images resized
 to 299 with TensorFlow-1 bilinear semantics (as torch-fidelity does). FID and precision/recall use the 2048-d
@@ -283,14 +285,17 @@ def full_fp32():
 @torch.no_grad()
 def extract_features(inception, source, batch_size=200, device=None, progress=True, image_size=None):
     """{pool, spatial, logits} (numpy float64) of an .npz path, an image folder (ADM-centre-cropped to image_size if
-    given), or an NHWC uint8 array/tensor."""
+    given), a CIFAR-10 archive or folder (its training images), or an NHWC uint8 array/tensor."""
     device = device or next(inception.parameters()).device
     if isinstance(source, (str, os.PathLike)):
         source = str(source)
-        if image_size and not os.path.isdir(source):
+        if image_size and (not os.path.isdir(source) or ucgm.is_cifar10(source)):
             raise ValueError(f"--image-size {image_size}: crops the images of a folder, but {source} is not one")
-        batches = folder_batches(source, batch_size, image_size) if os.path.isdir(source) \
-            else npz_batches(source, batch_size)
+        if ucgm.is_cifar10(source):  # CIFAR-10's training images, as EDM's reference statistics
+            batches = array_batches(ucgm.read_cifar10(source, "train", "fid.py")[0], batch_size)
+        else:
+            batches = folder_batches(source, batch_size, image_size) if os.path.isdir(source) \
+                else npz_batches(source, batch_size)
     else:
         batches = array_batches(source, batch_size)
     count = next(batches)
@@ -422,7 +427,8 @@ def parse_args(argv=None):
     p.add_argument("sources", nargs="*", metavar="SAMPLES REF",
                    help="samples (.npz with arr_0, or an image folder) and reference (.npz: ADM batch or --save-stats)")
     p.add_argument("--inception-weights", help="pytorch-fid's or torch-fidelity's pt_inception-2015-12-05 file")
-    p.add_argument("--save-stats", nargs=2, metavar=("SRC", "OUT"), help="write the statistics of SRC to OUT.npz")
+    p.add_argument("--save-stats", nargs=2, metavar=("SRC", "OUT"),
+                   help="write the statistics of SRC (as SAMPLES, or a CIFAR-10 archive: its training images) to OUT")
     p.add_argument("--image-size", type=ucgm.number("[1, inf)", int),
                    help="with --save-stats of an image folder: ADM centre crop to this size, as extract_latents.py")
     p.add_argument("--batch-size", type=ucgm.number("[1, inf)", int), default=200,

@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import types
 import warnings
@@ -1495,6 +1496,401 @@ def test_sample_py_samples_a_released_edm2_checkpoint(tmp_path):
     want = ucgm.UCGM("EDM").sample(model, noise, steps=2, kappa=0.4, warp=(1.17, 0.8, 1.1), y=torch.tensor([0, 1]))
     np.testing.assert_allclose(np.load(tmp_path / "out" / "samples.npz")["arr_0"],
                                ucgm.to_uint8(want).permute(0, 2, 3, 1).numpy(), atol=1)
+
+
+#################################################################################
+#        UNet+: EDM's SongUNet and DhariwalUNet; EDM pickles; CIFAR-10          #
+#################################################################################
+
+# tiny U-Nets of each kind at 8×8 (levels 8 and 4, attention at 4): DDPM++, NCSN++ with EDM's skip and residual
+# encoders, and ADM
+TINY_UNETPLUS = {"ddpm++": ("UNet+", dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                                          dropout=0.0)),
+                 "ncsn++": ("UNet+-NCSN++", dict(model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                                                 attn_resolutions=(4,), dropout=0.0)),
+                 "skip": ("UNet+", dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                                        dropout=0.0, encoder="skip")),
+                 "adm": ("UNet+-ADM", dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                                           dropout=0.0))}
+
+
+def tiny_unetplus(kind, num_classes=3, augment_dim=0, seed=0):
+    """A tiny U-Net of TINY_UNETPLUS with every weight random (EDM's zero-initialised output layers included)."""
+    torch.manual_seed(seed)
+    name, kwargs = TINY_UNETPLUS[kind]
+    model = ucgm.create_model(name, input_size=8, in_channels=3, num_classes=num_classes, augment_dim=augment_dim,
+                              **kwargs)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if key.endswith("norm0.weight") else 0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def unetplus_oracle(state, x, t, y, num_classes, adm=False, taps=(1, 1)):
+    """EDM's SongUNet / DhariwalUNet (NVlabs/edm training/networks.py) from its formulas in float64, walking the
+    layers in the order of the weights: GroupNorm, the separable resampling filter, attention by its softmax."""
+    s = {k: v.double() for k, v in state.items()}
+    f = torch.tensor(taps, dtype=torch.float64) / sum(taps)
+    pad, eps, skip_scale = (len(taps) - 1) // 2, 1e-5 if adm else 1e-6, 1.0 if adm else 0.5 ** 0.5
+    silu = lambda h: h / (1 + torch.exp(-h))  # noqa: E731
+
+    def linear(name, h):
+        return h @ s[f"{name}.weight"].T + s.get(f"{name}.bias", 0)
+
+    def norm(name, h):
+        g = h.reshape(len(h), min(32, h.shape[1] // 4), -1)
+        g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + eps)
+        return g.reshape(h.shape) * s[f"{name}.weight"][:, None, None] + s[f"{name}.bias"][:, None, None]
+
+    def resample(h, mode, p=pad):  # per axis, down: y[i] = Σ f[k]·h[2i + k − p]; up: h[i] adds 2f[k] at 2i + k − p
+        for axis in (-1, -2):
+            h, n = h.transpose(axis, -1), h.shape[axis]
+            if mode == "down":  # (n + 2p − len(f)) / 2 + 1 outputs
+                m = (n + 2 * p - len(f)) // 2 + 1
+                h = sum(f[k] * F.pad(h, (p, p))[..., k:k + 2 * m - 1:2] for k in range(len(f)))
+            else:
+                full = torch.zeros(*h.shape[:-1], 2 * n - 2 + len(f), dtype=h.dtype)
+                for k in range(len(f)):
+                    full[..., k:k + 2 * n - 1:2] += 2 * f[k] * h
+                h = full[..., p:p + 2 * n]
+            h = h.transpose(axis, -1)
+        return h
+
+    def conv(name, h, mode=None, fused=False):
+        if fused:  # NCSN++'s residual encoder: the 3×3 convolution over the wider padding, then the filter
+            h = resample(F.conv2d(h, s[f"{name}.weight"], padding=1 + pad), "down", p=0)
+            return h + s[f"{name}.bias"][:, None, None]
+        h = resample(h, mode) if mode else h
+        w = s.get(f"{name}.weight")
+        return h if w is None else F.conv2d(h, w, padding=w.shape[-1] // 2) + s[f"{name}.bias"][:, None, None]
+
+    def block(name, h, emb):
+        mode = "down" if name.endswith("_down") else "up" if name.endswith("_up") else None
+        g = conv(f"{name}.conv0", silu(norm(f"{name}.norm0", h)), mode)
+        p = linear(f"{name}.affine", emb)[:, :, None, None]
+        if adm:
+            g = silu(p[:, g.shape[1]:] + norm(f"{name}.norm1", g) * (1 + p[:, :g.shape[1]]))
+        else:
+            g = silu(norm(f"{name}.norm1", g + p))
+        shortcut = conv(f"{name}.skip", h, mode) if any(k.startswith(f"{name}.skip.") for k in s) else h
+        h = (conv(f"{name}.conv1", g) + shortcut) * skip_scale
+        if f"{name}.qkv.weight" in s:
+            N, C, H, W = h.shape
+            heads = C // 64 if adm else 1
+            qkv = conv(f"{name}.qkv", norm(f"{name}.norm2", h)).reshape(N, heads, C // heads, 3, H * W)
+            logits = torch.einsum("nhcq,nhck->nhqk", qkv[..., 0, :], qkv[..., 1, :]) / math.sqrt(C // heads)
+            weights = torch.exp(logits - logits.amax(-1, keepdim=True))
+            a = torch.einsum("nhqk,nhck->nhcq", weights / weights.sum(-1, keepdim=True), qkv[..., 2, :])
+            h = (conv(f"{name}.proj", a.reshape(N, C, H, W)) + h) * skip_scale
+        return h
+
+    c = 2.68 * t.double() - 1.59  # ¼·ln σ(t)
+    if "map_noise.freqs" in s:
+        angles = c[:, None] * 2 * math.pi * s["map_noise.freqs"][None]
+    else:
+        half = s["map_layer0.weight"].shape[1] // 2
+        angles = c[:, None] * 10000.0 ** (-torch.arange(half, dtype=torch.float64) / (half - (not adm)))[None]
+    e = torch.cat([angles.cos(), angles.sin()] if adm else [angles.sin(), angles.cos()], 1)
+    one_hot = (y[:, None] == torch.arange(num_classes)).double()  # the null label num_classes: zeros
+    if "map_label.weight" in s and not adm:
+        e = e + linear("map_label", one_hot * math.sqrt(num_classes))
+    emb = linear("map_layer1", silu(linear("map_layer0", e)))
+    emb = silu(emb + one_hot @ s["map_label.weight"].T if "map_label.weight" in s and adm else emb)
+    h, aux, skips = x.double(), x.double(), []
+    for name in dict.fromkeys(re.match(r"enc\.[^.]+", k)[0] for k in s if k.startswith("enc.")):
+        if name.endswith("_conv"):
+            h = conv(name, h)
+        elif name.endswith("aux_down"):
+            aux = conv(name, aux, "down")
+        elif name.endswith("aux_skip"):
+            h = skips[-1] = h + conv(name, aux)
+        elif name.endswith("aux_residual"):
+            h = skips[-1] = aux = (h + conv(name, aux, fused=True)) / math.sqrt(2)
+        else:
+            h = block(name, h, emb)
+        if "aux" not in name:
+            skips.append(h)
+    for name in dict.fromkeys(re.match(r"dec\.[^.]+", k)[0] for k in s if k.startswith("dec.")):
+        if name.endswith("aux_norm"):
+            return conv(name.replace("norm", "conv"), silu(norm(name, h)))
+        h = block(name, h if h.shape[1] == s[f"{name}.norm0.weight"].shape[0] else torch.cat([h, skips.pop()], 1), emb)
+    return conv("out_conv", silu(norm("out_norm", h)))
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_UNETPLUS))
+def test_unetplus_forward_matches_an_oracle_written_from_edms_formulas(kind):
+    """UNet+ (DDPM++, NCSN++ with its Fourier embedding, residual encoder and [1, 3, 3, 1] filter, the skip encoder)
+    and ADM in float64 against the oracle, conditional with a null-label row and EDM's augment_dim; its F at ¼·ln σ(t)
+    (Table 6): an unconditional model ignores y, and its output keeps the input's shape."""
+    model = tiny_unetplus(kind, num_classes=3, augment_dim=9).double()
+    x, t = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0.02, 0.3, 0.7, 0.99], dtype=torch.float64)
+    y = torch.tensor([0, 2, 3, 1])  # 3: the null label
+    with torch.no_grad():
+        got = model(x, t, y)
+    want = unetplus_oracle(model.state_dict(), x, t, y, 3, adm=kind == "adm", taps=(1, 3, 3, 1) if kind == "ncsn++"
+                           else (1, 1))
+    assert got.shape == x.shape and got.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    unconditional = tiny_unetplus(kind, num_classes=1)
+    with torch.no_grad():
+        a, b = unconditional(x.float(), t.float(), y), unconditional(x.float(), t.float(), None)
+    assert "map_label.weight" not in unconditional.state_dict() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, kwargs, n_params", [
+    ("UNet+", {}, 55_732_739),  # the paper's "56M" (debug.yaml's UNet+)
+    ("UNet+", dict(augment_dim=9, num_classes=10), 55_735_299),  # EDM's edm-cifar10-32x32-cond-vp
+    ("UNet+-NCSN++", dict(augment_dim=9), 56_397_827),  # EDM's edm-cifar10-32x32-uncond-ve
+    ("UNet+-ADM", dict(input_size=64, num_classes=1000), 295_899_267)])  # EDM's edm-imagenet-64x64-cond-adm
+def test_unetplus_real_sizes_have_the_released_keys_shapes_and_counts(name, kwargs, n_params):
+    """create_model("UNet+", input_size=32, in_channels=3, num_classes=1) has the released UNet+'s 424 keys and
+    55,732,739 parameters; EDM's CIFAR-10 and ImageNet-64 models their counts (EDM train.py's settings), built on the
+    meta device and read back by infer_model."""
+    with torch.device("meta"):
+        model = ucgm.create_model(name, **{"input_size": 32, "in_channels": 3, "num_classes": 1, **kwargs})
+    state = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    if name == "UNet+" and not kwargs:
+        assert len(state) == 424 and list(state)[:2] == ["map_layer0.weight", "map_layer0.bias"]
+        shapes = {"map_layer1.weight": (512, 512), "enc.32x32_conv.weight": (128, 3, 3, 3),
+                  "enc.16x16_down.conv0.resample_filter": (1, 1, 2, 2), "enc.16x16_down.skip.weight": (256, 256, 1, 1),
+                  "enc.16x16_block0.qkv.weight": (768, 256, 1, 1), "dec.8x8_in0.proj.weight": (256, 256, 1, 1),
+                  "dec.32x32_block4.conv0.weight": (256, 384, 3, 3), "dec.32x32_aux_conv.weight": (3, 256, 3, 3)}
+        assert {k: tuple(state[k].shape) for k in shapes} == shapes
+        assert sum(k.endswith("qkv.weight") for k in state) == 4 + 1 + 1  # enc 16×16 ×4, dec 8×8 in0, dec 16×16 last
+    f = torch.tensor(ucgm.MODELS[name].get("resample_filter", (1, 1)), dtype=torch.float32)
+    fake = {k: torch.outer(f, f)[None, None] / f.sum() ** 2 if k.endswith("resample_filter") else v
+            for k, v in state.items()}  # shapes alone tell the rest
+    inferred, sizes = ucgm.infer_model(fake)
+    assert inferred == name and ucgm.family_of(fake) == "UNet+"
+    with torch.device("meta"):
+        again = ucgm.create_model(inferred, **sizes)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in state.items()}
+
+
+class EDMPrecond(nn.Module):
+    """EDM's EDMPrecond as its network pickles hold it (NVlabs/edm training/networks.py): the U-Net as `model`, its
+    settings, and the constructor arguments torch_utils.persistence records."""
+    def __init__(self, model, sigma_data=0.5):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = model.input_size, model.in_channels, 0
+        self.use_fp16, self.sigma_min, self.sigma_max, self.sigma_data = False, 0, float("inf"), sigma_data
+        self._init_kwargs = dict(model_type="SongUNet", channel_mult=[1, 2], dropout=0.13, augment_dim=9)
+        self.model = model
+
+
+class EDMLoss(nn.Module):
+    """EDM's loss record (P_mean, P_std, sigma_data), pickled beside the network."""
+    def __init__(self):
+        super().__init__()
+        self.P_mean, self.P_std, self.sigma_data = -1.2, 1.2, 0.5
+
+
+def write_edm_pickle(path, model, network, precond, monkeypatch, marker, sigma_data=0.5):
+    """An EDM network snapshot, dict(ema=EDMPrecond, loss_fn, augment_pipe, dataset_kwargs), in EDM's pickle format:
+    the network's classes under EDM's names (`network`, `precond`), a numpy scalar among the dataset settings."""
+    model = copy.deepcopy(model)
+    model.__class__ = type(network, (ucgm.EDMUNet,), {})  # pickled as a record of class `network`
+    ema = EDMPrecond(model, sigma_data)
+    ema.__class__ = type(precond, (EDMPrecond,), {})
+    data = dict(ema=ema, loss_fn=EDMLoss(), augment_pipe=None, dataset_kwargs=EasyDictStandIn(
+        class_name="training.dataset.ImageFolderDataset", path="datasets/cifar10-32x32.zip", xflip=False,
+        max_size=np.int64(50000)))
+    write_edm2_pickle(path, data, marker, monkeypatch)
+
+
+@pytest.mark.parametrize("kind, num_classes, name", [("ddpm++", 3, "UNet+"), ("adm", 1, "UNet+-ADM")])
+def test_edm_pickles_load_as_unetplus_on_the_edm_transport_with_nothing_executed(tmp_path, monkeypatch, kind,
+                                                                                  num_classes, name):
+    """An EDM network snapshot (EDMPrecond of SongUNet or DhariwalUNet, EDM's loss, its dataset settings, all as
+    persistence records) gives the U-Net's weights without `model.` and the EDM transport without guidance, nothing
+    of its embedded source run; sample.py samples it."""
+    marker, model = tmp_path / "ran", tiny_unetplus(kind, num_classes=num_classes, augment_dim=9)
+    network = "DhariwalUNet" if kind == "adm" else "SongUNet"
+    write_edm_pickle(tmp_path / "edm.pkl", model, network, "EDMPrecond", monkeypatch, marker)
+    loaded, got_name, settings = ucgm.load_network(str(tmp_path / "edm.pkl"))
+    assert got_name == name and settings == {"transport": "EDM", "sampler": {"cfg_scale": 1.0}}
+    assert (loaded.num_classes, loaded.augment_dim, loaded.input_size) == (num_classes, 9, 8)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    if kind == "adm":  # sample.py, once
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path / "edm.pkl"), "--num-samples", "2", "--steps", "1",
+                                       "--out", str(tmp_path / "samples")]))
+        config = json.loads((tmp_path / "samples" / "sample.json").read_text())
+        assert config["model"] == name and config["transport"] == "EDM"
+        assert np.load(tmp_path / "samples" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+    assert not marker.exists()
+
+
+def test_edm_pickles_of_other_preconditionings_and_foreign_classes_are_refused(tmp_path, monkeypatch):
+    """VPPrecond, VEPrecond and iDDPMPrecond are refused with the reason (their F is not the EDM transport's), so are
+    another record class, σ_data ≠ 0.5 and a pickle naming EDM's classes as plain globals; nothing runs."""
+    marker, model = tmp_path / "ran", tiny_unetplus("ddpm++", num_classes=1)
+    for precond, message in (("VPPrecond", r"EDM's VPPrecond \(c_out = −σ"), ("VEPrecond", r"VEPrecond \(c_in = 1"),
+                             ("iDDPMPrecond", "iDDPMPrecond .a DDPM step index"),
+                             ("ECMPrecond", "'ema' network is ECMPrecond with sigma_data 0.5, expected EDM's")):
+        write_edm_pickle(tmp_path / "p.pkl", model, "SongUNet", precond, monkeypatch, marker)
+        with pytest.raises(ValueError, match=rf"--ckpt {re.escape(str(tmp_path))}/p.pkl: its .*{message}"):
+            ucgm.load_network(str(tmp_path / "p.pkl"))
+    write_edm_pickle(tmp_path / "p.pkl", model, "SongUNet", "EDMPrecond", monkeypatch, marker, sigma_data=1.0)
+    with pytest.raises(ValueError, match="EDMPrecond with sigma_data 1.0, expected EDM's EDMPrecond with 0.5"):
+        ucgm.load_network(str(tmp_path / "p.pkl"))
+    write_edm_pickle(tmp_path / "p.pkl", model, "UNetBlock", "EDMPrecond", monkeypatch, marker)
+    with pytest.raises(ValueError, match="its EDMPrecond holds UNetBlock, expected EDM's SongUNet or DhariwalUNet"):
+        ucgm.load_network(str(tmp_path / "p.pkl"))
+    plain = types.ModuleType("training.networks")
+    plain.EDMPrecond = type("EDMPrecond", (), {"__module__": "training.networks"})
+    with monkeypatch.context() as patch, open(tmp_path / "plain.pkl", "wb") as f:
+        patch.setitem(sys.modules, "training", types.ModuleType("training"))
+        patch.setitem(sys.modules, "training.networks", plain)
+        pickle.dump({"ema": plain.EDMPrecond()}, f)
+    with pytest.raises(ValueError, match=r"plain.pkl: names training.networks.EDMPrecond, which an EDM or EDM2"):
+        ucgm.load_network(str(tmp_path / "plain.pkl"))
+    assert not marker.exists()
+
+
+# configs/debug/debug.yaml of LINs-lab/UCGM (Table 7's setting), its sections as eval.py reads them
+DEBUG_CONFIG = {"data": {"image_size": 8, "num_classes": 1, "latent_norm": False, "latent_multiplier": 1.0},
+                "vae": {"type": "idae_f1c3", "downsample_ratio": 1}, "model": {"type": "UNet+", "in_chans": 3},
+                "transport": {"type": "EDM", "consistc_ratio": 1.0},
+                "sample": {"cfg_scale": 0.0, "sampling_steps": 1, "stochast_ratio": 0.0, "extrapol_ratio": 0.0,
+                           "sampling_order": 1, "time_dist_ctrl": [1.1, 0.7, 1.1], "rfba_gap_steps": [0.001, 0.001]}}
+
+
+def test_sample_py_samples_a_released_unetplus_checkpoint_with_its_debug_yaml_settings(tmp_path):
+    """A released-format UNet+ checkpoint ({model, ema, config: debug.yaml}, the U-Net made tiny: its sizes come from
+    the weights) is sampled as released: pixels (idae_f1c3), EDM transport, 1 step with warp (1.1, 0.7, 1.1), no
+    guidance, unconditional; the images are UCGM-S's by hand."""
+    model = tiny_unetplus("ddpm++", num_classes=1)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": DEBUG_CONFIG}, tmp_path / "ucgm.pt")
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "ucgm.pt"), "--num-samples", "2", "--out",
+                                   str(tmp_path / "out")]))
+    config = json.loads((tmp_path / "out" / "sample.json").read_text())
+    assert (config["model"], config["transport"], config["vae"]) == ("UNet+", "EDM", "identity")
+    assert {k: config["sampler"][k] for k in ("steps", "rho", "kappa", "warp", "gaps", "cfg_scale")} == \
+        {"steps": 1, "rho": 0.0, "kappa": 0.0, "warp": [1.1, 0.7, 1.1], "gaps": [0.001, 0.001], "cfg_scale": 1.0}
+    noise = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    want = ucgm.UCGM("EDM").sample(model, noise, steps=1, rho=0.0, kappa=0.0, warp=(1.1, 0.7, 1.1))
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "samples.npz")["arr_0"],
+                               ucgm.to_uint8(want).permute(0, 2, 3, 1).numpy(), atol=1)
+
+
+def write_cifar10(root, kind, per_batch=2, seed=0):
+    """CIFAR-10's archives in miniature, per_batch images a batch: cifar-10-batches-py/{data_batch_1..5, test_batch},
+    pickled dicts (data: rows of the R, G and B planes, labels; the second with bytes keys), or cifar-10-batches-bin/
+    *.bin, records of a label byte and the 3072 pixel bytes; as cifar-10-{python,binary}.tar.gz. {split: truth}."""
+    rng, folder = np.random.default_rng(seed), root / f"cifar-10-batches-{kind}"
+    folder.mkdir(parents=True)
+    truth = {"train": ([], []), "test": ([], [])}
+    for name in [*ucgm.CIFAR10_BATCHES["train"], "test_batch"]:
+        images, labels = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, per_batch)
+        rows = np.zeros((per_batch, 3072), np.uint8)
+        for c in range(3):  # plane c holds channel c, row-major
+            rows[:, c * 1024:(c + 1) * 1024] = images[..., c].reshape(per_batch, 1024)
+        if kind == "py":
+            keys = [b"data", b"labels"] if name == "data_batch_2" else ["data", "labels"]
+            batch = {keys[0]: rows, keys[1]: labels.tolist(), "batch_label": f"{name} of 6", "filenames": ["a.png"]}
+            (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        else:
+            (folder / f"{name}.bin").write_bytes(np.concatenate([labels[:, None].astype(np.uint8), rows], 1).tobytes())
+        truth["test" if name == "test_batch" else "train"][0].append(images)
+        truth["test" if name == "test_batch" else "train"][1].append(labels)
+    with tarfile.open(root / f"cifar-10-{'python' if kind == 'py' else 'binary'}.tar.gz", "w:gz") as archive:
+        archive.add(folder, arcname=folder.name)
+    return {split: (np.concatenate(images), np.concatenate(labels)) for split, (images, labels) in truth.items()}
+
+
+@pytest.mark.parametrize("kind", ["py", "bin"])
+def test_cifar10_archives_and_folders_read_exactly_and_bad_ones_in_one_line(tmp_path, kind):
+    """The python and binary CIFAR-10 archives, their extracted folders and a folder above: every pixel and label of
+    both splits, batches in order; a cut record, a foreign pickle, a missing batch, a label of 10 and a file that is no
+    archive are each one line."""
+    truth = write_cifar10(tmp_path, kind)
+    archive = tmp_path / f"cifar-10-{'python' if kind == 'py' else 'binary'}.tar.gz"
+    for source in (archive, tmp_path / f"cifar-10-batches-{kind}", tmp_path):
+        assert ucgm.is_cifar10(str(source))
+        for split, (images, labels) in truth.items():
+            got_images, got_labels = ucgm.read_cifar10(str(source), split)
+            assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+    assert not ucgm.is_cifar10(str(tmp_path / "cifar-10-batches-py" / "nothing")) and not ucgm.is_cifar10(HERE)
+    batch = tmp_path / f"cifar-10-batches-{kind}" / ("data_batch_3" if kind == "py" else "data_batch_3.bin")
+    bad = {"py": [(pickle.dumps({"data": os.system}), "not a CIFAR-10 batch .* global posix.system refused"),
+                  (pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [10]}), "n labels in 0..9")],
+           "bin": [(b"\x01" * 3072, "3072 bytes, not whole records of 3073 bytes"),
+                   (bytes([10]) + b"\x00" * 3072, "n labels in 0..9")]}[kind]
+    for content, message in bad:
+        batch.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"--images .*: {batch.name}: .*{message}"):
+            ucgm.read_cifar10(str(batch.parent), "train")
+    batch.unlink()
+    with pytest.raises(ValueError, match=r"expected the CIFAR-10 train batches .* missing data_batch_3"):
+        ucgm.read_cifar10(str(batch.parent), "train")
+    (tmp_path / "fake.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(ValueError, match="fake.tar.gz: not a readable CIFAR-10 archive"):
+        ucgm.read_cifar10(str(tmp_path / "fake.tar.gz"), "test")
+
+
+def test_cifar10_path_extract_train_tune_and_reference_statistics(tmp_path, monkeypatch):
+    """The CIFAR path on CPU: extract_latents.py --vae identity --image-size 32 on the python archive gives pixels
+    x/127.5 − 1 and their mirror images exactly (--unconditional: label 0; --split test: the test batch); train.py
+    --preset cifar10 trains UNet+-T on it, --preset cifar10-fewstep tunes an EDM pickle (with EDM's augmentation
+    inputs) on it; fid.py reads the archive's training images."""
+    truth = write_cifar10(tmp_path, "py")
+    archive, data = str(tmp_path / "cifar-10-python.tar.gz"), tmp_path / "latents"
+    common = ["--images", archive, "--vae", "identity", "--image-size", "32", "--num-workers", "0"]
+    extract_latents.main(extract_latents.parse_args([*common, "--unconditional", "--out", str(data)]))
+    shard = ucgm.load_safetensors(str(data / "latents_00000.safetensors"))
+    pixels = torch.from_numpy(truth["train"][0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.equal(shard["latents"], pixels) and torch.equal(shard["latents_flip"], pixels.flip(-1))
+    assert shard["labels"].tolist() == [0] * 10
+    images, labels, classes = extract_latents.image_source(extract_latents.parse_args([*common, "--split", "test",
+                                                                                      "--out", "x"]))
+    assert np.array_equal(np.stack(images), truth["test"][0]) and labels == truth["test"][1].tolist()
+    assert classes == ucgm.CIFAR10_CLASSES
+    with pytest.raises(ValueError, match="--split test: only for a CIFAR-10 archive"):
+        extract_latents.main(extract_latents.parse_args(["--images", HERE, "--split", "test", "--out", "x"]))
+    tiny = [*TINY[2:], "--data", str(data), "--latent-stats", "none", "--model", "UNet+-T", "--global-batch-size", "4",
+            "--max-steps", "1", "--ckpt-every", "0"]
+    train.main(train.parse_args([*tiny, "--preset", "cifar10", "--out", str(tmp_path / "run")]))
+    _, name, settings = ucgm.load_network(str(tmp_path / "run" / "checkpoints" / "latest.pt"))
+    assert (name, settings["transport"], settings["lam"]) == ("UNet+-T", "EDM", 0.0)
+    edm = ucgm.create_model("UNet+-T", input_size=32, in_channels=3, num_classes=1, augment_dim=9)
+    write_edm_pickle(tmp_path / "edm.pkl", edm, "SongUNet", "EDMPrecond", monkeypatch, tmp_path / "ran")
+    train.main(train.parse_args([*tiny, "--preset", "cifar10-fewstep", "--init", str(tmp_path / "edm.pkl"), "--out",
+                                 str(tmp_path / "tune")]))
+    assert all(math.isfinite(loss) for run in ("run", "tune") for _, loss in losses(tmp_path / run))
+    model, name, settings = ucgm.load_network(str(tmp_path / "tune" / "checkpoints" / "latest.pt"))
+    assert (name, settings["transport"], settings["lam"], model.num_classes, model.augment_dim) == \
+        ("UNet+-T", "EDM", 1.0, 1, 9)
+
+    class Pixels(nn.Module):  # a stand-in Inception whose pool features are the pixels
+        def forward(self, images):
+            return {"pool": images.flatten(1).float(), "spatial": None, "logits": None}
+    features = fid.extract_features(Pixels(), archive, batch_size=4, device="cpu", progress=False)
+    assert np.array_equal(features["pool"], truth["train"][0].transpose(0, 3, 1, 2).reshape(10, -1))
+
+
+def test_cifar10_presets_state_their_sources():
+    """--preset cifar10: EDM's CIFAR-10 recipe (batch 512 for 200 Mimg, EMA half-life 0.5 Mimg, t matching ln σ ~
+    N(−1.2, 1.2²) in mean and variance); --preset cifar10-fewstep: the released debug.yaml, label_drop 0."""
+    edm = train.parse_args(["--preset", "cifar10", "--data", "somewhere"])
+    assert (edm.model, edm.transport, edm.lam, edm.zeta, edm.label_drop, edm.optimizer, edm.lr, edm.betas,
+            edm.global_batch_size, edm.weighting) == ("UNet+", "EDM", 0.0, 0.0, 0.0, "adamw", 1e-3, (0.9, 0.999), 512,
+                                                      None)
+    assert edm.max_steps * 512 == 200_000_000 and edm.ema_decay == pytest.approx(0.5 ** (512 / 500_000), abs=1e-5)
+    a, b, s = edm.time_dist
+    log_sigma = 4 * (2.68 * scipy.stats.beta(a, b).rvs(200_000, random_state=0) * s - 1.59)  # Table 6's σ(t)
+    assert abs(log_sigma.mean() + 1.2) < 0.02 and abs(log_sigma.std() - 1.2) < 0.02
+    tune = train.parse_args(["--preset", "cifar10-fewstep", "--data", "somewhere", "--init", "edm.pkl"])
+    released = dict(consistc_ratio=1.0, enhanced_ratio=-0.45, enhanced_range=[0.0, 0.75],  # configs/debug/debug.yaml
+                    time_dist_ctrl=[3.5, 3.5, 1.2], ema_decay_rate=1.0, scaled_cbl_eps=0.0, lr=1e-4, beta1=0.9,
+                    beta2=0.999, weight_decay=0.0, global_batch_size=128, max_steps=5000, ckpt_every=1000,
+                    ema_decay=0.999)
+    assert (tune.lam, tune.zeta, list(tune.enhance_range), list(tune.time_dist), tune.teacher_decay, tune.huber_c,
+            tune.lr, *tune.betas, tune.weight_decay, tune.global_batch_size, tune.max_steps, tune.ckpt_every,
+            tune.ema_decay) == tuple(released.values())
+    assert (tune.optimizer, tune.weighting, tune.enhance_style, tune.label_drop, tune.grad_clip) == \
+        ("radam", "cosine", "fc-vs-xz", 0.0, 0.0)
 
 
 #################################################################################

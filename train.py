@@ -56,7 +56,26 @@ PRESETS = {
     "tune-repa": dict(TUNE, zeta=1.7, optimizer="clion", global_batch_size=8, max_steps=800, ckpt_every=800),
     "tune-repae": dict(TUNE, zeta=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000),
     "tune-ddt": dict(TUNE, zeta=1.9, global_batch_size=512, max_steps=800, ckpt_every=800),
-    "tune-edm2": dict(TUNE, zeta=1.7, global_batch_size=1024, max_steps=800, ckpt_every=800)}
+    "tune-edm2": dict(TUNE, zeta=1.7, global_batch_size=1024, max_steps=800, ckpt_every=800),
+    # Table 7's unconditional CIFAR-10 on pixels (extract_latents.py --unconditional; --latent-stats none), UNet+ and
+    # the EDM transport, no label dropping and no ζ (the self-guided ζ needs labels). The multi-step recipe is not
+    # released; this is EDM's CIFAR-10 one (NVlabs/edm train.py): Adam (AdamW without decay) at lr 1e-3, betas (0.9,
+    # 0.999), no clipping, batch 512 for 200 Mimg (390,625 steps), EMA half-life 0.5 Mimg (0.5^(512/5e5) = 0.99929 a
+    # step); the loss on F unweighted (EDM's λ(σ) on D is unit weight on F) and t ~ Beta(9.1, 9.8), the mean and
+    # variance of EDM's ln σ ~ N(−1.2, 1.2²) at t = (ln σ/4 + 1.59)/2.68 (Table 6)
+    "cifar10": dict(model="UNet+", transport="EDM", lam=0.0, zeta=0.0, label_drop=0.0, weighting="none",
+                    time_dist=(9.1, 9.8, 1.0), huber_c=0.0, cosine_loss=False, optimizer="adamw", lr=1e-3,
+                    betas=(0.9, 0.999), weight_decay=0.0, grad_clip=0.0, global_batch_size=512, max_steps=390_625,
+                    ema_decay=0.99929),
+    # the released configs/debug/debug.yaml (its 1-NFE FID "should be 6.197"), tuning the --init weights (ours or an
+    # EDM pickle): λ 1, ζ −0.45 against the frozen start weights (fc-vs-xz, App. C.1.3), Beta(3.5, 3.5)·1.2, cosine
+    # weight, RMS loss, RAdam lr 1e-4, batch 128, 5000 steps, EMA 0.999; label_drop 0 where the released 0.1 left the
+    # last 10% of each batch unenhanced (x* = x: --label-drop 0.1 does the same, as UNet+ ignores the null label)
+    "cifar10-fewstep": dict(model="UNet+", transport="EDM", lam=1.0, zeta=-0.45, enhance_style="fc-vs-xz",
+                            enhance_range=(0.0, 0.75), label_drop=0.0, huber_c=0.0, cosine_loss=False,
+                            weighting="cosine", time_dist=(3.5, 3.5, 1.2), teacher_decay=1.0, optimizer="radam",
+                            lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=0.0, global_batch_size=128,
+                            max_steps=5000, ema_decay=0.999, log_every=100, ckpt_every=1000, sample_every=1000)}
 # the digits demo without --data: a 1.3M-parameter TiT on 24×24 pixels (36 tokens), ~0.16 s a step on 2 CPU cores;
 # unweighted loss (the cos(πt/2) weight starves the high-noise steps that decide the digit) and guided grids
 DEMO = dict(model="TiT-T/4", global_batch_size=48, max_steps=1800, lr=2e-3, weighting="none", log_every=50,

@@ -15,9 +15,10 @@ Reading order (the section banners, in order; a test keeps the list true):
   The network: DiT / SiT, TiT and LightningDiT
   The network: DDT (decoupled diffusion transformer)
   The network: EDM2 U-Net (magnitude-preserving)
+  The network: UNet+ (EDM's SongUNet and DhariwalUNet)
   The autoencoder: LDM AutoencoderKL
   The autoencoder: DC-AE (deep compression)
-  Checkpoints: ours, released UCGM, SiT/REPA, LightningDiT, DDT, EDM2
+  Checkpoints: ours, released UCGM, SiT/REPA, LightningDiT, DDT, EDM2, EDM
   File I/O: safetensors, tensor files, atomic writes
   Script plumbing: folders, flags, processes, images
 """
@@ -36,6 +37,7 @@ import pickle
 import re
 import struct
 import sys
+import tarfile
 import warnings
 from functools import partial, reduce
 
@@ -757,11 +759,12 @@ MODELS = {f"{family}-{size}/{patch}": dict(hidden_size=width, depth=depth, num_h
 
 
 def create_model(name, **kwargs):
-    """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32); the DDT and
-    EDM2 names build a DDT or an EDM2UNet (their sections below)."""
+    """Build a model from the MODELS table, e.g. create_model("TiT-XL/1", input_size=16, in_channels=32); the DDT,
+    EDM2 and UNet+ names build a DDT, an EDM2UNet or an EDMUNet (their sections below)."""
     if name not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
-    network = DDT if name.startswith("DDT-") else EDM2UNet if name.startswith("EDM2-") else DiT
+    network = DDT if name.startswith("DDT-") else EDM2UNet if name.startswith("EDM2-") else \
+        EDMUNet if name.startswith("UNet+") else DiT
     return network(**{**MODELS[name], **kwargs})
 
 
@@ -1042,17 +1045,23 @@ class EDM2UNet(nn.Module):
                 module.weight.copy_(mp_normalize(module.weight.float()))
 
     def flops_per_forward(self):
-        """Matmul FLOPs of one forward for one sample, a multiply-add counting 2: each conv at its layer's resolution
-        (the name's {r}x{r}), attention's QKᵀ and AV at 2·(r²)²·C."""
-        total = 0
-        for name, p in self.named_parameters():
-            if p.dim() > 1:
-                level = re.match(r"(?:enc|dec)\.(\d+)x", name)  # None for the embedding and output layers
-                res = int(level[1]) if level else self.input_size
-                total += p.numel() * (res * res if p.dim() == 4 else 1)
-                if name.endswith("attn_proj.weight"):
-                    total += 2 * res ** 4 * p.shape[0]
-        return 2 * total
+        """Matmul FLOPs of one forward for one sample (unet_flops)."""
+        return unet_flops(self, "attn_proj.weight")
+
+
+def unet_flops(model, attention_out):
+    """Matmul FLOPs of one forward of an EDM2 or UNet+ U-Net for one sample, a multiply-add counting 2: each conv at
+    its layer's resolution (the name's {r}x{r}), attention's QKᵀ and AV at 2·(r²)²·C where `attention_out` ends a
+    name."""
+    total = 0
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            level = re.match(r"(?:enc|dec)\.(\d+)x", name)  # None for the embedding and output layers
+            res = int(level[1]) if level else model.input_size
+            total += p.numel() * (res * res if p.dim() == 4 else 1)
+            if name.endswith(attention_out):
+                total += 2 * res ** 4 * p.shape[0]
+    return 2 * total
 
 
 # EDM2's sizes (NVlabs/edm2 train_edm2.py) by model_channels; T (tiny) is no paper size but the tests' CPU model
@@ -1060,6 +1069,238 @@ EDM2_SIZES = {"T": dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, ch
               **{size: dict(model_channels=mc) for size, mc in
                  (("XS", 128), ("S", 192), ("M", 256), ("L", 320), ("XL", 384), ("XXL", 448))}}
 MODELS.update({f"EDM2-{size}": kwargs for size, kwargs in EDM2_SIZES.items()})
+
+
+#################################################################################
+#            The network: UNet+ (EDM's SongUNet and DhariwalUNet)               #
+#################################################################################
+
+# Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models" (EDM, arXiv 2206.00364): the
+# DDPM++ / NCSN++ U-Net of Song et al. (EDM's SongUNet) and the ADM U-Net of Dhariwal & Nichol (DhariwalUNet, here
+# adm=True) as NVlabs/edm defines them; UCGM releases the first as "UNet+", Table 7's 56M-parameter U-Net. Layer
+# names are EDM's, so its weights load unchanged ("(EDM)" below: as that code defines the layer).
+
+def edm_init(layer, init, fan_in, fan_out):
+    """EDM's initialisation of a layer's weight and bias: init = (mode, weight gain, bias gain) (EDM)."""
+    mode, weight_gain, bias_gain = init
+    scale = {"xavier_uniform": math.sqrt(6 / (fan_in + fan_out)), "kaiming_uniform": math.sqrt(3 / fan_in),
+             "kaiming_normal": math.sqrt(1 / fan_in)}[mode]
+    with torch.no_grad():
+        for p, gain in ((layer.weight, weight_gain), (layer.bias, bias_gain)):
+            if p is not None:
+                noise = torch.randn_like(p) if mode == "kaiming_normal" else torch.rand_like(p) * 2 - 1
+                p.copy_(noise * (scale * gain))
+    return layer
+
+
+def edm_linear(cin, cout, init, bias=True):
+    """EDM's Linear: torch's, initialised by edm_init."""
+    return edm_init(nn.Linear(cin, cout, bias=bias), init, cin, cout)
+
+
+def edm_group_norm(channels, eps):
+    """EDM's GroupNorm: 32 groups of at least 4 channels."""
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=eps)
+
+
+class EDMConv(nn.Module):
+    """EDM's Conv2d: up- or downsampling (stride 2) by the filter f·fᵀ/(Σf)², a persistent buffer, then a k×k
+    convolution (kernel 0: none); fused (NCSN++'s residual encoder, down only): the convolution first."""
+    def __init__(self, cin, cout, kernel, init=None, up=False, down=False, resample_filter=(1, 1), fused=False):
+        super().__init__()
+        self.up, self.down, self.fused = up, down, fused
+        self.weight = nn.Parameter(torch.empty(cout, cin, kernel, kernel)) if kernel else None
+        self.bias = nn.Parameter(torch.empty(cout)) if kernel else None
+        if kernel:
+            edm_init(self, init, cin * kernel ** 2, cout * kernel ** 2)
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        self.register_buffer("resample_filter", torch.outer(f, f)[None, None] / f.sum() ** 2 if up or down else None)
+
+    def forward(self, x):
+        f, w = self.resample_filter, self.weight
+        pad, depthwise = (f.shape[-1] - 1) // 2 if f is not None else 0, lambda f: f.tile(x.shape[1], 1, 1, 1)
+        if self.fused:
+            x = F.conv2d(x, w, padding=w.shape[-1] // 2 + pad)
+            return F.conv2d(x, depthwise(f), groups=x.shape[1], stride=2) + self.bias.reshape(1, -1, 1, 1)
+        if self.up:  # the filter's transpose, times 4: each pixel spread over a 2×2 block
+            x = F.conv_transpose2d(x, depthwise(4 * f), groups=x.shape[1], stride=2, padding=pad)
+        if self.down:
+            x = F.conv2d(x, depthwise(f), groups=x.shape[1], stride=2, padding=pad)
+        return x if w is None else F.conv2d(x, w, self.bias, padding=w.shape[-1] // 2)
+
+
+class EDMBlock(nn.Module):
+    """EDM's UNetBlock: GroupNorm-SiLU-conv, the embedding added (adaptive: as scale and shift), dropout, conv, the
+    skip added and scaled; then optional self-attention likewise."""
+    def __init__(self, cin, cout, emb_channels, up=False, down=False, attention=False, num_heads=None,
+                 channels_per_head=64, dropout=0.0, skip_scale=1.0, eps=1e-5, resample_filter=(1, 1),
+                 resample_proj=False, adaptive_scale=True, init=None, init_zero=None, init_attn=None):
+        super().__init__()
+        self.in_channels, self.dropout, self.skip_scale, self.adaptive_scale = cin, dropout, skip_scale, adaptive_scale
+        self.num_heads = (num_heads or cout // channels_per_head) if attention else 0
+        resample = dict(up=up, down=down, resample_filter=resample_filter)
+        self.norm0, self.conv0 = edm_group_norm(cin, eps), EDMConv(cin, cout, 3, init, **resample)
+        self.affine = edm_linear(emb_channels, cout * (2 if adaptive_scale else 1), init)
+        self.norm1, self.conv1 = edm_group_norm(cout, eps), EDMConv(cout, cout, 3, init_zero)
+        self.skip = EDMConv(cin, cout, 1 if resample_proj or cout != cin else 0, init, **resample) \
+            if cout != cin or up or down else None
+        if self.num_heads:
+            self.norm2, self.qkv = edm_group_norm(cout, eps), EDMConv(cout, cout * 3, 1, init_attn or init)
+            self.proj = EDMConv(cout, cout, 1, init_zero)
+
+    def forward(self, x, emb):
+        y = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None].to(y.dtype)  # (N, C or 2C, 1, 1)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            y = F.silu(shift + self.norm1(y) * (scale + 1))
+        else:
+            y = F.silu(self.norm1(y + params))
+        y = self.conv1(F.dropout(y, p=self.dropout, training=self.training))
+        x = (y + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
+        if self.num_heads:
+            N, C, H, W = x.shape
+            qkv = self.qkv(self.norm2(x)).reshape(N * self.num_heads, C // self.num_heads, 3, H * W)  # (EDM) layout
+            q, k, v = (u.transpose(1, 2) for u in qkv.unbind(2))  # (N·heads, HW, C_h)
+            a = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √C_h) v
+            x = (self.proj(a.transpose(1, 2).reshape(N, C, H, W)) + x) * self.skip_scale
+        return x
+
+
+class EDMUNet(nn.Module):
+    """EDM's SongUNet (DDPM++: positional embedding, standard encoder, filter [1, 1]; NCSN++: Fourier, residual,
+    [1, 3, 3, 1]) or, with adm, its DhariwalUNet; defaults: UCGM's released UNet+ (dropout 0.2; EDM's CIFAR-10 0.13).
+    forward(x, t, y) returns the raw network output F of the EDM transport, whose x_t is EDM's c_in·(x + σz), at EDM's
+    c_noise = ¼·ln σ = 2.68t − 1.59 (Table 6). num_classes ≤ 1: no label layer (y ignored, as released); else y
+    one-hot, the null label num_classes (and y None) the zero vector of EDM's dropped label."""
+    def __init__(self, input_size=32, in_channels=3, num_classes=1, augment_dim=0, model_channels=128,
+                 channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.2,
+                 adm=False, embedding="positional", channel_mult_noise=1, encoder="standard", resample_filter=(1, 1),
+                 grad_checkpoint=False):
+        super().__init__()
+        require(input_size % 2 ** (len(channel_mult) - 1) == 0, f"UNet+: input_size {input_size} must be divisible "
+                f"by 2^{len(channel_mult) - 1} for its {len(channel_mult)} levels")
+        self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
+        self.adm, self.augment_dim, self.grad_checkpoint = adm, augment_dim, grad_checkpoint
+        emb, noise = model_channels * channel_mult_emb, model_channels * (1 if adm else channel_mult_noise)
+        if adm:  # (EDM) DhariwalUNet: PyTorch's default init, adaptive scale, 64 channels a head
+            init, init_zero = ("kaiming_uniform", math.sqrt(1 / 3), math.sqrt(1 / 3)), ("kaiming_uniform", 0, 0)
+            block = partial(EDMBlock, emb_channels=emb, dropout=dropout, init=init, init_zero=init_zero)
+        else:
+            init, init_zero = ("xavier_uniform", 1, 0), ("xavier_uniform", 1e-5, 0)
+            block = partial(EDMBlock, emb_channels=emb, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
+                            eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                            init=init, init_zero=init_zero, init_attn=("xavier_uniform", math.sqrt(0.2), 0))
+        self.map_noise = None  # positional: no state; Fourier (NCSN++): EDM's frequencies 16·N(0, 1), a buffer
+        if embedding == "fourier":
+            self.map_noise = nn.Module()
+            self.map_noise.register_buffer("freqs", 16 * torch.randn(noise // 2))
+        self.map_label = edm_linear(num_classes, noise, init) if num_classes > 1 and not adm else None
+        self.map_augment = edm_linear(augment_dim, noise, init_zero if adm else init, bias=False) if augment_dim \
+            else None
+        self.map_layer0, self.map_layer1 = edm_linear(noise, emb, init), edm_linear(emb, emb, init)
+        if num_classes > 1 and adm:  # (EDM) ADM's labels join after the mapping layers, so they come after them
+            self.map_label = edm_linear(num_classes, emb, ("kaiming_normal", math.sqrt(num_classes), 0), bias=False)
+        self.enc, self.dec, c, aux = nn.ModuleDict(), nn.ModuleDict(), in_channels, in_channels
+        for level, mult in enumerate(channel_mult):
+            res = input_size >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = EDMConv(c, model_channels * (mult if adm else 1), 3, init)
+                c = self.enc[f"{res}x{res}_conv"].weight.shape[0]
+            else:
+                self.enc[f"{res}x{res}_down"] = block(c, c, down=True)
+                if encoder == "skip":
+                    self.enc[f"{res}x{res}_aux_down"] = EDMConv(aux, aux, 0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_skip"] = EDMConv(aux, c, 1, init)
+                if encoder == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = EDMConv(aux, c, 3, init, down=True, fused=True,
+                                                                    resample_filter=resample_filter)
+                    aux = c
+            for i in range(num_blocks):
+                self.enc[f"{res}x{res}_block{i}"] = block(c, model_channels * mult, attention=res in attn_resolutions)
+                c = model_channels * mult
+        skips = [m.conv1.weight.shape[0] if isinstance(m, EDMBlock) else m.weight.shape[0]
+                 for name, m in self.enc.items() if "aux" not in name]
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = input_size >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"], self.dec[f"{res}x{res}_in1"] = block(c, c, attention=True), block(c, c)
+            else:
+                self.dec[f"{res}x{res}_up"] = block(c, c, up=True)
+            for i in range(num_blocks + 1):  # SongUNet attends in the last block of a level only
+                self.dec[f"{res}x{res}_block{i}"] = block(c + skips.pop(), model_channels * mult, attention=res in
+                                                         attn_resolutions and (adm or i == num_blocks))
+                c = model_channels * mult
+        head = (edm_group_norm(c, 1e-5 if adm else 1e-6), EDMConv(c, in_channels, 3, init_zero))
+        if adm:
+            self.out_norm, self.out_conv = head
+        else:
+            self.dec[f"{input_size}x{input_size}_aux_norm"], self.dec[f"{input_size}x{input_size}_aux_conv"] = head
+
+    def embedding(self, t, y, dtype):
+        """SiLU of the mapping network of the noise label and of the labels (EDM): [cos | sin] (SongUNet: [sin | cos])
+        of c_noise times 2π·freqs (Fourier) or 10000^(−k/(C/2 − 1)) (positional; ADM: C/2), the latter in float64."""
+        c_noise = 2.68 * t.flatten().to(dtype) - 1.59  # EDM's c_noise = ¼·ln σ(t) (Table 6)
+        if self.map_noise is not None:
+            freqs = 2 * math.pi * self.map_noise.freqs
+        else:
+            k = torch.arange(self.map_layer0.in_features // 2, dtype=torch.float64, device=t.device)
+            freqs = (1 / 10000) ** (k / (len(k) - (not self.adm)))
+        angles = torch.outer(c_noise, freqs.to(dtype))  # (N, C/2)
+        emb = torch.cat([angles.cos(), angles.sin()] if self.adm else [angles.sin(), angles.cos()], dim=1)
+        labels = None
+        if self.map_label is not None:
+            one_hot = F.one_hot(y, self.num_classes + 1)[:, :self.num_classes].to(dtype) if y is not None else \
+                emb.new_zeros(len(emb), self.num_classes)  # the null label: zeros
+            labels = self.map_label(one_hot if self.adm else one_hot * math.sqrt(self.num_classes))
+        if self.map_augment is not None:  # EDM's label of an unaugmented image, zeros: its weights load, DDP sees them
+            emb = emb + self.map_augment(emb.new_zeros(len(emb), self.augment_dim))
+        if labels is not None and not self.adm:
+            emb = emb + labels
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        return F.silu(emb + labels if labels is not None and self.adm else emb)
+
+    def forward(self, x, t, y=None):
+        """x (N, C, H, W), t (N,) in [0, 1] (1: noise), y (N,) int64 or None -> F (N, C, H, W)."""
+        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(f"UNet+: expected x of shape (N, {self.in_channels}, {self.input_size}, "
+                             f"{self.input_size}), got {tuple(x.shape)}")
+        emb, skips, aux, recompute = self.embedding(t, y, x.dtype), [], x, self.grad_checkpoint and self.training
+        for name, block in self.enc.items():
+            if "aux_down" in name:
+                aux = block(aux)
+            elif "aux_skip" in name:
+                x = skips[-1] = x + block(aux)
+            elif "aux_residual" in name:
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+            else:
+                x = block(x) if name.endswith("_conv") else run_block(block, x, emb, recompute=recompute)
+                skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("aux_norm"):  # SongUNet's output head
+                return self.dec[name.replace("norm", "conv")](F.silu(block(x)))
+            x = run_block(block, x if x.shape[1] == block.in_channels else torch.cat([x, skips.pop()], 1), emb,
+                          recompute=recompute)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+    @property
+    def blocks(self):
+        """The U-Net blocks in the order they run (train.py compiles each)."""
+        return [m for m in (*self.enc.values(), *self.dec.values()) if isinstance(m, EDMBlock)]
+
+    def flops_per_forward(self):
+        """Matmul FLOPs of one forward for one sample (unet_flops)."""
+        return unet_flops(self, "proj.weight")
+
+
+# UCGM's UNet+ (SongUNet DDPM++, the released defaults) and EDM's NCSN++ (CIFAR-10) and ADM (ImageNet-64) U-Nets (EDM
+# train.py); T (tiny) is no paper size but the tests' CPU model
+MODELS.update({"UNet+": {}, "UNet+-NCSN++": dict(embedding="fourier", channel_mult_noise=2, encoder="residual",
+                                                 resample_filter=(1, 3, 3, 1), dropout=0.13),
+               "UNet+-ADM": dict(adm=True, model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3,
+                                 attn_resolutions=(32, 16, 8), dropout=0.1),
+               "UNet+-T": dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                               channel_mult_emb=2, dropout=0.0)})
 
 
 #################################################################################
@@ -1576,7 +1817,7 @@ def load_dcae_weights(model, path):
 
 
 #################################################################################
-#      Checkpoints: ours, released UCGM, SiT/REPA, LightningDiT, DDT, EDM2      #
+#   Checkpoints: ours, released UCGM, SiT/REPA, LightningDiT, DDT, EDM2, EDM    #
 #################################################################################
 
 def weights_of(checkpoint, key, where):
@@ -1595,15 +1836,18 @@ RELEASED_SAMPLER_NAMES = {"sampling_steps": "steps", "stochast_ratio": "rho", "e
 # path, and its released results guide only the first 3 of its 32 latent channels
 FAMILY_SETTINGS = {"DiT": {}, "TiT": {}, "LightningDiT": dict(transport="ReLinear", sampler=dict(cfg_channels=3)),
                    "DDT": dict(transport="ReLinear"),  # DDT guides all its channels
-                   "EDM2": dict(transport="EDM", sampler=dict(cfg_scale=1.0))}  # EDM2's released rows: no guidance
+                   "EDM2": dict(transport="EDM", sampler=dict(cfg_scale=1.0)),  # EDM2's released rows: no guidance
+                   "UNet+": dict(transport="EDM", sampler=dict(cfg_scale=1.0))}  # EDM's and Table 7's: no guidance
 # weights in REPA / REPA-E checkpoints that neither sampling nor UCGM training uses
 REPA_EXTRAS = {"projectors.": "REPA's feature-alignment heads", "bn.": "REPA-E's latent BatchNorm statistics"}
 
 
 def family_of(state):
-    """DiT (also SiT, REPA, REPA-E), TiT, LightningDiT, DDT or EDM2, told from the weight names."""
+    """DiT (also SiT, REPA, REPA-E), TiT, LightningDiT, DDT, EDM2 or UNet+, told from the weight names."""
     if "emb_fourier.freqs" in state or "unet.emb_fourier.freqs" in state:  # EDM2's noise embedding (or its Precond's)
         return "EDM2"
+    if "map_layer0.weight" in state:  # EDM's mapping network (SongUNet and DhariwalUNet)
+        return "UNet+"
     if "s_embedder.proj.weight" in state and state["s_embedder.proj.weight"].dim() == 2:  # DDT's encoder patches
         return "DDT"
     if "blocks.0.norm1.weight" in state:  # only LightningDiT's RMSNorm has a weight
@@ -1623,7 +1867,7 @@ def released_settings(config, where):
     model = re.sub(r"^SiT-", "DiT-", config["model"]["type"])  # UCGM's SiT is our DiT family
     if model not in MODELS:
         raise ValueError(f"{where}: its config names model {config['model']['type']!r}, which is not supported here "
-                         f"(DiT/SiT, TiT, LightningDiT, DDT and EDM2 are; other U-Nets are not)")
+                         f"(DiT/SiT, TiT, LightningDiT, DDT, EDM2 and UNet+ are)")
     vae = config.get("vae", {}).get("type")  # one we lack is named where it would be used, unless --vae is given
     data, sample, family = config.get("data", {}), config.get("sample", {}), FAMILY_SETTINGS[model.split("-")[0]]
     sizes = dict(in_channels=config["model"].get("in_chans"), num_classes=data.get("num_classes"),
@@ -1710,6 +1954,8 @@ def infer_model(state, name=None, where="--ckpt", sizes=None):
         return infer_ddt(state, name, where, sizes or {})
     if family == "EDM2":
         return infer_edm2(state, name, where)
+    if family == "UNet+":
+        return infer_unetplus(state, name, where)
     width, channels, patch, _ = state["x_embedder.proj.weight"].shape
     grid = math.isqrt(state["pos_embed"].shape[1])
     table = state.get("y_embedder.embedding_table.weight")
@@ -1731,8 +1977,9 @@ def load_network(path, weights="ema", name=None, flag="--ckpt", sizes=None):
     """(model, name, settings): the network of any checkpoint read_checkpoint reads, built and loaded strictly;
     `sizes` (input_size, ...) given by flags win over a released config's."""
     state, settings = read_checkpoint(path, weights, flag)
-    if "x_embedder.proj.weight" not in state and family_of(state) != "EDM2":
-        raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight) and no EDM2 ones")
+    if "x_embedder.proj.weight" not in state and family_of(state) not in ("EDM2", "UNet+"):
+        raise ValueError(f"{flag} {path}: holds no DiT-family weights (no x_embedder.proj.weight), no EDM2 and no "
+                         "UNet+ ones")
     sizes = {**settings.get("sizes", {}), **(sizes or {})}
     name, kwargs = infer_model(state, name or settings.get("model"), f"{flag} {path}", sizes)
     with torch.device("meta"):  # shapes only: initialising weights that are then overwritten takes 10 s at XL size
@@ -1742,7 +1989,7 @@ def load_network(path, weights="ema", name=None, flag="--ckpt", sizes=None):
     return model.float(), name, settings
 
 
-# ----- EDM2: its Precond weights and its network pickles, read without running their code ---------------------------
+# ----- EDM2 and EDM: their Precond weights and network pickles, read without running their code ---------------------
 
 def edm2_weights(state, where):
     """The 200 U-Net weights of an EDM2 `Precond` state dict (`unet.` prefix, 203 keys); other states unchanged."""
@@ -1770,42 +2017,92 @@ def infer_edm2(state, name, where):
                       num_classes=label.shape[1] if label is not None else 0)
 
 
+def infer_unetplus(state, name, where):
+    """(model name, create_model kwargs) of EDM's SongUNet / DhariwalUNet weights (and UCGM's UNet+): the levels
+    {r}x{r} and blocks from the names, the widths from enc.{r}x{r}_block0.conv1, the variant from map_noise.freqs
+    (Fourier), aux_residual / aux_skip (encoder), out_conv (ADM) and the resample_filter buffers; dropout not told."""
+    first = next((key for key in state if re.fullmatch(r"enc\.(\d+)x\1_conv\.weight", key)), "enc.{r}x{r}_conv.weight")
+    missing = next((key for key in ("map_layer0.weight", first) if key not in state), None)
+    require(missing is None, f"{where}: missing key {missing!r} (UNet+ weights of another architecture?)")
+    adm, fourier = "out_conv.weight" in state, "map_noise.freqs" in state
+    name = name or ("UNet+-ADM" if adm else "UNet+-NCSN++" if fourier else "UNet+")
+    require(name.startswith("UNet+") and MODELS[name].get("adm", False) == adm,
+            f"{where}: {'ADM' if adm else 'SongUNet'} weights, not those of --model {name}")
+    levels = sorted({int(m[1]) for key in state if (m := re.match(r"enc\.(\d+)x\1_block", key))}, reverse=True)
+    model_channels = state["map_layer0.weight"].shape[1] if adm else state[first].shape[0]
+    filters = [v for k, v in state.items() if k.endswith("resample_filter")]  # f·fᵀ/(Σf)²: f ∝ its first row
+    widths = [state[f"enc.{r}x{r}_block0.conv1.weight"].shape[0] for r in levels]
+    kwargs = dict(input_size=levels[0], in_channels=state[first].shape[1], model_channels=model_channels,
+                  channel_mult=tuple(width // model_channels for width in widths),
+                  channel_mult_emb=state["map_layer0.weight"].shape[0] // model_channels,
+                  num_blocks=sum(bool(re.fullmatch(rf"enc\.{levels[0]}x{levels[0]}_block\d+\.conv1\.weight", k))
+                                 for k in state),
+                  attn_resolutions=tuple(r for r in levels if f"enc.{r}x{r}_block0.qkv.weight" in state),
+                  num_classes=state["map_label.weight"].shape[1] if "map_label.weight" in state else 1,
+                  augment_dim=state["map_augment.weight"].shape[1] if "map_augment.weight" in state else 0)
+    if not adm:
+        kwargs.update(embedding="fourier" if fourier else "positional",
+                      channel_mult_noise=state["map_layer0.weight"].shape[1] // model_channels,
+                      encoder=next((e for e in ("residual", "skip") if any(f"_aux_{e}." in k for k in state)),
+                                   "standard"),
+                      resample_filter=tuple((filters[0][0, 0, 0] / filters[0][0, 0, 0, 0]).tolist()) if filters
+                      else (1, 1))
+    return name, kwargs
+
+
 class PickledModule(dict):
-    """A torch.nn.ModuleDict of an EDM2 pickle, kept as the dict of its state."""
+    """A module of an EDM or EDM2 pickle kept as the dict of its state: a torch.nn.ModuleDict, or (class_name set)
+    a torch_utils.persistence record."""
+    class_name = None
+
     def __setstate__(self, state):
         self.update(state)
 
 
 def persistent_state(meta):
-    """An EDM2 persistent-object record (torch_utils.persistence): its stored state; its embedded source never runs."""
-    return meta["state"]
+    """An EDM or EDM2 persistent-object record (torch_utils.persistence): its stored state and class name; its
+    embedded source never runs."""
+    record = PickledModule(meta["state"])
+    record.class_name = meta["class_name"]
+    return record
 
 
-# every global an EDM2 network pickle names, and what it becomes: tensors, numpy arrays, containers and EDM2's records
-EDM2_PICKLE_GLOBALS = {
-    "torch_utils.persistence._reconstruct_persistent_obj": persistent_state, "dnnlib.util.EasyDict": dict,
-    "collections.OrderedDict": collections.OrderedDict, "torch.nn.modules.container.ModuleDict": PickledModule,
+# what numpy's pickles name (numpy 1.x and 2.x module names): arrays, dtypes and scalars, built from their bytes,
+# which Python 3 writes at protocol 2 as _codecs.encode(text, "latin1")
+NUMPY_PICKLE_GLOBALS = {**{f"numpy{core}.multiarray.{name}": function for core in (".core", "._core")
+                           for name, function in (("_reconstruct", np.empty(0).__reduce__()[0]),
+                                                  ("scalar", np.float32(0).__reduce__()[0]))},
+                        "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+                        "_codecs.encode": lambda text, encoding="utf-8": text.encode(encoding)}
+# every global an EDM or EDM2 network pickle names, and what it becomes: tensors, numpy values, containers and records
+NETWORK_PICKLE_GLOBALS = {
+    **NUMPY_PICKLE_GLOBALS, "torch_utils.persistence._reconstruct_persistent_obj": persistent_state,
+    "dnnlib.util.EasyDict": dict, "collections.OrderedDict": collections.OrderedDict, "builtins.set": set,
+    "torch.nn.modules.container.ModuleDict": PickledModule,
     "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
-    "torch.storage._load_from_bytes": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
-    "numpy.core.multiarray._reconstruct": np.empty(0).__reduce__()[0], "numpy.ndarray": np.ndarray,
-    "numpy._core.multiarray._reconstruct": np.empty(0).__reduce__()[0], "numpy.dtype": np.dtype}
+    "torch.storage._load_from_bytes": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)}
 
 
-class EDM2Unpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only EDM2_PICKLE_GLOBALS; any other global is refused and kept as `refused`."""
+class RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only the globals of `allowed` (name -> what it becomes); any other global is
+    refused and kept as `refused`."""
     refused = None
 
+    def __init__(self, file, allowed, **kwargs):
+        super().__init__(file, **kwargs)
+        self.allowed = allowed
+
     def find_class(self, module, name):
-        if f"{module}.{name}" not in EDM2_PICKLE_GLOBALS:
+        if f"{module}.{name}" not in self.allowed:
             self.refused = f"{module}.{name}"
             raise pickle.UnpicklingError(f"global {module}.{name} refused")
-        return EDM2_PICKLE_GLOBALS[f"{module}.{name}"]
+        return self.allowed[f"{module}.{name}"]
 
 
 def pickled_state_dict(module, prefix=""):
-    """The state dict of a module state from EDM2Unpickler: its parameters and persistent buffers, then its
+    """The state dict of a module state from RestrictedUnpickler: its parameters and persistent buffers, then its
     children's, named by their path as torch names them."""
     skip = module.get("_non_persistent_buffers_set", set())
     state = {prefix + k: v for k, v in module["_parameters"].items() if v is not None}
@@ -1816,22 +2113,48 @@ def pickled_state_dict(module, prefix=""):
     return state
 
 
-def load_edm2_pickle(path, where):
-    """{"ema": its Precond weights in float32, "latent_stats"} of an EDM2 network pickle (a plain pickle of
-    EasyDict(encoder=..., ema=Precond, ...)); mean = −bias/scale and std = 1/scale undo its latent encoder."""
+# EDM's other preconditionings (NVlabs/edm training/networks.py): why their F is not the EDM transport's
+EDM_REFUSED_PRECONDS = {"VPPrecond": "c_out = −σ and c_noise = 999·σ⁻¹_VP(σ): a VP noise prediction",
+                        "VEPrecond": "c_in = 1, c_out = σ and c_noise = ln(σ/2): a VE noise prediction",
+                        "iDDPMPrecond": "a DDPM step index as c_noise and 2C output channels"}
+
+
+def edm_precond_weights(ema, where):
+    """The SongUNet / DhariwalUNet weights (`model.` prefix) of EDM's EDMPrecond record; EDM's other preconditionings
+    are refused with the reason: UCGM's EDM transport is EDMPrecond's F at σ_data 0.5 (Table 6)."""
+    require(ema.class_name not in EDM_REFUSED_PRECONDS, f"{where}: its network is EDM's {ema.class_name} "
+            f"({EDM_REFUSED_PRECONDS.get(ema.class_name)}), not EDMPrecond, whose F alone is the EDM transport's")
+    require(ema.class_name == "EDMPrecond" and ema.get("sigma_data") == 0.5, f"{where}: its 'ema' network is "
+            f"{ema.class_name} with sigma_data {ema.get('sigma_data')}, expected EDM's EDMPrecond with 0.5 or EDM2's "
+            "Precond")
+    model = ema["_modules"].get("model")
+    require(getattr(model, "class_name", None) in ("SongUNet", "DhariwalUNet"), f"{where}: its EDMPrecond holds "
+            f"{getattr(model, 'class_name', None)}, expected EDM's SongUNet or DhariwalUNet")
+    return {key.removeprefix("model."): value for key, value in pickled_state_dict(ema).items()}
+
+
+def load_network_pickle(path, where):
+    """{"ema": its network's weights in float32[, "latent_stats"]} of an EDM network pickle (a plain pickle of
+    dict(ema=EDMPrecond, loss_fn, augment_pipe, dataset_kwargs)) or an EDM2 one (EasyDict(encoder, ema=Precond, ...));
+    for EDM2, mean = −bias/scale and std = 1/scale undo its latent encoder."""
     with open(path, "rb") as f:
-        unpickler = EDM2Unpickler(f)
+        unpickler = RestrictedUnpickler(f, NETWORK_PICKLE_GLOBALS)
         try:
             data = unpickler.load()
-            checkpoint = {"ema": {k: v.detach().float() for k, v in pickled_state_dict(data["ema"]).items()}}
-        except Exception as error:  # a refused global, or not an EDM2 network pickle
+            ema = data["ema"]
+            state = pickled_state_dict(ema)
+        except Exception as error:  # a refused global, or not a network pickle
             if unpickler.refused:
-                raise ValueError(f"{where} {path}: names {unpickler.refused}, which an EDM2 network pickle does not "
-                                 "(unpickling it could run code); if you trust the file, convert it where NVlabs/edm2 "
-                                 "is cloned: torch.save(pickle.load(f)['ema'].unet.state_dict(), 'unet.pt')") from None
+                raise ValueError(f"{where} {path}: names {unpickler.refused}, which an EDM or EDM2 network pickle "
+                                 "does not (unpickling it could run code); if you trust the file, convert it where "
+                                 "NVlabs/edm2 (or edm) is cloned: torch.save(pickle.load(f)['ema'].unet.state_dict(), "
+                                 "'unet.pt') (EDM: .model)") from None
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ValueError(f"{where} {path}: not an EDM2 network pickle with an 'ema' network ({reason[:160]})") \
-                from None
+            raise ValueError(f"{where} {path}: not an EDM or EDM2 network pickle with an 'ema' network "
+                             f"({reason[:160]})") from None
+    if getattr(ema, "class_name", None) != "Precond":  # EDM2's is Precond; EDM's EDMPrecond, or one refused here
+        state = edm_precond_weights(ema, f"{where} {path}")
+    checkpoint = {"ema": {k: v.detach().float() for k, v in state.items()}}
     encoder = data.get("encoder")
     if isinstance(encoder, dict) and {"scale", "bias"} <= set(encoder):  # final latents = raw · scale + bias
         scale, bias = (torch.as_tensor(np.asarray(encoder[k], dtype=np.float32)) for k in ("scale", "bias"))
@@ -1955,8 +2278,8 @@ def load_tensor_file(path, where, mmap=False):
         raise ValueError(f"{where} {path}: no such file")
     if str(path).endswith(".safetensors"):
         return load_safetensors(path)
-    if str(path).endswith(".pkl"):  # EDM2's network pickles, read without running their code
-        return load_edm2_pickle(path, where)
+    if str(path).endswith(".pkl"):  # EDM's and EDM2's network pickles, read without running their code
+        return load_network_pickle(path, where)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # not a zip, cut short, or a pickle that weights_only refuses
@@ -2199,12 +2522,82 @@ def save_image_grid(images, per_row, path):
         grid[:, (i // per_row) * h:(i // per_row + 1) * h, (i % per_row) * w:(i % per_row + 1) * w] = pixels[i]
     atomic_write(path, lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG"))
 
+# CIFAR-10 (Krizhevsky 2009; the paper's Table 7): the batches of each split, in order, and the class names
+CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def is_cifar10(path):
+    """Whether path is a CIFAR-10 archive (a .tar.gz, e.g. cifar-10-python.tar.gz or cifar-10-binary.tar.gz) or a
+    folder of its batches (data_batch_1, or data_batch_1.bin, there or in cifar-10-batches-py/-bin)."""
+    if not os.path.isdir(path):
+        return str(path).endswith((".tar.gz", ".tgz", ".tar"))
+    return any(os.path.isfile(os.path.join(path, sub, f"{name}{ext}")) for name in ("data_batch_1", "test_batch")
+               for sub in ("", "cifar-10-batches-py", "cifar-10-batches-bin") for ext in ("", ".bin"))
+
+
+def cifar10_files(path, split, where):
+    """{file name: bytes} of the batches of a split in a CIFAR-10 archive or folder (python: data_batch_1, binary:
+    data_batch_1.bin)."""
+    wanted, found = CIFAR10_BATCHES[split], {}
+    if os.path.isdir(path):
+        for sub in ("", "cifar-10-batches-py", "cifar-10-batches-bin"):
+            for name in (n + ext for n in wanted for ext in ("", ".bin")):
+                if os.path.isfile(os.path.join(path, sub, name)):
+                    with open(os.path.join(path, sub, name), "rb") as f:
+                        found[name] = f.read()
+    else:
+        try:
+            with tarfile.open(path) as archive:
+                for member in archive:
+                    if member.isfile() and os.path.basename(member.name).removesuffix(".bin") in wanted:
+                        found[os.path.basename(member.name)] = archive.extractfile(member).read()
+        except (OSError, EOFError, tarfile.TarError) as error:
+            raise ValueError(f"{where} {path}: not a readable CIFAR-10 archive ({error})") from None
+    missing = [n for n in wanted if n not in found and f"{n}.bin" not in found]
+    require(not missing, f"{where} {path}: expected the CIFAR-10 {split} batches {', '.join(wanted)} (python) or their "
+            f".bin (binary), missing {', '.join(missing)}")
+    return {n if n in found else f"{n}.bin": found.get(n, found.get(f"{n}.bin")) for n in wanted}
+
+
+def cifar10_batch(name, data, where):
+    """(pixels (n, 3072) uint8, labels (n,) int64) of one CIFAR-10 batch: binary, records of a label byte and 3072
+    pixel bytes; python, a pickled dict {data, labels, ...} read by RestrictedUnpickler (arrays, dicts, lists and
+    bytes only)."""
+    if name.endswith(".bin"):
+        require(len(data) % 3073 == 0, f"{where}: {len(data)} bytes, not whole records of 3073 bytes")
+        records = np.frombuffer(data, np.uint8).reshape(-1, 3073)
+        pixels, labels = records[:, 1:], records[:, 0].astype(np.int64)
+    else:
+        unpickler = RestrictedUnpickler(io.BytesIO(data), NUMPY_PICKLE_GLOBALS, encoding="latin1")  # Python 2's str
+        try:
+            batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in unpickler.load().items()}
+            pixels, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+        except Exception as error:  # a refused global, a cut pickle, or another dict
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{where}: not a CIFAR-10 batch (python pickle of data and labels, or binary records of "
+                             f"3073 bytes): {reason[:160]}") from None
+    require(pixels.dtype == np.uint8 and pixels.shape == (len(labels), 3072) and labels.ndim == 1
+            and np.isin(labels, range(10)).all(), f"{where}: expected uint8 data (n, 3072) and n labels in 0..9, got "
+            f"{pixels.dtype} {pixels.shape} and {labels.shape} labels")
+    return pixels, labels
+
+
+def read_cifar10(path, split="train", where="--images"):
+    """(images (N, 32, 32, 3) uint8, labels (N,) int64) of the train (data_batch_1..5) or test split of the official
+    CIFAR-10 python or binary archive, or of its extracted folder; each row holds the R, G and B planes of 32×32."""
+    batches = [cifar10_batch(name, data, f"{where} {path}: {name}")
+               for name, data in cifar10_files(path, split, where).items()]
+    pixels, labels = (np.concatenate(part) for part in zip(*batches))
+    return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # NCHW planes -> NHWC
+
+
 if __name__ == "__main__":  # the reading order, then the model table: parameters and forward GFLOPs
     print(__doc__.strip(), end="\n\n")
     for name in MODELS:
         family = name.split("-")[0]
-        # SD-VAE f8 latents of 256 px (DiT) or 512 px (EDM2), VA-VAE f16d32 latents of 256 px (the others)
-        channels, latent = {"DiT": (4, 32), "EDM2": (4, 64)}.get(family, (32, 16))
+        # SD-VAE f8 latents of 256 px (DiT) or 512 px (EDM2), CIFAR-10 pixels (UNet+), VA-VAE f16d32 of 256 px (others)
+        channels, latent = {"DiT": (4, 32), "EDM2": (4, 64), "UNet+": (3, 32)}.get(family, (32, 16))
         with torch.device("meta"):  # shapes only, so the XL models cost nothing
             model = create_model(name, input_size=latent, in_channels=channels)
         params = sum(p.numel() for p in model.parameters()) / 1e6
