@@ -206,7 +206,8 @@ def batch(n=8, dim=4, seed=0):
 
 
 def test_lam0_equals_rms_flow_matching():
-    """Alg. 1 l.16 at λ = 0 with the Linear transport: an RMS flow-matching loss, last rows nulled."""
+    """Alg. 1 l.16 at λ = 0 with the Linear transport: an RMS flow-matching loss weighted by cos(πt/2) (the default),
+    last rows nulled."""
     model = tiny_dit()
     g = torch.Generator().manual_seed(0)
     x, z, t = torch.randn(6, 2, 8, 8, generator=g), torch.randn(6, 2, 8, 8, generator=g), torch.rand(6, generator=g)
@@ -215,7 +216,7 @@ def test_lam0_equals_rms_flow_matching():
     # independently: rectified flow, x_t = t z + (1 - t) x, velocity target z - x, the last 3 labels nulled
     tt = t[:, None, None, None]
     pred = model(tt * z + (1 - tt) * x, t, torch.tensor([0, 1, 2, 3, 3, 3]))
-    want = ((pred - (z - x)) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()
+    want = (((pred - (z - x)) ** 2).mean(dim=(1, 2, 3)).sqrt() * torch.cos(math.pi * t / 2)).mean()
     torch.testing.assert_close(got, want)
 
 
@@ -261,7 +262,7 @@ def test_consistency_loss_matches_hand_computation(lam):
     x, y, t, z = batch()
     got = UCGM(lam=lam, label_drop=0.0).loss(model, x, y, t=t, noise=z)
     F_t, _, target = lam_target_by_hand(model, x, z, t, y, lam)
-    want = ((F_t - target.detach()) ** 2).mean(1).sqrt().mean()
+    want = (((F_t - target.detach()) ** 2).mean(1).sqrt() * torch.cos(math.pi * t / 2)).mean()  # Alg. 1 l.16
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -302,7 +303,8 @@ def test_lam1_loss_in_float64_matches_jvp_to_1e8():
     loss = trainer.loss(model, x, y, t=t, noise=z)
     F_t = model(t[:, None] * z + (1 - t[:, None]) * x, t, y)
     target = F_t + t[:, None] * 4 / torch.sin(t * math.pi / 2)[:, None] * derivative.clamp(-1, 1)  # D = -1
-    assert loss.dtype == torch.float64 and abs(loss - ((F_t - target) ** 2).mean(1).sqrt().mean()) < 1e-8
+    want = (((F_t - target) ** 2).mean(1).sqrt() * torch.cos(math.pi * t / 2)).mean()  # Alg. 1 l.16
+    assert loss.dtype == torch.float64 and abs(loss - want) < 1e-8
     assert derivative.abs().max() > 0.05 and tr.D(torch.tensor(0.3)) == -1
 
 
@@ -316,7 +318,7 @@ def test_bf16_autocast_on_cpu_gives_a_float32_loss_close_to_float32(lam, zeta, d
     t, z = torch.linspace(0.1, 0.9, 8), torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(2))
     results = {}
     for precision in ("fp32", "bf16"):
-        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25)
+        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25, weighting=None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             results[precision] = trainer.loss(model, x, y, t=t, noise=z)
     assert results["bf16"].dtype == torch.float32 and torch.isfinite(results["bf16"])
@@ -385,7 +387,7 @@ def test_gradients_reach_only_the_F_t_branch():
             F_in = F_t if not detach else F_t.detach()
             x_star, z_star = trainer.enhance(model, x, z, x_t, t, y_dropped, dropped, F_in)
             target = trainer.target(model, x_star, z_star, t, y_dropped, F_in)
-        ((F_t - target) ** 2).mean(1).sqrt().mean().backward()
+        (((F_t - target) ** 2).mean(1).sqrt() * torch.cos(math.pi * t / 2)).mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(got, grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -594,19 +596,19 @@ def test_bad_loss_inputs_are_refused():
 
 def test_time_grids_are_exact():
     """Alg. 2 l.1 and the schedule T (App. C.1.3 warp, README rule "gaps") against hand-computed grids."""
-    linear = UCGM("Linear")
     step = 0.998 / 3  # u = linspace(0.001, 0.999, 4), t = 1 - u, then the data end
     want = [0.999, 0.999 - step, 0.999 - 2 * step, 0.001, 0.0]
-    torch.testing.assert_close(linear.time_grid(4), torch.tensor(want, dtype=torch.float64))
-    torch.testing.assert_close(linear.time_grid(4, gaps=(0.0, 0.0)),  # n + 1 points, the last dropped
+    torch.testing.assert_close(ucgm.time_grid("Linear", 4), torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(ucgm.time_grid("Linear", 4, gaps=(0.0, 0.0)),  # n + 1 points, the last dropped
                                torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(linear.time_grid(5, order=2, gaps=(0.1, 0.3)),  # (5 + 1) // 2 = 3 points
+    torch.testing.assert_close(ucgm.time_grid("Linear", 5, order=2, gaps=(0.1, 0.3)),  # (5 + 1) // 2 = 3 points
                                torch.tensor([0.9, 0.6, 0.3, 0.0], dtype=torch.float64))
     u = np.linspace(0.001, 0.999, 6)
     warped = (1 - (1 - u ** 1.17) ** 0.8) ** 1.1
-    np.testing.assert_allclose(linear.time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(1 - warped, 0), rtol=1e-12)
-    np.testing.assert_allclose(UCGM("ReLinear").time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(warped, 1))
-    np.testing.assert_allclose(linear.time_grid(1, gaps=(0.001, 0.3)).numpy(), [0.999, 0.0])
+    np.testing.assert_allclose(ucgm.time_grid("Linear", 6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(1 - warped, 0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(ucgm.time_grid("ReLinear", 6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(warped, 1))
+    np.testing.assert_allclose(ucgm.time_grid("Linear", 1, gaps=(0.001, 0.3)).numpy(), [0.999, 0.0])
 
 
 @pytest.mark.parametrize("transport", sorted(ucgm.TRANSPORTS))
@@ -629,7 +631,7 @@ def test_gaussian_data_is_sampled_with_its_mean_and_covariance(transport):
     rms = {}
     for steps in (64, 128, 256):
         out = sampler.sample(oracle, noise, steps=steps).double()
-        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
+        exact = exact_flow(transport, mu, sigma, noise, float(ucgm.time_grid(transport, steps)[0]))
         rms[steps] = ((out - exact) ** 2).sum(1).mean().sqrt().item()
     assert rms[64] < 0.06 and 1.8 < rms[64] / rms[128] < 2.2 and 1.8 < rms[128] / rms[256] < 2.2  # first order
     n, s = len(noise), sigma.diag()
@@ -645,7 +647,7 @@ def test_extrapolation_reduces_the_error_against_the_exact_ode(transport):
     oracle, sampler = GaussianOracle(transport, mu, sigma), UCGM(transport)
     noise = torch.randn(4000, 3, generator=torch.Generator().manual_seed(1))
     for steps in (8, 12, 16):
-        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
+        exact = exact_flow(transport, mu, sigma, noise, float(ucgm.time_grid(transport, steps)[0]))
         err = {kappa: ((sampler.sample(oracle, noise, steps=steps, kappa=kappa).double() - exact) ** 2).mean().sqrt()
                for kappa in (0.0, 0.5)}
         assert err[0.5] < 0.8 * err[0.0], (steps, err)
@@ -713,7 +715,7 @@ def test_cfg_interval_and_nfe():
     model, sampler = CountingNet(dim=4), UCGM()
     noise, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
     sampler.sample(model, noise, steps=10, cfg_scale=3.0, cfg_interval=(0.0, 0.5), y=y)
-    inside = int(((sampler.time_grid(10)[:-1] >= 0) & (sampler.time_grid(10)[:-1] <= 0.5)).sum())
+    inside = int(((ucgm.time_grid("Linear", 10)[:-1] >= 0) & (ucgm.time_grid("Linear", 10)[:-1] <= 0.5)).sum())
     assert 0 < inside < 10 and sampler.nfe == 10 + inside and model.rows == 5 * sampler.nfe
     sampler.sample(model, noise, steps=10, y=y)
     assert sampler.nfe == 10
@@ -3073,12 +3075,12 @@ def sliced_wasserstein(a, b, projections=128):
 
 
 def train_toy(data, lam=0.0, zeta=0.0, transport="Linear", init=None, steps=1500, num_classes=1, **kwargs):
-    """Adam 1e-3 -> 1e-4 (cosine), batch 512, through UCGM.loss; the EMA-free weights are returned."""
+    """Adam 1e-3 -> 1e-4 (cosine), batch 512, through UCGM.loss, unweighted as the demo; the EMA-free weights."""
     torch.manual_seed(0)
     model = ToyFlowNet(num_classes)
     if init is not None:
         model.load_state_dict(init.state_dict())
-    trainer = UCGM(transport, lam, zeta, label_drop=0.1 if num_classes > 1 else 0.0, **kwargs)
+    trainer = UCGM(transport, lam, zeta, label_drop=0.1 if num_classes > 1 else 0.0, **{"weighting": None, **kwargs})
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
     generator = torch.Generator().manual_seed(1)
@@ -3262,7 +3264,7 @@ def test_cuda_bf16_loss_is_near_the_float32_loss(lam, zeta, decay, tolerance):
     t, y = torch.linspace(0.05, 0.95, 32, device="cuda"), torch.arange(32, device="cuda") % 10
     results = {}
     for precision in ("fp32", "bf16"):
-        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25)
+        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25, weighting=None)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             results[precision] = float(trainer.loss(model, x, y, t=t, noise=z))
     assert abs(results["bf16"] - results["fp32"]) < tolerance * results["fp32"], results
