@@ -2447,13 +2447,15 @@ def test_presets_and_demo_defaults_resolve():
     assert multistep.zeta == 0.47 and multistep.cosine_loss and multistep.weighting is None
 
 
-# the later released trainer's configs/tuning_few_steps/*.yaml, transcribed: (preset, transport of the --init
-# weights, {released key: value}); README "API" maps each key to its flag
+# configs/tuning_few_steps/*.yaml transcribed: (preset, transport of the --init weights, {released key: value}); the
+# batch and steps (train.global_batch_size, max_steps, ckpt_every) from LINs-lab/UCGM's own configs, the loss and
+# optimiser from the later released trainer's (EDM2: all from it); README "API" maps each key to its flag
 RELEASED_TUNING = [
-    ("tune-lightningdit", "ReLinear", dict(enhanced_ratio=3.0, global_batch_size=256, max_steps=3200, ckpt_every=1600,
+    ("tune-lightningdit", "ReLinear", dict(enhanced_ratio=3.0, global_batch_size=1024, max_steps=800, ckpt_every=800,
                                            type="RAdam")),
-    ("tune-repa", "Linear", dict(enhanced_ratio=1.7, global_batch_size=8, max_steps=800, ckpt_every=800, type="CLion")),
-    ("tune-repae", "Linear", dict(enhanced_ratio=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000,
+    ("tune-repa", "Linear", dict(enhanced_ratio=1.7, global_batch_size=1024, max_steps=800, ckpt_every=800,
+                                 type="CLion")),
+    ("tune-repae", "Linear", dict(enhanced_ratio=2.5, global_batch_size=1024, max_steps=500, ckpt_every=500,
                                   type="RAdam")),
     ("tune-ddt", "ReLinear", dict(enhanced_ratio=1.9, global_batch_size=512, max_steps=800, ckpt_every=800,
                                   type="RAdam")),
@@ -2480,6 +2482,9 @@ def test_tuning_presets_are_the_released_tuning_configs(preset, transport, relea
             c["max_grad_norm"], c["ema_decay"], c["global_batch_size"], c["max_steps"], c["ckpt_every"],
             c["log_every"])
     assert got == want
+    released_epochs = {"tune-lightningdit": 0.64, "tune-repa": 0.64, "tune-repae": 0.40, "tune-ddt": 0.32}  # its README
+    if preset in released_epochs:  # batch × steps over ImageNet-1k's 1,281,167 training images
+        assert round(args.global_batch_size * args.max_steps / 1_281_167, 2) == released_epochs[preset]
     family = {"tune-lightningdit": "LightningDiT", "tune-ddt": "DDT", "tune-edm2": "EDM2"}.get(preset, "DiT")
     assert ucgm.FAMILY_SETTINGS[family].get("transport", "Linear") == transport
 
