@@ -590,6 +590,24 @@ def test_bad_loss_inputs_are_refused():
         UCGM().loss(ToyNet(), x, y, t=t[:3], noise=z)
 
 
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow", "EDM"])
+def test_lam_above_0_keeps_t_inside_eps_and_1_minus_eps(lam, transport):
+    """Alg. 1 l.9-15 at λ > 0: t = 0 would give 0/0 (α(0)/sin(0), and h = t − λt = 0) and t ± ε would leave [0, 1];
+    t is clamped to [ε, 1 − ε], so the loss at t = 0 and 1 is finite and equals the loss at ε and 1 − ε, and the
+    network sees only times in [0, 1]."""
+    x, y, _, z = (v.double() if v.is_floating_point() else v for v in batch(n=4))
+    times = []
+    model = ToyNet().double()
+    model.register_forward_pre_hook(lambda module, args: times.append(args[1].detach().clone()))
+    trainer = UCGM(transport, lam=lam, label_drop=0.0)
+    ends = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    got = trainer.loss(model, x, y, t=ends, noise=z)
+    want = trainer.loss(model, x, y, t=ends.clamp(trainer.eps, 1 - trainer.eps), noise=z)
+    assert torch.isfinite(got) and got == want and got > 0
+    assert all(float(seen.min()) >= 0 and float(seen.max()) <= 1 for seen in times)
+
+
 #################################################################################
 #                             UCGM-S: the sampler                               #
 #################################################################################
@@ -737,11 +755,45 @@ def test_cfg_guides_the_requested_channels(channels):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(order=3), "order"), (dict(steps=0), "steps"), (dict(gaps=(0.6, 0.5)), "gaps"), (dict(rho=2.0), "rho"),
-    (dict(gaps=(-0.1, 0.1)), "gaps"), (dict(cfg_scale=2.0), "cfg_scale"), (dict(warp=(1, 0, 1)), "warp")])
+    (dict(gaps=(-0.1, 0.1)), "gaps"), (dict(cfg_scale=2.0), "cfg_scale"), (dict(warp=(1, 0, 1)), "warp"),
+    (dict(times=[0.5, 0.9, 0.0]), "times"), (dict(times=[1.0]), "times"), (dict(times=[[1.0, 0.0]]), "times")])
 def test_bad_sampler_arguments_are_refused(kwargs, match):
     """One-line errors for arguments outside Alg. 2's ranges."""
     with pytest.raises(ValueError, match=match):
         UCGM().sample(ToyNet(), torch.randn(2, 4), **{"steps": 4, **kwargs})
+
+
+def test_explicit_times_replace_the_grid_and_count_the_evaluations():
+    """Alg. 2's schedule T given as `times`: the same samples as the grid it equals, in either direction of the
+    clock (ReLinear's noise end is t = 0), steps, warp and gaps unused; order 2 costs 2n − 1 evaluations."""
+    mu, sigma = gaussian_problem()
+    noise = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
+    for transport in ("Linear", "ReLinear"):
+        sampler, oracle = UCGM(transport), GaussianOracle(transport, mu, sigma)
+        grid = ucgm.time_grid(transport, 7, order=2, warp=(1.17, 0.8, 1.1))  # 4 times, then the data end
+        got = sampler.sample(oracle, noise, times=grid.tolist(), order=2, steps=1, warp=(1, 1, 1), gaps=(0.5, 0.4))
+        assert torch.equal(got, sampler.sample(oracle, noise, steps=7, order=2, warp=(1.17, 0.8, 1.1)))
+        assert sampler.nfe == 2 * 4 - 1
+
+
+def test_float64_networks_get_float64_inputs_and_give_float64_samples():
+    """Alg. 2 l.3: a network with float64 weights is called in float64 and x̂ comes back in float64; any other in
+    float32."""
+    seen = []
+    for model in (ToyNet(), ToyNet().double()):
+        model.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, args[1].dtype)))
+        out = UCGM().sample(model, torch.randn(2, 4), steps=2, y=torch.tensor([0, 1]))
+        assert out.dtype == seen[-1][0] == seen[-1][1]
+    assert [dtype for dtype, _ in seen] == [torch.float32] * 2 + [torch.float64] * 2
+
+
+def test_sampler_preset_sets_rho_to_lam():
+    """Sec. 3.2: ρ = λ; the other settings are the released multi-step preset up to λ = 0.5, the few-step one above."""
+    for lam in (0.0, 0.3, 0.5, 0.7, 1.0):
+        want = ucgm.SAMPLER_PRESETS["fewstep" if lam > 0.5 else "multistep"]
+        assert ucgm.sampler_preset(lam) == {**want, "rho": lam}
+    assert ucgm.sampler_preset(0.0) == ucgm.SAMPLER_PRESETS["multistep"]
+    assert ucgm.sampler_preset(1.0) == ucgm.SAMPLER_PRESETS["fewstep"]
 
 
 #################################################################################

@@ -401,8 +401,8 @@ def ucgm_sampler(model, noise, transport="Linear", steps=40, rho=0.0, kappa=0.0,
                  gaps=(0.001, 0.001), cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=None, return_all=False,
                  generator=None, stats=None, times=None, **model_kwargs):
     """UCGM-S (Alg. 2): noise -> x̂ for any network F = model(x, t, **model_kwargs) on the schedule T of `time_grid`,
-    or on explicit `times` (1-D, noise end first, data end last; steps, warp and gaps then unused); the network gets
-    float64 inputs if it has float64 weights, else float32 (or the caller's bf16 autocast); with return_all also
+    or on explicit `times` (1-D, noise end first, data end last; steps, warp and gaps then unused); inputs and x̂ are
+    float64 for a network with float64 weights, else float32 (or the caller's bf16 autocast); with return_all also
     every raw x̂ (n, *noise.shape); a dict `stats` receives the network evaluations per sample as "nfe"."""
     tr, stats = get_transport(transport), {} if stats is None else stats
     times = time_grid(transport, steps, order, warp, gaps) if times is None else \
@@ -419,7 +419,7 @@ def ucgm_sampler(model, noise, transport="Linear", steps=40, rho=0.0, kappa=0.0,
     for i in range(n):  # Alg. 2 l.2
         t_cur, t_next = times[i], times[i + 1]
         x_raw, z_raw = x_hat, z_hat = estimate(x_cur, t_cur)  # Alg. 2 l.3, the raw estimates kept for l.4-5
-        trajectory += [x_raw.float()] if return_all else []
+        trajectory += [x_raw.to(dtype)] if return_all else []
         if kappa != 0 and i >= 2:  # Alg. 2 l.4-5 with step i − 1's raw estimates; from i = 2 as released (README)
             x_hat, z_hat = x_raw + kappa * (x_raw - x_prev), z_raw + kappa * (z_raw - z_prev)
         x_prev, z_prev = x_raw, z_raw
@@ -434,7 +434,7 @@ def ucgm_sampler(model, noise, transport="Linear", steps=40, rho=0.0, kappa=0.0,
             ratio = tr.gamma(t_next) / tr.gamma(t_cur)
             x_next = x_cur * ratio + (tr.alpha(t_next) - tr.alpha(t_cur) * ratio) * (z_hat + z_next) / 2  # l.11
         x_cur = x_next  # Alg. 2 l.13
-    x_out = x_raw.float()  # the raw x̂ of the last evaluation, as released (README "Paper and this code")
+    x_out = x_raw.to(dtype)  # the raw x̂ of the last evaluation, as released (README "Paper and this code")
     return (x_out, torch.stack(trajectory)) if return_all else x_out
 
 
