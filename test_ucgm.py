@@ -797,6 +797,182 @@ def test_sampler_preset_sets_rho_to_lam():
 
 
 #################################################################################
+#    Table 1: diffusion, flow matching and consistency models as special cases  #
+#################################################################################
+
+# Data x ~ N(mu, s²·I) in float64, so that every network below is exact: for x_t = a·z + g·x the posterior mean is
+# E[x | x_t] = mu + g·s²/(g²·s² + a²)·(x_t − g·mu). Each test writes the other paper's algorithm out again.
+TABLE1_MU, TABLE1_S, SIGMA_DATA = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), 0.7, 0.5
+
+
+def posterior_mean(x_t, a, g):
+    return TABLE1_MU + g * TABLE1_S ** 2 / (g ** 2 * TABLE1_S ** 2 + a ** 2) * (x_t - g * TABLE1_MU)
+
+
+class Float64Net(nn.Module):
+    """F = function(x_t, t (N, 1)) as a network with a float64 weight, which UCGM-S must call in float64."""
+    def __init__(self, function):
+        super().__init__()
+        self.function, self.num_classes = function, 1
+        self.unit = nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False)
+
+    def forward(self, x_t, t, y=None):
+        assert x_t.dtype == t.dtype == torch.float64
+        return self.function(x_t, t[:, None]) * self.unit
+
+
+def edm_raw_network(x_in, noise_label):
+    """EDM's F_θ(c_in·x, c_noise) for the exact denoiser D = c_skip·x + c_out·F_θ (Karras et al. 2022, Table 1;
+    c_noise = ln(σ)/4 as EDM2, which UCGM's EDM transport feeds as 2.68t − 1.59)."""
+    sigma = torch.exp(4 * noise_label)
+    c_skip, c_out = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2), sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+    x = x_in * (sigma ** 2 + SIGMA_DATA ** 2).sqrt()  # x_in = c_in·x
+    return (posterior_mean(x, sigma, 1.0) - c_skip * x) / c_out
+
+
+def test_edm_heun_sampler_is_ucgm_s_with_edm_transport_order_2_rho_0():
+    """Table 1, diffusion: UCGM-S (EDM transport, ν = 2, ρ = 0, κ = 0; Alg. 2 l.3-11) on sample.py's --schedule edm
+    grid is EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1, S_churn = 0; 18 levels, σ 80 -> 0.002,
+    ρ = 7) step for step in σ-space (x = x_t/γ(t), σ = α/γ): 35 evaluations, and UCGM's raw x̂ of the last one is
+    EDM's last Euler step to σ = 0. UCGM starts from x_t0 = γ(t_0)·σ_0·n where EDM starts from σ_0·n."""
+    n = 18
+    ramp = torch.arange(n, dtype=torch.float64) / (n - 1)
+    sigmas = (80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7  # Karras et al. 2022, Eq. (5)
+    sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+    calls = []
+
+    def D(x, sigma):  # EDM's preconditioned denoiser
+        calls.append(1)
+        c_skip, c_out = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2), sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+        return c_skip * x + c_out * edm_raw_network(x / (sigma ** 2 + SIGMA_DATA ** 2).sqrt(), sigma.log() / 4)
+
+    n_draw = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = sigmas[0] * n_draw
+    for i in range(n):  # Karras et al. 2022, Alg. 1 with S_churn = 0
+        d = (x - D(x, sigmas[i])) / sigmas[i]
+        x_next = x + (sigmas[i + 1] - sigmas[i]) * d
+        if sigmas[i + 1] != 0:
+            d_next = (x_next - D(x_next, sigmas[i + 1])) / sigmas[i + 1]
+            x_next = x + (sigmas[i + 1] - sigmas[i]) * (d + d_next) / 2
+        x = x_next
+
+    times = sample.edm_times(sample.parse_args(["--ckpt", "-", "--schedule", "edm"]), "EDM", 35, 2)
+    to_time = lambda sigma: (sigma.log() / 4 + 1.59) / 2.68  # noqa: E731  σ(t) = exp(4(2.68t − 1.59)) inverted
+    torch.testing.assert_close(times, torch.cat([to_time(sigmas[:n]), torch.zeros(1, dtype=torch.float64)]))
+    model = Float64Net(lambda x_t, t: edm_raw_network(x_t, 2.68 * t - 1.59))
+    start = sigmas[0] / (sigmas[0] ** 2 + SIGMA_DATA ** 2).sqrt() * n_draw  # c_in·σ_0·n
+    sampler = UCGM("EDM")
+    got = sampler.sample(model, start, times=times, order=2, rho=0.0, kappa=0.0)
+    assert len(calls) == sampler.nfe == 35 and got.dtype == torch.float64
+    torch.testing.assert_close(got, x, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="--schedule edm"):
+        sample.edm_times(sample.parse_args(["--ckpt", "-", "--schedule", "edm"]), "Linear", 35, 2)
+
+
+def test_flow_matching_euler_is_ucgm_s_with_linear_order_1_rho_0():
+    """Table 1, flow matching: UCGM-S (Linear, ν = 1, ρ = 0, κ = 0; Alg. 2 l.3-8) is Euler's method on the flow ODE
+    dx_t/dt = v(x_t, t) = E[z − x | x_t] (Lipman et al. 2023; Liu et al. 2023) on the same grid, and its raw x̂ of
+    the last evaluation is the Euler step to t = 0."""
+    def velocity(x_t, t):
+        x_hat = posterior_mean(x_t, t, 1 - t)
+        return (x_t - (1 - t) * x_hat) / t - x_hat  # E[z | x_t] − E[x | x_t]
+
+    times = ucgm.time_grid("Linear", 12, warp=(1.17, 0.8, 1.1))
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = noise
+    for t_cur, t_next in zip(times[:-1], times[1:]):
+        x = x + (t_next - t_cur) * velocity(x, t_cur)
+    got = UCGM("Linear").sample(Float64Net(velocity), noise, steps=12, warp=(1.17, 0.8, 1.1), rho=0.0, kappa=0.0)
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-12)
+
+
+def scm_velocity(x_tau, tau):
+    """sCM's exact F(x_τ, τ) = dx_τ/dτ = E[cos τ·z − sin τ·x | x_τ] for x_τ = cos τ·x + sin τ·z (σ_d = 1)."""
+    x_hat = posterior_mean(x_tau, tau.sin(), tau.cos())
+    return tau.cos() * (x_tau - tau.cos() * x_hat) / tau.sin() - tau.sin() * x_hat
+
+
+def test_scm_multistep_sampler_is_ucgm_s_with_trigflow_rho_1():
+    """Table 1, consistency models: UCGM-S (TrigFlow, ρ = 1, κ = 0; Alg. 2 l.3-8) is sCM's multistep sampler (Lu &
+    Song 2024, σ_d = 1): x̂ = cos τ·x_τ − sin τ·F(x_τ, τ), then x_τ' = cos τ'·x̂ + sin τ'·n' with fresh n' (the same
+    generator draws), on sCM's τ = (arctan 80, 1.1, 0.5), i.e. t = 2τ/π; TrigFlow's F* is the velocity in τ."""
+    taus = torch.tensor([math.atan(80.0), 1.1, 0.5], dtype=torch.float64)
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    generator, x = torch.Generator().manual_seed(3), noise
+    for i, tau in enumerate(taus):
+        x_hat = tau.cos() * x - tau.sin() * scm_velocity(x, tau)
+        if i + 1 < len(taus):
+            fresh = torch.randn(noise.shape, generator=generator, dtype=torch.float64)
+            x = taus[i + 1].cos() * x_hat + taus[i + 1].sin() * fresh
+    model = Float64Net(lambda x_t, t: scm_velocity(x_t, t * math.pi / 2))
+    times = torch.cat([taus * 2 / math.pi, torch.zeros(1, dtype=torch.float64)])
+    got = UCGM("TrigFlow").sample(model, noise, times=times, rho=1.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, x_hat, rtol=1e-12, atol=1e-12)
+
+
+def scm_loss(model, x, z, t, y):
+    """sCM's continuous-time consistency-training loss (Lu & Song 2024, σ_d = 1, without its adaptive weight and
+    tangent warm-up) per sample: mean((F_θ − F_θ⁻ − g)²) with the tangent g = −cos²τ·(F_θ⁻ − dx_τ/dτ) −
+    sin τ·cos τ·(x_τ + dF_θ⁻/dτ), dF_θ⁻/dτ by torch.func.jvp; the network takes UCGM's t = 2τ/π."""
+    tau = t[:, None] * math.pi / 2
+    x_tau, dx_dtau = tau.cos() * x + tau.sin() * z, tau.cos() * z - tau.sin() * x
+    F = lambda x_in, tau_in: model(x_in, tau_in[:, 0] * 2 / math.pi, y)  # noqa: E731
+    with torch.no_grad():
+        F_minus, dF_dtau = torch.func.jvp(F, (x_tau, tau), (dx_dtau, torch.ones_like(tau)))
+    g = -tau.cos() ** 2 * (F_minus - dx_dtau) - tau.sin() * tau.cos() * (x_tau + dF_dtau)
+    return ((F(x_tau, tau) - F_minus - g) ** 2).mean(1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+def test_lam1_trigflow_gradient_is_scms_continuous_time_gradient():
+    """Table 1, consistency models: UCGM-T at λ = 1 with TrigFlow and the cos(πt/2) weight (Alg. 1 l.12-16) against
+    sCM's loss (`scm_loss`). Its tangent g = cos τ·df/dτ, and UCGM's target F_θ⁻ + 4Δf = F_θ⁻ + 2π·df/dτ + O(ε²):
+    with a squared distance the gradient is 2π times sCM's; with UCGM's RMS, one sample's gradient has sCM's
+    direction, the RMS dividing by the tangent's size as sCM's normalisation does."""
+    model = ToyNet().double()
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch(n=6))
+    trainer = UCGM("TrigFlow", lam=1.0, label_drop=0.0, eps=1e-4)
+    params = list(model.parameters())
+    flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])  # noqa: E731
+    tau = t[:, None] * math.pi / 2
+    x_t = tau.sin() * z + tau.cos() * x  # Alg. 1 l.3 for TrigFlow
+    F_t = trainer.predict(model, x_t, t, y)
+    with torch.no_grad():
+        assert trainer.delta_f(model, x, z, t, y, F_t).abs().max() < 1  # the clip of Alg. 1 l.15 is inactive
+        target = trainer.target(model, x, z, t, y, F_t)
+    squared = (((F_t - target) ** 2).mean(1) * torch.cos(t * math.pi / 2)).sum()
+    torch.testing.assert_close(flat(squared), 2 * math.pi * flat(scm_loss(model, x, z, t, y).sum()), rtol=1e-6,
+                               atol=1e-9)
+    ucgm_grad = flat(trainer.loss(model, x[:1], y[:1], t=t[:1], noise=z[:1]))
+    scm_grad = flat(scm_loss(model, x[:1], z[:1], t[:1], y[:1]).sum())
+    assert F.cosine_similarity(ucgm_grad, scm_grad, dim=0) >= 1 - 1e-6 and scm_grad.norm() > 1e-3
+
+
+@pytest.mark.parametrize("transport", ["Linear", "EDM"])
+def test_lam0_loss_is_flow_matching_and_edm_denoising_loss(transport):
+    """Table 1, λ = 0 (Alg. 1 l.15-16, unweighted): the squared per-sample distance times the dimension is flow
+    matching's ‖v_θ(x_t, t) − (z − x)‖² (Linear) and EDM's λ(σ)·‖D_θ(x + σn; σ) − x‖² with λ(σ) = (σ² + σ_d²)/(σ·σ_d)²
+    and D_θ = c_skip·x + c_out·F_θ (Karras et al. 2022, Table 1; EDM transport): equal values and gradients."""
+    model = ToyNet(dim=3).double()
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch(n=3, dim=3))
+    trainer, params = UCGM(transport, label_drop=0.0, weighting=None), list(model.parameters())
+    for i in range(3):
+        ours = trainer.loss(model, x[i:i + 1], y[i:i + 1], t=t[i:i + 1], noise=z[i:i + 1]) ** 2 * 3
+        ti, xi, zi, yi = t[i:i + 1], x[i:i + 1], z[i:i + 1], y[i:i + 1]
+        if transport == "Linear":  # rectified flow: x_t = t·z + (1 − t)·x, target z − x
+            theirs = ((model(ti * zi + (1 - ti) * xi, ti, yi) - (zi - xi)) ** 2).sum()
+        else:
+            sigma = torch.exp(4 * (2.68 * ti - 1.59))
+            norm = (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+            x_noisy = xi + sigma * zi
+            D = SIGMA_DATA ** 2 / norm ** 2 * x_noisy + sigma * SIGMA_DATA / norm * model(x_noisy / norm, ti, yi)
+            theirs = (norm ** 2 / (sigma * SIGMA_DATA) ** 2 * ((D - xi) ** 2).sum(1)).sum()
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0)
+        for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+#################################################################################
 #                                   Network                                     #
 #################################################################################
 
