@@ -317,14 +317,14 @@ class UCGM(nn.Module):
 
     def loss(self, model, x, y, t=None, noise=None):
         """UCGM-T loss of one batch (Alg. 1 l.2-16): a scalar with gradient through F_t only; t, given or drawn, runs
-        from data (0) to noise (1) for every transport (README rule "training clock")."""
+        from data (0) to noise (1) for every transport (README rule "training clock"), within [ε, 1 − ε] for λ > 0."""
         require(noise is None or noise.shape == x.shape,
                 f"noise: expected the shape of x {tuple(x.shape)}, got {tuple(getattr(noise, 'shape', ()))}")
         require(t is None or t.shape == (x.shape[0],),
                 f"t: expected shape ({x.shape[0]},), got {tuple(getattr(t, 'shape', ()))}")
         z = torch.randn_like(x) if noise is None else noise  # Alg. 1 l.2: z ~ N(0, I)
         t = self.sample_time(x.shape[0], x.device) if t is None else t  # Alg. 1 l.2: t ~ Beta(θ1, θ2)
-        t = t.clamp(self.eps, 1 - self.eps) if self.lam > 0 else t  # t ± ε in [0, 1], no 0/0 at t = 0 (README)
+        t = t.clamp(self.eps, 1 - self.eps) if self.lam > 0 else t  # t ± ε in [0, 1] (README "Paper and this code")
         y, dropped = self.drop_labels(y, unwrap(model).num_classes)  # README rule "label dropping"
         tb = view_as_batch(t, x)
         x_t = self.transport.alpha(tb) * z + self.transport.gamma(tb) * x  # Alg. 1 l.3, Eq. (1)
@@ -400,10 +400,10 @@ def check_sampler(noise, transport, times, rho, order, cfg_scale, cfg_interval, 
 def ucgm_sampler(model, noise, transport="Linear", steps=40, rho=0.0, kappa=0.0, order=1, warp=(1.0, 1.0, 1.0),
                  gaps=(0.001, 0.001), cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=None, return_all=False,
                  generator=None, stats=None, times=None, **model_kwargs):
-    """UCGM-S (Alg. 2): noise -> x̂ for any network F = model(x, t, **model_kwargs) on the schedule T of `time_grid`,
-    or on explicit `times` (1-D, noise end first, data end last; steps, warp and gaps then unused); inputs and x̂ are
-    float64 for a network with float64 weights, else float32 (or the caller's bf16 autocast); with return_all also
-    every raw x̂ (n, *noise.shape); a dict `stats` receives the network evaluations per sample as "nfe"."""
+    """UCGM-S (Alg. 2): noise -> the last raw x̂ (README "Paper and this code") for any network F = model(x, t,
+    **model_kwargs) on the schedule T of `time_grid` or on explicit `times` (1-D, noise end first, data end last;
+    steps, warp, gaps unused); inputs and x̂ are float64 for a network with float64 weights, else float32 (or the
+    caller's bf16 autocast); with return_all also every raw x̂ (n, *noise.shape); `stats` gets "nfe" per sample."""
     tr, stats = get_transport(transport), {} if stats is None else stats
     times = time_grid(transport, steps, order, warp, gaps) if times is None else \
         torch.as_tensor(times, dtype=torch.float64).cpu()  # on the CPU: reading a time never syncs a GPU
@@ -434,8 +434,7 @@ def ucgm_sampler(model, noise, transport="Linear", steps=40, rho=0.0, kappa=0.0,
             ratio = tr.gamma(t_next) / tr.gamma(t_cur)
             x_next = x_cur * ratio + (tr.alpha(t_next) - tr.alpha(t_cur) * ratio) * (z_hat + z_next) / 2  # l.11
         x_cur = x_next  # Alg. 2 l.13
-    x_out = x_raw.to(dtype)  # the raw x̂ of the last evaluation, as released (README "Paper and this code")
-    return (x_out, torch.stack(trajectory)) if return_all else x_out
+    return (x_raw.to(dtype), torch.stack(trajectory)) if return_all else x_raw.to(dtype)  # as released
 
 
 # the released presets of UCGM-S for multi-step and few-step models (App. C.1.3, Table 5)
