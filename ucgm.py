@@ -200,11 +200,9 @@ class UCGM(nn.Module):
         self.teacher_momentum = 0.0  # the warm-up momentum m of README rule "teacher"
         self.nfe = 0  # network evaluations per sample in the last sample() call
 
-    def get_extra_state(self):
-        return {"teacher_momentum": self.teacher_momentum}
+    def get_extra_state(self): return {"teacher_momentum": self.teacher_momentum}  # saved in the state dict
 
-    def set_extra_state(self, state):
-        self.teacher_momentum = state["teacher_momentum"]
+    def set_extra_state(self, state): self.teacher_momentum = state["teacher_momentum"]
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Load the trainer state; a saved teacher needs make_teacher(model) first, to know its architecture."""
@@ -286,10 +284,11 @@ class UCGM(nn.Module):
         """Δf^x_t: the difference of Eq. (6) (Alg. 1 l.9-10) for lam < 1, the central difference of Alg. 1 l.12-13
         for lam = 1; before clipping."""
         tr, tb = self.transport, view_as_batch(t, x_star)
-        if self.lam == 1.0:  # g(t + eps) and g(t - eps) in one doubled no-grad batch
+        if self.lam == 1.0:  # g(t + eps) and g(t - eps) in one doubled no-grad batch, t + eps at most 1 (README)
+            t_plus, t_minus = (t + self.eps).clamp(max=1), t - self.eps  # t >= eps (`loss`): both in [0, 1]
             g_plus, g_minus = self.denoised(net, torch.cat([x_star] * 2), torch.cat([z_star] * 2),
-                                            torch.cat([t + self.eps, t - self.eps]), torch.cat([y] * 2)).chunk(2)
-            step = 1 / (2 * self.eps)
+                                            torch.cat([t_plus, t_minus]), torch.cat([y] * 2)).chunk(2)
+            step = view_as_batch(1 / (t_plus - t_minus), x_star)  # 1/(2ε), or 1/ε one-sided at t = 1
             return g_plus * step - g_minus * step  # Alg. 1 l.13: each term scaled first, safe in bf16
         h = view_as_batch(t - self.lam * t, x_star)  # Eq. (6): t − λt
         x_star_t = tr.alpha(tb) * z_star + tr.gamma(tb) * x_star
@@ -317,14 +316,14 @@ class UCGM(nn.Module):
 
     def loss(self, model, x, y, t=None, noise=None):
         """UCGM-T loss of one batch (Alg. 1 l.2-16): a scalar with gradient through F_t only; t, given or drawn, runs
-        from data (0) to noise (1) for every transport (README rule "training clock"), within [ε, 1 − ε] for λ > 0."""
+        from data (0) to noise (1) for every transport (README rule "training clock"), t >= ε for λ > 0."""
         require(noise is None or noise.shape == x.shape,
                 f"noise: expected the shape of x {tuple(x.shape)}, got {tuple(getattr(noise, 'shape', ()))}")
         require(t is None or t.shape == (x.shape[0],),
                 f"t: expected shape ({x.shape[0]},), got {tuple(getattr(t, 'shape', ()))}")
         z = torch.randn_like(x) if noise is None else noise  # Alg. 1 l.2: z ~ N(0, I)
         t = self.sample_time(x.shape[0], x.device) if t is None else t  # Alg. 1 l.2: t ~ Beta(θ1, θ2)
-        t = t.clamp(self.eps, 1 - self.eps) if self.lam > 0 else t  # t ± ε in [0, 1] (README "Paper and this code")
+        t = t.clamp(min=self.eps) if self.lam > 0 else t  # no 0/0 at t = 0, t − ε >= 0 (README "Paper and this code")
         y, dropped = self.drop_labels(y, unwrap(model).num_classes)  # README rule "label dropping"
         tb = view_as_batch(t, x)
         x_t = self.transport.alpha(tb) * z + self.transport.gamma(tb) * x  # Alg. 1 l.3, Eq. (1)
