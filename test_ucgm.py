@@ -809,6 +809,7 @@ TABLE1_MU, TABLE1_S, SIGMA_DATA = torch.tensor([0.5, -1.0, 2.0], dtype=torch.flo
 
 
 def posterior_mean(x_t, a, g):
+    """E[x | x_t] for x_t = a·z + g·x (a Gaussian's conditional mean)."""
     return TABLE1_MU + g * TABLE1_S ** 2 / (g ** 2 * TABLE1_S ** 2 + a ** 2) * (x_t - g * TABLE1_MU)
 
 
@@ -824,12 +825,18 @@ class Float64Net(nn.Module):
         return self.function(x_t, t[:, None]) * self.unit
 
 
+def edm_preconditioning(sigma):
+    """EDM's (c_skip, c_out, c_in) at noise level σ (Karras et al. 2022, Table 1)."""
+    norm = (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+    return SIGMA_DATA ** 2 / norm ** 2, sigma * SIGMA_DATA / norm, 1 / norm
+
+
 def edm_raw_network(x_in, noise_label):
-    """EDM's F_θ(c_in·x, c_noise) for the exact denoiser D = c_skip·x + c_out·F_θ (Karras et al. 2022, Table 1;
-    c_noise = ln(σ)/4 as EDM2, which UCGM's EDM transport feeds as 2.68t − 1.59)."""
+    """EDM's F_θ(c_in·x, c_noise) for the exact denoiser D = c_skip·x + c_out·F_θ (c_noise = ln(σ)/4 as EDM2,
+    which UCGM's EDM transport feeds as 2.68t − 1.59)."""
     sigma = torch.exp(4 * noise_label)
-    c_skip, c_out = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2), sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
-    x = x_in * (sigma ** 2 + SIGMA_DATA ** 2).sqrt()  # x_in = c_in·x
+    c_skip, c_out, c_in = edm_preconditioning(sigma)
+    x = x_in / c_in
     return (posterior_mean(x, sigma, 1.0) - c_skip * x) / c_out
 
 
@@ -846,8 +853,8 @@ def test_edm_heun_sampler_is_ucgm_s_with_edm_transport_order_2_rho_0():
 
     def D(x, sigma):  # EDM's preconditioned denoiser
         calls.append(1)
-        c_skip, c_out = SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2), sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
-        return c_skip * x + c_out * edm_raw_network(x / (sigma ** 2 + SIGMA_DATA ** 2).sqrt(), sigma.log() / 4)
+        c_skip, c_out, c_in = edm_preconditioning(sigma)
+        return c_skip * x + c_out * edm_raw_network(c_in * x, sigma.log() / 4)
 
     n_draw = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = sigmas[0] * n_draw
@@ -863,7 +870,7 @@ def test_edm_heun_sampler_is_ucgm_s_with_edm_transport_order_2_rho_0():
     to_time = lambda sigma: (sigma.log() / 4 + 1.59) / 2.68  # noqa: E731  σ(t) = exp(4(2.68t − 1.59)) inverted
     torch.testing.assert_close(times, torch.cat([to_time(sigmas[:n]), torch.zeros(1, dtype=torch.float64)]))
     model = Float64Net(lambda x_t, t: edm_raw_network(x_t, 2.68 * t - 1.59))
-    start = sigmas[0] / (sigmas[0] ** 2 + SIGMA_DATA ** 2).sqrt() * n_draw  # c_in·σ_0·n
+    start = edm_preconditioning(sigmas[0])[2] * sigmas[0] * n_draw  # c_in·σ_0·n
     sampler = UCGM("EDM")
     got = sampler.sample(model, start, times=times, order=2, rho=0.0, kappa=0.0)
     assert len(calls) == sampler.nfe == 35 and got.dtype == torch.float64
@@ -969,10 +976,10 @@ def test_lam0_loss_is_flow_matching_and_edm_denoising_loss(transport):
             theirs = ((model(ti * zi + (1 - ti) * xi, ti, yi) - (zi - xi)) ** 2).sum()
         else:
             sigma = torch.exp(4 * (2.68 * ti - 1.59))
-            norm = (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
-            x_noisy = xi + sigma * zi
-            D = SIGMA_DATA ** 2 / norm ** 2 * x_noisy + sigma * SIGMA_DATA / norm * model(x_noisy / norm, ti, yi)
-            theirs = (norm ** 2 / (sigma * SIGMA_DATA) ** 2 * ((D - xi) ** 2).sum(1)).sum()
+            (c_skip, c_out, c_in), x_noisy = edm_preconditioning(sigma), xi + sigma * zi
+            D = c_skip * x_noisy + c_out * model(c_in * x_noisy, ti, yi)
+            weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2  # λ(σ), Karras et al. 2022, Table 1
+            theirs = (weight * ((D - xi) ** 2).sum(1)).sum()
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0)
         for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
