@@ -413,7 +413,7 @@ def test_enhanced_targets_follow_the_three_row_rules(lam, style):
     F_t = model(x_t, t, y_dropped)
     got_x, got_z = trainer.enhance(model, x, z, x_t, t, y_dropped, dropped, F_t)
     with torch.no_grad():
-        F_c, F_u = model(x_t, t, y_dropped), model(x_t, t, torch.full_like(y, 3))  # θ⁻ = the online model (d = 0)
+        F_c, F_u = model(x_t, t, y_dropped), model(x_t, t, torch.full_like(y, 3))  # θ_T = the online model (d = 0)
     for i in range(10):
         ti = float(t[i])
         read = lambda F: (x_t[i] - ti * F[i], x_t[i] + (1 - ti) * F[i])  # noqa: E731  Linear x̂ = x_t − tF, ẑ = x_t + (1 − t)F
@@ -426,7 +426,7 @@ def test_enhanced_targets_follow_the_three_row_rules(lam, style):
 
 
 def test_fc_vs_fe_runs_the_teacher_once_on_a_doubled_batch():
-    """README rule "enhanced styles": fc-vs-fe evaluates θ⁻ on (y, ∅) in one no-grad call of twice the batch, and
+    """README rule "enhanced styles": fc-vs-fe evaluates θ_T on (y, ∅) in one no-grad call of twice the batch, and
     a frozen teacher with λ = 0 is accepted for fc-vs-xz and fc-vs-fe but not ft-vs-fe."""
     x, y, t, z = batch()
     calls = []
@@ -496,7 +496,7 @@ def test_label_dropout_takes_the_last_round_pn_rows(p, n, k):
 
 
 def test_teacher_ema_warmup_follows_t4():
-    """README rule "teacher": the EMA of θ⁻ (Alg. 1 l.6) with its warm-up momentum."""
+    """README rule "teacher": the EMA teacher θ_T (Alg. 1 l.6) with its warm-up momentum."""
     decay = 0.9
     trainer = UCGM(zeta=0.3, teacher_decay=decay)
     model = ToyNet()
@@ -518,7 +518,7 @@ def test_teacher_ema_warmup_follows_t4():
 
 
 def test_teacher_modes():
-    """README rule "teacher": θ⁻ online (d = 0), EMA (0 < d < 1) or frozen (d = 1)."""
+    """README rule "teacher": θ_T online (d = 0), EMA (0 < d < 1) or frozen (d = 1)."""
     x, y, t, z = batch()
     online = UCGM(zeta=0.3, teacher_decay=0.0)  # d = 0: the online model, no copy
     online.loss(ToyNet(), x, y, t=t, noise=z)
@@ -537,7 +537,7 @@ def test_teacher_modes():
 
 
 def test_trainer_state_dict_roundtrip(tmp_path):
-    """The teacher θ⁻ and its momentum survive a state-dict round trip."""
+    """The teacher θ_T and its momentum survive a state-dict round trip."""
     x, y, t, z = batch()
     trainer, model = UCGM(zeta=0.4, teacher_decay=0.99), ToyNet()
     for _ in range(3):
