@@ -32,8 +32,8 @@ DEFAULTS = dict(order=1, cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=No
 
 def resolve(args, settings):
     """{setting: (value, source)}: an explicit flag, else the checkpoint's (its released `sample` section), else the
-    UCGM-S preset for the checkpoint's lam (few-step if lam > 0.5), else DEFAULTS."""
-    preset = ucgm.SAMPLER_PRESETS["fewstep" if settings.get("lam", 0.0) > 0.5 else "multistep"]
+    UCGM-S preset for the checkpoint's lam (`ucgm.sampler_preset`: ρ = λ, few-step if lam > 0.5), else DEFAULTS."""
+    preset = ucgm.sampler_preset(settings.get("lam", 0.0))
     layers = [("flag", vars(args)), ("checkpoint", {**settings, **settings.get("sampler", {})}),
               ("preset", preset), ("default", DEFAULTS)]
     resolved = {}
@@ -63,6 +63,23 @@ def latent_stats(args, settings, channels, vae):
         else ucgm.load_stats(None, channels)
 
 
+def edm_times(args, transport, steps, order, rho=7.0):
+    """--schedule edm: EDM's noise levels (Karras et al. 2022, Eq. (5), ρ = 7), n of them from --sigma-max down to
+    --sigma-min evenly in σ^(1/ρ), n = steps halved for order 2 (UCGM-S's count, Alg. 2 l.1), as EDM transport times
+    (float64), then the data end t = 0; with --order 2 --steps 35 EDM's own 18 levels and 35 evaluations."""
+    if transport != "EDM":
+        raise ValueError(f"--schedule edm: EDM's noise levels need the EDM transport, the model's is {transport}")
+    edm = ucgm.TRANSPORTS["EDM"]
+    sigma_at_data_end = float(edm.alpha(torch.tensor(0.0)) / edm.gamma(torch.tensor(0.0)))  # σ = α/γ at t = 0
+    if not sigma_at_data_end < args.sigma_min < args.sigma_max:
+        raise ValueError(f"--sigma-min {args.sigma_min} --sigma-max {args.sigma_max}: expected "
+                         f"{sigma_at_data_end:.5f} (σ at the EDM transport's data end) < sigma-min < sigma-max")
+    n = (steps + 1) // 2 if order == 2 else steps
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    top, bottom = args.sigma_max ** (1 / rho), args.sigma_min ** (1 / rho)
+    return torch.cat([edm.time((top + ramp * (bottom - top)) ** rho), torch.zeros(1, dtype=torch.float64)])
+
+
 def shard_path(out, k):
     return os.path.join(out, "shards", f"{k:06d}.safetensors")
 
@@ -75,6 +92,7 @@ def main(args):
     resolved = resolve(args, settings)
     sampler = {key: value for key, (value, _) in resolved.items()}
     transport, vae, multiplier, seed = (sampler.pop(key) for key in ("transport", "vae", "latent_multiplier", "seed"))
+    times = edm_times(args, transport, sampler["steps"], sampler["order"]) if args.schedule == "edm" else None
     if args.vae is None:  # an explicit --vae wins over the checkpoint's, even one we lack
         ucgm.check_released_autoencoder(settings, f"--ckpt {args.ckpt}")
     vae_path = args.vae_path or (settings.get("vae_path") if vae == settings.get("vae") else None)
@@ -90,7 +108,8 @@ def main(args):
 
     config = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, model=name, transport=transport, vae=vae,
                   multiplier=multiplier, num_samples=args.num_samples, batch_size=args.batch_size, seed=seed,
-                  class_id=args.class_id, dit_rounding=args.dit_rounding,
+                  class_id=args.class_id, dit_rounding=args.dit_rounding, schedule=args.schedule,
+                  sigma_range=[args.sigma_min, args.sigma_max] if times is not None else None,
                   sampler={k: list(v) if isinstance(v, tuple) else v for k, v in sampler.items()})
     ucgm.claim_folder(args.out, "sample.json", config, write=rank == 0)
     if rank == 0:
@@ -98,6 +117,8 @@ def main(args):
         print(f"{args.ckpt}: {name}, transport {transport}")
         for key, (value, source) in resolved.items():
             print(f"  {key} = {value} ({source})")
+        if times is not None:  # EDM's levels replace the warp and gaps
+            print(f"  schedule = edm: {len(times) - 1} noise levels from {args.sigma_max} to {args.sigma_min}")
     if dist.is_initialized():
         dist.barrier()
 
@@ -117,7 +138,7 @@ def main(args):
         generator = torch.Generator(device).manual_seed(seed * 2**32 + args.num_samples + k)  # for rho > 0
         with torch.no_grad():
             with autocast:
-                latents = trainer.sample(model, noise, generator=generator, **sampler,
+                latents = trainer.sample(model, noise, generator=generator, times=times, **sampler,
                                          **({"y": labels} if num_classes else {}))
             images = torch.cat([autoencoder.decode(z) for z in  # outside autocast: the released decode is float32
                                 ucgm.denormalise(latents, mean, std, multiplier).split(args.decode_batch)])
@@ -186,6 +207,13 @@ def parse_args(argv=None):
     g.add_argument("--warp", type=ucgm.number("(0, inf)"), nargs=3, help="time warp a b c (1.17 0.8 1.1 / 1 1 1)")
     g.add_argument("--gaps", type=ucgm.number("[0, 1)"), nargs=2,
                    help="time-grid gaps g0 g1 (0.001 0.001 / 0.001 0.3)")
+    g.add_argument("--schedule", choices=["warp", "edm"], default="warp",
+                   help="time grid: UCGM-S's, warped (--warp, --gaps), or EDM's noise levels (Karras et al. 2022, "
+                        "rho 7; EDM transport only) between --sigma-min and --sigma-max (warp)")
+    g.add_argument("--sigma-min", type=ucgm.number("(0, inf)"), default=0.002,
+                   help="--schedule edm: the lowest noise level (0.002)")
+    g.add_argument("--sigma-max", type=ucgm.number("(0, inf)"), default=80.0,
+                   help="--schedule edm: the highest noise level (80)")
     g.add_argument("--cfg-scale", type=ucgm.number(), help="classifier-free guidance scale (1: none)")
     g.add_argument("--cfg-interval", type=ucgm.number("[0, 1]"), nargs=2, help="guide only for t in [lo, hi] (0 1)")
     g.add_argument("--cfg-channels", type=ucgm.number("[1, inf)", int),

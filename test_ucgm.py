@@ -214,7 +214,8 @@ def batch(n=8, dim=4, seed=0):
 
 
 def test_lam0_equals_rms_flow_matching():
-    """Alg. 1 l.16 at λ = 0 with the Linear transport: an RMS flow-matching loss, last rows nulled."""
+    """Alg. 1 l.16 at λ = 0 with the Linear transport: an RMS flow-matching loss weighted by cos(πt/2) (the default),
+    last rows nulled."""
     model = tiny_dit()
     g = torch.Generator().manual_seed(0)
     x, z, t = torch.randn(6, 2, 8, 8, generator=g), torch.randn(6, 2, 8, 8, generator=g), torch.rand(6, generator=g)
@@ -223,7 +224,7 @@ def test_lam0_equals_rms_flow_matching():
     # independently: rectified flow, x_t = t z + (1 - t) x, velocity target z - x, the last 3 labels nulled
     tt = t[:, None, None, None]
     pred = model(tt * z + (1 - tt) * x, t, torch.tensor([0, 1, 2, 3, 3, 3]))
-    want = ((pred - (z - x)) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()
+    want = (((pred - (z - x)) ** 2).mean(dim=(1, 2, 3)).sqrt() * torch.cos(math.pi * t / 2)).mean()
     torch.testing.assert_close(got, want)
 
 
@@ -269,7 +270,7 @@ def test_consistency_loss_matches_hand_computation(lam):
     x, y, t, z = batch()
     got = UCGM(lam=lam, label_drop=0.0).loss(model, x, y, t=t, noise=z)
     F_t, _, target = lam_target_by_hand(model, x, z, t, y, lam)
-    want = ((F_t - target.detach()) ** 2).mean(1).sqrt().mean()
+    want = (((F_t - target.detach()) ** 2).mean(1).sqrt() * torch.cos(math.pi * t / 2)).mean()  # Alg. 1 l.16
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -310,7 +311,8 @@ def test_lam1_loss_in_float64_matches_jvp_to_1e8():
     loss = trainer.loss(model, x, y, t=t, noise=z)
     F_t = model(t[:, None] * z + (1 - t[:, None]) * x, t, y)
     target = F_t + t[:, None] * 4 / torch.sin(t * math.pi / 2)[:, None] * derivative.clamp(-1, 1)  # D = -1
-    assert loss.dtype == torch.float64 and abs(loss - ((F_t - target) ** 2).mean(1).sqrt().mean()) < 1e-8
+    want = (((F_t - target) ** 2).mean(1).sqrt() * torch.cos(math.pi * t / 2)).mean()  # Alg. 1 l.16
+    assert loss.dtype == torch.float64 and abs(loss - want) < 1e-8
     assert derivative.abs().max() > 0.05 and tr.D(torch.tensor(0.3)) == -1
 
 
@@ -324,7 +326,7 @@ def test_bf16_autocast_on_cpu_gives_a_float32_loss_close_to_float32(lam, zeta, d
     t, z = torch.linspace(0.1, 0.9, 8), torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(2))
     results = {}
     for precision in ("fp32", "bf16"):
-        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25)
+        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25, weighting=None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             results[precision] = trainer.loss(model, x, y, t=t, noise=z)
     assert results["bf16"].dtype == torch.float32 and torch.isfinite(results["bf16"])
@@ -393,7 +395,7 @@ def test_gradients_reach_only_the_F_t_branch():
             F_in = F_t if not detach else F_t.detach()
             x_star, z_star = trainer.enhance(model, x, z, x_t, t, y_dropped, dropped, F_in)
             target = trainer.target(model, x_star, z_star, t, y_dropped, F_in)
-        ((F_t - target) ** 2).mean(1).sqrt().mean().backward()
+        (((F_t - target) ** 2).mean(1).sqrt() * torch.cos(math.pi * t / 2)).mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(got, grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -419,7 +421,7 @@ def test_enhanced_targets_follow_the_three_row_rules(lam, style):
     F_t = model(x_t, t, y_dropped)
     got_x, got_z = trainer.enhance(model, x, z, x_t, t, y_dropped, dropped, F_t)
     with torch.no_grad():
-        F_c, F_u = model(x_t, t, y_dropped), model(x_t, t, torch.full_like(y, 3))  # θ⁻ = the online model (d = 0)
+        F_c, F_u = model(x_t, t, y_dropped), model(x_t, t, torch.full_like(y, 3))  # θ_T = the online model (d = 0)
     for i in range(10):
         ti = float(t[i])
         read = lambda F: (x_t[i] - ti * F[i], x_t[i] + (1 - ti) * F[i])  # noqa: E731  Linear x̂ = x_t − tF, ẑ = x_t + (1 − t)F
@@ -432,7 +434,7 @@ def test_enhanced_targets_follow_the_three_row_rules(lam, style):
 
 
 def test_fc_vs_fe_runs_the_teacher_once_on_a_doubled_batch():
-    """README rule "enhanced styles": fc-vs-fe evaluates θ⁻ on (y, ∅) in one no-grad call of twice the batch, and
+    """README rule "enhanced styles": fc-vs-fe evaluates θ_T on (y, ∅) in one no-grad call of twice the batch, and
     a frozen teacher with λ = 0 is accepted for fc-vs-xz and fc-vs-fe but not ft-vs-fe."""
     x, y, t, z = batch()
     calls = []
@@ -502,7 +504,7 @@ def test_label_dropout_takes_the_last_round_pn_rows(p, n, k):
 
 
 def test_teacher_ema_warmup_follows_t4():
-    """README rule "teacher": the EMA of θ⁻ (Alg. 1 l.6) with its warm-up momentum."""
+    """README rule "teacher": the EMA teacher θ_T (Alg. 1 l.6) with its warm-up momentum."""
     decay = 0.9
     trainer = UCGM(zeta=0.3, teacher_decay=decay)
     model = ToyNet()
@@ -524,7 +526,7 @@ def test_teacher_ema_warmup_follows_t4():
 
 
 def test_teacher_modes():
-    """README rule "teacher": θ⁻ online (d = 0), EMA (0 < d < 1) or frozen (d = 1)."""
+    """README rule "teacher": θ_T online (d = 0), EMA (0 < d < 1) or frozen (d = 1)."""
     x, y, t, z = batch()
     online = UCGM(zeta=0.3, teacher_decay=0.0)  # d = 0: the online model, no copy
     online.loss(ToyNet(), x, y, t=t, noise=z)
@@ -543,7 +545,7 @@ def test_teacher_modes():
 
 
 def test_trainer_state_dict_roundtrip(tmp_path):
-    """The teacher θ⁻ and its momentum survive a state-dict round trip."""
+    """The teacher θ_T and its momentum survive a state-dict round trip."""
     x, y, t, z = batch()
     trainer, model = UCGM(zeta=0.4, teacher_decay=0.99), ToyNet()
     for _ in range(3):
@@ -596,25 +598,46 @@ def test_bad_loss_inputs_are_refused():
         UCGM().loss(ToyNet(), x, y, t=t[:3], noise=z)
 
 
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+@pytest.mark.parametrize("transport", ["Linear", "TrigFlow", "EDM"])
+def test_lam_above_0_is_finite_at_both_ends_of_time(lam, transport):
+    """Alg. 1 l.9-15 at λ > 0: t = 0 would give 0/0 (α(0)/sin(0), and h = t − λt = 0) and t ± ε would leave [0, 1]:
+    t is raised to ε, so the loss at t = 0 is finite and equals the loss at ε, and at t = 1 the difference of
+    Alg. 1 l.13 is one-sided, (g(1) − g(1 − ε))/ε; the network sees only times in [0, 1]."""
+    x, y, _, z = (v.double() if v.is_floating_point() else v for v in batch(n=4))
+    times = []
+    model = ToyNet().double()
+    model.register_forward_pre_hook(lambda module, args: times.append(args[1].detach().clone()))
+    trainer = UCGM(transport, lam=lam, label_drop=0.0)
+    ends = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    got = trainer.loss(model, x, y, t=ends, noise=z)
+    assert torch.isfinite(got) and got == trainer.loss(model, x, y, t=ends.clamp(min=trainer.eps), noise=z) > 0
+    assert all(float(seen.min()) >= 0 and float(seen.max()) <= 1 for seen in times)
+    if lam == 1.0:
+        one = torch.ones(4, dtype=torch.float64)
+        g = [trainer.denoised(model, x, z, one - shift, y) for shift in (0, trainer.eps)]
+        torch.testing.assert_close(trainer.delta_f(model, x, z, one, y, None), (g[0] - g[1]) / trainer.eps)
+
+
 #################################################################################
 #                             UCGM-S: the sampler                               #
 #################################################################################
 
 def test_time_grids_are_exact():
     """Alg. 2 l.1 and the schedule T (App. C.1.3 warp, README rule "gaps") against hand-computed grids."""
-    linear = UCGM("Linear")
     step = 0.998 / 3  # u = linspace(0.001, 0.999, 4), t = 1 - u, then the data end
     want = [0.999, 0.999 - step, 0.999 - 2 * step, 0.001, 0.0]
-    torch.testing.assert_close(linear.time_grid(4), torch.tensor(want, dtype=torch.float64))
-    torch.testing.assert_close(linear.time_grid(4, gaps=(0.0, 0.0)),  # n + 1 points, the last dropped
+    torch.testing.assert_close(ucgm.time_grid("Linear", 4), torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(ucgm.time_grid("Linear", 4, gaps=(0.0, 0.0)),  # n + 1 points, the last dropped
                                torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(linear.time_grid(5, order=2, gaps=(0.1, 0.3)),  # (5 + 1) // 2 = 3 points
+    torch.testing.assert_close(ucgm.time_grid("Linear", 5, order=2, gaps=(0.1, 0.3)),  # (5 + 1) // 2 = 3 points
                                torch.tensor([0.9, 0.6, 0.3, 0.0], dtype=torch.float64))
     u = np.linspace(0.001, 0.999, 6)
     warped = (1 - (1 - u ** 1.17) ** 0.8) ** 1.1
-    np.testing.assert_allclose(linear.time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(1 - warped, 0), rtol=1e-12)
-    np.testing.assert_allclose(UCGM("ReLinear").time_grid(6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(warped, 1))
-    np.testing.assert_allclose(linear.time_grid(1, gaps=(0.001, 0.3)).numpy(), [0.999, 0.0])
+    np.testing.assert_allclose(ucgm.time_grid("Linear", 6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(1 - warped, 0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(ucgm.time_grid("ReLinear", 6, warp=(1.17, 0.8, 1.1)).numpy(), np.append(warped, 1))
+    np.testing.assert_allclose(ucgm.time_grid("Linear", 1, gaps=(0.001, 0.3)).numpy(), [0.999, 0.0])
 
 
 @pytest.mark.parametrize("transport", sorted(ucgm.TRANSPORTS))
@@ -637,7 +660,7 @@ def test_gaussian_data_is_sampled_with_its_mean_and_covariance(transport):
     rms = {}
     for steps in (64, 128, 256):
         out = sampler.sample(oracle, noise, steps=steps).double()
-        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
+        exact = exact_flow(transport, mu, sigma, noise, float(ucgm.time_grid(transport, steps)[0]))
         rms[steps] = ((out - exact) ** 2).sum(1).mean().sqrt().item()
     assert rms[64] < 0.06 and 1.8 < rms[64] / rms[128] < 2.2 and 1.8 < rms[128] / rms[256] < 2.2  # first order
     n, s = len(noise), sigma.diag()
@@ -653,7 +676,7 @@ def test_extrapolation_reduces_the_error_against_the_exact_ode(transport):
     oracle, sampler = GaussianOracle(transport, mu, sigma), UCGM(transport)
     noise = torch.randn(4000, 3, generator=torch.Generator().manual_seed(1))
     for steps in (8, 12, 16):
-        exact = exact_flow(transport, mu, sigma, noise, float(sampler.time_grid(steps)[0]))
+        exact = exact_flow(transport, mu, sigma, noise, float(ucgm.time_grid(transport, steps)[0]))
         err = {kappa: ((sampler.sample(oracle, noise, steps=steps, kappa=kappa).double() - exact) ** 2).mean().sqrt()
                for kappa in (0.0, 0.5)}
         assert err[0.5] < 0.8 * err[0.0], (steps, err)
@@ -721,7 +744,7 @@ def test_cfg_interval_and_nfe():
     model, sampler = CountingNet(dim=4), UCGM()
     noise, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
     sampler.sample(model, noise, steps=10, cfg_scale=3.0, cfg_interval=(0.0, 0.5), y=y)
-    inside = int(((sampler.time_grid(10)[:-1] >= 0) & (sampler.time_grid(10)[:-1] <= 0.5)).sum())
+    inside = int(((ucgm.time_grid("Linear", 10)[:-1] >= 0) & (ucgm.time_grid("Linear", 10)[:-1] <= 0.5)).sum())
     assert 0 < inside < 10 and sampler.nfe == 10 + inside and model.rows == 5 * sampler.nfe
     sampler.sample(model, noise, steps=10, y=y)
     assert sampler.nfe == 10
@@ -743,11 +766,231 @@ def test_cfg_guides_the_requested_channels(channels):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(order=3), "order"), (dict(steps=0), "steps"), (dict(gaps=(0.6, 0.5)), "gaps"), (dict(rho=2.0), "rho"),
-    (dict(gaps=(-0.1, 0.1)), "gaps"), (dict(cfg_scale=2.0), "cfg_scale"), (dict(warp=(1, 0, 1)), "warp")])
+    (dict(gaps=(-0.1, 0.1)), "gaps"), (dict(cfg_scale=2.0), "cfg_scale"), (dict(warp=(1, 0, 1)), "warp"),
+    (dict(times=[0.5, 0.9, 0.0]), "times"), (dict(times=[1.0]), "times"), (dict(times=[[1.0, 0.0]]), "times")])
 def test_bad_sampler_arguments_are_refused(kwargs, match):
     """One-line errors for arguments outside Alg. 2's ranges."""
     with pytest.raises(ValueError, match=match):
         UCGM().sample(ToyNet(), torch.randn(2, 4), **{"steps": 4, **kwargs})
+
+
+def test_explicit_times_replace_the_grid_and_count_the_evaluations():
+    """Alg. 2's schedule T given as `times`: the same samples as the grid it equals, in either direction of the
+    clock (ReLinear's noise end is t = 0), steps, warp and gaps unused; order 2 costs 2n − 1 evaluations."""
+    mu, sigma = gaussian_problem()
+    noise = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
+    for transport in ("Linear", "ReLinear"):
+        sampler, oracle = UCGM(transport), GaussianOracle(transport, mu, sigma)
+        grid = ucgm.time_grid(transport, 7, order=2, warp=(1.17, 0.8, 1.1))  # 4 times, then the data end
+        got = sampler.sample(oracle, noise, times=grid.tolist(), order=2, steps=1, warp=(1, 1, 1), gaps=(0.5, 0.4))
+        assert torch.equal(got, sampler.sample(oracle, noise, steps=7, order=2, warp=(1.17, 0.8, 1.1)))
+        assert sampler.nfe == 2 * 4 - 1
+
+
+def test_float64_networks_get_float64_inputs_and_give_float64_samples():
+    """Alg. 2 l.3: a network with float64 weights is called in float64 and x̂ comes back in float64; any other in
+    float32."""
+    seen = []
+    for model in (ToyNet(), ToyNet().double()):
+        model.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, args[1].dtype)))
+        out = UCGM().sample(model, torch.randn(2, 4), steps=2, y=torch.tensor([0, 1]))
+        assert out.dtype == seen[-1][0] == seen[-1][1]
+    assert [dtype for dtype, _ in seen] == [torch.float32] * 2 + [torch.float64] * 2
+
+
+def test_sampler_preset_sets_rho_to_lam():
+    """Sec. 3.2: ρ = λ; the other settings are the released multi-step preset up to λ = 0.5, the few-step one above."""
+    for lam in (0.0, 0.3, 0.5, 0.7, 1.0):
+        want = ucgm.SAMPLER_PRESETS["fewstep" if lam > 0.5 else "multistep"]
+        assert ucgm.sampler_preset(lam) == {**want, "rho": lam}
+    assert ucgm.sampler_preset(0.0) == ucgm.SAMPLER_PRESETS["multistep"]
+    assert ucgm.sampler_preset(1.0) == ucgm.SAMPLER_PRESETS["fewstep"]
+
+
+#################################################################################
+#    Table 1: diffusion, flow matching and consistency models as special cases  #
+#################################################################################
+
+# Data x ~ N(mu, s²·I) in float64, so that every network below is exact: for x_t = a·z + g·x the posterior mean is
+# E[x | x_t] = mu + g·s²/(g²·s² + a²)·(x_t − g·mu). Each test writes the other paper's algorithm out again.
+TABLE1_MU, TABLE1_S, SIGMA_DATA = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), 0.7, 0.5
+
+
+def posterior_mean(x_t, a, g):
+    """E[x | x_t] for x_t = a·z + g·x (a Gaussian's conditional mean)."""
+    return TABLE1_MU + g * TABLE1_S ** 2 / (g ** 2 * TABLE1_S ** 2 + a ** 2) * (x_t - g * TABLE1_MU)
+
+
+class Float64Net(nn.Module):
+    """F = function(x_t, t (N, 1)) as a network with a float64 weight, which UCGM-S must call in float64."""
+    def __init__(self, function):
+        super().__init__()
+        self.function, self.num_classes = function, 1
+        self.unit = nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False)
+
+    def forward(self, x_t, t, y=None):
+        assert x_t.dtype == t.dtype == torch.float64
+        return self.function(x_t, t[:, None]) * self.unit
+
+
+def edm_preconditioning(sigma):
+    """EDM's (c_skip, c_out, c_in) at noise level σ (Karras et al. 2022, Table 1)."""
+    norm = (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+    return SIGMA_DATA ** 2 / norm ** 2, sigma * SIGMA_DATA / norm, 1 / norm
+
+
+def edm_raw_network(x_in, noise_label):
+    """EDM's F_θ(c_in·x, c_noise) for the exact denoiser D = c_skip·x + c_out·F_θ (c_noise = ln(σ)/4 as EDM2,
+    which UCGM's EDM transport feeds as 2.68t − 1.59)."""
+    sigma = torch.exp(4 * noise_label)
+    c_skip, c_out, c_in = edm_preconditioning(sigma)
+    x = x_in / c_in
+    return (posterior_mean(x, sigma, 1.0) - c_skip * x) / c_out
+
+
+def test_edm_heun_sampler_is_ucgm_s_with_edm_transport_order_2_rho_0():
+    """Table 1, diffusion: UCGM-S (EDM transport, ν = 2, ρ = 0, κ = 0; Alg. 2 l.3-11) on sample.py's --schedule edm
+    grid is EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1, S_churn = 0; 18 levels, σ 80 -> 0.002,
+    ρ = 7) step for step in σ-space (x = x_t/γ(t), σ = α/γ): 35 evaluations, and UCGM's raw x̂ of the last one is
+    EDM's last Euler step to σ = 0. UCGM starts from x_t0 = γ(t_0)·σ_0·n where EDM starts from σ_0·n."""
+    n = 18
+    ramp = torch.arange(n, dtype=torch.float64) / (n - 1)
+    sigmas = (80 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7  # Karras et al. 2022, Eq. (5)
+    sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+    calls = []
+
+    def D(x, sigma):  # EDM's preconditioned denoiser
+        calls.append(1)
+        c_skip, c_out, c_in = edm_preconditioning(sigma)
+        return c_skip * x + c_out * edm_raw_network(c_in * x, sigma.log() / 4)
+
+    n_draw = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = sigmas[0] * n_draw
+    for i in range(n):  # Karras et al. 2022, Alg. 1 with S_churn = 0
+        d = (x - D(x, sigmas[i])) / sigmas[i]
+        x_next = x + (sigmas[i + 1] - sigmas[i]) * d
+        if sigmas[i + 1] != 0:
+            d_next = (x_next - D(x_next, sigmas[i + 1])) / sigmas[i + 1]
+            x_next = x + (sigmas[i + 1] - sigmas[i]) * (d + d_next) / 2
+        x = x_next
+
+    times = sample.edm_times(sample.parse_args(["--ckpt", "-", "--schedule", "edm"]), "EDM", 35, 2)
+    to_time = lambda sigma: (sigma.log() / 4 + 1.59) / 2.68  # noqa: E731  σ(t) = exp(4(2.68t − 1.59)) inverted
+    torch.testing.assert_close(times, torch.cat([to_time(sigmas[:n]), torch.zeros(1, dtype=torch.float64)]))
+    model = Float64Net(lambda x_t, t: edm_raw_network(x_t, 2.68 * t - 1.59))
+    start = edm_preconditioning(sigmas[0])[2] * sigmas[0] * n_draw  # c_in·σ_0·n
+    sampler = UCGM("EDM")
+    got = sampler.sample(model, start, times=times, order=2, rho=0.0, kappa=0.0)
+    assert len(calls) == sampler.nfe == 35 and got.dtype == torch.float64
+    torch.testing.assert_close(got, x, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="--schedule edm"):
+        sample.edm_times(sample.parse_args(["--ckpt", "-", "--schedule", "edm"]), "Linear", 35, 2)
+
+
+def test_flow_matching_euler_is_ucgm_s_with_linear_order_1_rho_0():
+    """Table 1, flow matching: UCGM-S (Linear, ν = 1, ρ = 0, κ = 0; Alg. 2 l.3-8) is Euler's method on the flow ODE
+    dx_t/dt = v(x_t, t) = E[z − x | x_t] (Lipman et al. 2023; Liu et al. 2023) on the same grid, and its raw x̂ of
+    the last evaluation is the Euler step to t = 0."""
+    def velocity(x_t, t):
+        x_hat = posterior_mean(x_t, t, 1 - t)
+        return (x_t - (1 - t) * x_hat) / t - x_hat  # E[z | x_t] − E[x | x_t]
+
+    times = ucgm.time_grid("Linear", 12, warp=(1.17, 0.8, 1.1))
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = noise
+    for t_cur, t_next in zip(times[:-1], times[1:]):
+        x = x + (t_next - t_cur) * velocity(x, t_cur)
+    got = UCGM("Linear").sample(Float64Net(velocity), noise, steps=12, warp=(1.17, 0.8, 1.1), rho=0.0, kappa=0.0)
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-12)
+
+
+def scm_velocity(x_tau, tau):
+    """sCM's exact F(x_τ, τ) = dx_τ/dτ = E[cos τ·z − sin τ·x | x_τ] for x_τ = cos τ·x + sin τ·z (σ_d = 1)."""
+    x_hat = posterior_mean(x_tau, tau.sin(), tau.cos())
+    return tau.cos() * (x_tau - tau.cos() * x_hat) / tau.sin() - tau.sin() * x_hat
+
+
+def test_scm_multistep_sampler_is_ucgm_s_with_trigflow_rho_1():
+    """Table 1, consistency models: UCGM-S (TrigFlow, ρ = 1, κ = 0; Alg. 2 l.3-8) is sCM's multistep sampler (Lu &
+    Song 2024, σ_d = 1): x̂ = cos τ·x_τ − sin τ·F(x_τ, τ), then x_τ' = cos τ'·x̂ + sin τ'·n' with fresh n' (the same
+    generator draws), on sCM's τ = (arctan 80, 1.1, 0.5), i.e. t = 2τ/π; TrigFlow's F* is the velocity in τ."""
+    taus = torch.tensor([math.atan(80.0), 1.1, 0.5], dtype=torch.float64)
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    generator, x = torch.Generator().manual_seed(3), noise
+    for i, tau in enumerate(taus):
+        x_hat = tau.cos() * x - tau.sin() * scm_velocity(x, tau)
+        if i + 1 < len(taus):
+            fresh = torch.randn(noise.shape, generator=generator, dtype=torch.float64)
+            x = taus[i + 1].cos() * x_hat + taus[i + 1].sin() * fresh
+    model = Float64Net(lambda x_t, t: scm_velocity(x_t, t * math.pi / 2))
+    times = torch.cat([taus * 2 / math.pi, torch.zeros(1, dtype=torch.float64)])
+    got = UCGM("TrigFlow").sample(model, noise, times=times, rho=1.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, x_hat, rtol=1e-12, atol=1e-12)
+
+
+def scm_loss(model, x, z, t, y):
+    """sCM's continuous-time consistency-training loss (Lu & Song 2024, σ_d = 1, without its adaptive weight and
+    tangent warm-up) per sample: mean((F_θ − F_θ⁻ − g)²) with the tangent g = −cos²τ·(F_θ⁻ − dx_τ/dτ) −
+    sin τ·cos τ·(x_τ + dF_θ⁻/dτ), dF_θ⁻/dτ by torch.func.jvp; the network takes UCGM's t = 2τ/π."""
+    tau = t[:, None] * math.pi / 2
+    x_tau, dx_dtau = tau.cos() * x + tau.sin() * z, tau.cos() * z - tau.sin() * x
+    F = lambda x_in, tau_in: model(x_in, tau_in[:, 0] * 2 / math.pi, y)  # noqa: E731
+    with torch.no_grad():
+        F_minus, dF_dtau = torch.func.jvp(F, (x_tau, tau), (dx_dtau, torch.ones_like(tau)))
+    g = -tau.cos() ** 2 * (F_minus - dx_dtau) - tau.sin() * tau.cos() * (x_tau + dF_dtau)
+    return ((F(x_tau, tau) - F_minus - g) ** 2).mean(1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
+def test_lam1_trigflow_gradient_is_scms_continuous_time_gradient():
+    """Table 1, consistency models: UCGM-T at λ = 1 with TrigFlow and the cos(πt/2) weight (Alg. 1 l.12-16) against
+    sCM's loss (`scm_loss`). Its tangent g = cos τ·df/dτ, and UCGM's target F_θ⁻ + 4Δf = F_θ⁻ + 2π·df/dτ + O(ε²):
+    with a squared distance the gradient is 2π times sCM's; with UCGM's RMS, one sample's gradient has sCM's
+    direction, the RMS dividing by the tangent's size as sCM's normalisation does."""
+    model = ToyNet().double()
+    with torch.no_grad():  # small outputs and data (below) keep |Δf| < 1
+        model.out.weight.mul_(0.2), model.out.bias.mul_(0.2)
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch(n=6))
+    x, z = 0.2 * x, 0.2 * z
+    trainer = UCGM("TrigFlow", lam=1.0, label_drop=0.0, eps=1e-4)
+    params = list(model.parameters())
+    flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])  # noqa: E731
+    tau = t[:, None] * math.pi / 2
+    x_t = tau.sin() * z + tau.cos() * x  # Alg. 1 l.3 for TrigFlow
+    F_t = trainer.predict(model, x_t, t, y)
+    with torch.no_grad():
+        assert trainer.delta_f(model, x, z, t, y, F_t).abs().max() < 1  # the clip of Alg. 1 l.15 is inactive
+        target = trainer.target(model, x, z, t, y, F_t)
+    squared = (((F_t - target) ** 2).mean(1) * torch.cos(t * math.pi / 2)).sum()
+    torch.testing.assert_close(flat(squared), 2 * math.pi * flat(scm_loss(model, x, z, t, y).sum()), rtol=1e-6,
+                               atol=1e-9)
+    ucgm_grad = flat(trainer.loss(model, x[:1], y[:1], t=t[:1], noise=z[:1]))
+    scm_grad = flat(scm_loss(model, x[:1], z[:1], t[:1], y[:1]).sum())
+    assert F.cosine_similarity(ucgm_grad, scm_grad, dim=0) >= 1 - 1e-6 and scm_grad.norm() > 1e-3
+
+
+@pytest.mark.parametrize("transport", ["Linear", "EDM"])
+def test_lam0_loss_is_flow_matching_and_edm_denoising_loss(transport):
+    """Table 1, λ = 0 (Alg. 1 l.15-16, unweighted): the squared per-sample distance times the dimension is flow
+    matching's ‖v_θ(x_t, t) − (z − x)‖² (Linear) and EDM's λ(σ)·‖D_θ(x + σn; σ) − x‖² with λ(σ) = (σ² + σ_d²)/(σ·σ_d)²
+    and D_θ = c_skip·x + c_out·F_θ (Karras et al. 2022, Table 1; EDM transport): equal values and gradients."""
+    model = ToyNet(dim=3).double()
+    x, y, t, z = (v.double() if v.is_floating_point() else v for v in batch(n=3, dim=3))
+    trainer, params = UCGM(transport, label_drop=0.0, weighting=None), list(model.parameters())
+    for i in range(3):
+        ours = trainer.loss(model, x[i:i + 1], y[i:i + 1], t=t[i:i + 1], noise=z[i:i + 1]) ** 2 * 3
+        ti, xi, zi, yi = t[i:i + 1], x[i:i + 1], z[i:i + 1], y[i:i + 1]
+        if transport == "Linear":  # rectified flow: x_t = t·z + (1 − t)·x, target z − x
+            theirs = ((model(ti * zi + (1 - ti) * xi, ti, yi) - (zi - xi)) ** 2).sum()
+        else:
+            sigma = torch.exp(4 * (2.68 * ti - 1.59))
+            (c_skip, c_out, c_in), x_noisy = edm_preconditioning(sigma), xi + sigma * zi
+            D = c_skip * x_noisy + c_out * model(c_in * x_noisy, ti, yi)
+            weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2  # λ(σ), Karras et al. 2022, Table 1
+            theirs = (weight * ((D - xi) ** 2).sum(1)).sum()
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0)
+        for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 #################################################################################
@@ -3009,13 +3252,15 @@ def test_presets_and_demo_defaults_resolve():
     assert multistep.zeta == 0.47 and multistep.cosine_loss and multistep.weighting is None
 
 
-# the later released trainer's configs/tuning_few_steps/*.yaml, transcribed: (preset, transport of the --init
-# weights, {released key: value}); README "API" maps each key to its flag
+# configs/tuning_few_steps/*.yaml transcribed: (preset, transport of the --init weights, {released key: value}); the
+# batch and steps (train.global_batch_size, max_steps, ckpt_every) from LINs-lab/UCGM's own configs, the loss and
+# optimiser from the later released trainer's (EDM2: all from it); README "API" maps each key to its flag
 RELEASED_TUNING = [
-    ("tune-lightningdit", "ReLinear", dict(enhanced_ratio=3.0, global_batch_size=256, max_steps=3200, ckpt_every=1600,
+    ("tune-lightningdit", "ReLinear", dict(enhanced_ratio=3.0, global_batch_size=1024, max_steps=800, ckpt_every=800,
                                            type="RAdam")),
-    ("tune-repa", "Linear", dict(enhanced_ratio=1.7, global_batch_size=8, max_steps=800, ckpt_every=800, type="CLion")),
-    ("tune-repae", "Linear", dict(enhanced_ratio=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000,
+    ("tune-repa", "Linear", dict(enhanced_ratio=1.7, global_batch_size=1024, max_steps=800, ckpt_every=800,
+                                 type="CLion")),
+    ("tune-repae", "Linear", dict(enhanced_ratio=2.5, global_batch_size=1024, max_steps=500, ckpt_every=500,
                                   type="RAdam")),
     ("tune-ddt", "ReLinear", dict(enhanced_ratio=1.9, global_batch_size=512, max_steps=800, ckpt_every=800,
                                   type="RAdam")),
@@ -3042,6 +3287,9 @@ def test_tuning_presets_are_the_released_tuning_configs(preset, transport, relea
             c["max_grad_norm"], c["ema_decay"], c["global_batch_size"], c["max_steps"], c["ckpt_every"],
             c["log_every"])
     assert got == want
+    released_epochs = {"tune-lightningdit": 0.64, "tune-repa": 0.64, "tune-repae": 0.40, "tune-ddt": 0.32}  # its README
+    if preset in released_epochs:  # batch × steps over ImageNet-1k's 1,281,167 training images
+        assert round(args.global_batch_size * args.max_steps / 1_281_167, 2) == released_epochs[preset]
     family = {"tune-lightningdit": "LightningDiT", "tune-ddt": "DDT", "tune-edm2": "EDM2"}.get(preset, "DiT")
     assert ucgm.FAMILY_SETTINGS[family].get("transport", "Linear") == transport
 
@@ -3998,12 +4246,12 @@ def sliced_wasserstein(a, b, projections=128):
 
 
 def train_toy(data, lam=0.0, zeta=0.0, transport="Linear", init=None, steps=1500, num_classes=1, **kwargs):
-    """Adam 1e-3 -> 1e-4 (cosine), batch 512, through UCGM.loss; the EMA-free weights are returned."""
+    """Adam 1e-3 -> 1e-4 (cosine), batch 512, through UCGM.loss, unweighted as the demo; the EMA-free weights."""
     torch.manual_seed(0)
     model = ToyFlowNet(num_classes)
     if init is not None:
         model.load_state_dict(init.state_dict())
-    trainer = UCGM(transport, lam, zeta, label_drop=0.1 if num_classes > 1 else 0.0, **kwargs)
+    trainer = UCGM(transport, lam, zeta, label_drop=0.1 if num_classes > 1 else 0.0, **{"weighting": None, **kwargs})
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
     generator = torch.Generator().manual_seed(1)
@@ -4242,7 +4490,7 @@ def test_cuda_bf16_loss_is_near_the_float32_loss(lam, zeta, decay, tolerance):
     t, y = torch.linspace(0.05, 0.95, 32, device="cuda"), torch.arange(32, device="cuda") % 10
     results = {}
     for precision in ("fp32", "bf16"):
-        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25)
+        trainer = UCGM(lam=lam, zeta=zeta, teacher_decay=decay, label_drop=0.25, weighting=None)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             results[precision] = float(trainer.loss(model, x, y, t=t, noise=z))
     assert abs(results["bf16"] - results["fp32"]) < tolerance * results["fp32"], results

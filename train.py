@@ -39,9 +39,10 @@ BASE = dict(transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), la
             enhance_style=None, model="TiT-XL/1", global_batch_size=1024, max_steps=1_000_000, optimizer="adamw",
             lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, log_every=100,
             ckpt_every=20_000, sample_every=20_000, sample_cfg=1.0)
-# tuning a pre-trained model into a 2-step one, as the later released trainer's tuning_few_steps configs: the frozen
-# start weights as teacher, fc-vs-fe; the transport is that of the --init weights (ReLinear for LightningDiT and DDT,
-# EDM for EDM2)
+# tuning a pre-trained model into a 2-step one: the loss and optimiser settings of the later released trainer's
+# tuning_few_steps configs (the frozen start weights as teacher, fc-vs-fe), the batch and steps of LINs-lab/UCGM's
+# own configs/tuning_few_steps/*.yaml (its README's 0.64 / 0.64 / 0.40 / 0.32 epochs; EDM2: the later trainer's); the
+# transport is that of the --init weights (ReLinear for LightningDiT and DDT, EDM for EDM2)
 TUNE = dict(lam=1.0, enhance_style="fc-vs-fe", huber_c=5.0, teacher_decay=1.0, enhance_range=(0.0, 0.75),
             time_dist=(0.8, 1.0, 1.0), weighting="cosine", cosine_loss=False, label_drop=0.1, optimizer="radam",
             lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=0.1, ema_decay=0.99, log_every=100)
@@ -52,9 +53,9 @@ PRESETS = {
     "fewstep": dict(lam=1.0, zeta=2.0, cosine_loss=False, weighting="cosine", huber_c=5.0, time_dist=(0.8, 1.0, 1.0),
                     teacher_decay=1.0, optimizer="radam", lr=1e-4, betas=(0.9, 0.999), grad_clip=0.1, max_steps=50_000,
                     ckpt_every=10_000, sample_every=10_000),
-    "tune-lightningdit": dict(TUNE, zeta=3.0, global_batch_size=256, max_steps=3200, ckpt_every=1600),
-    "tune-repa": dict(TUNE, zeta=1.7, optimizer="clion", global_batch_size=8, max_steps=800, ckpt_every=800),
-    "tune-repae": dict(TUNE, zeta=2.5, global_batch_size=256, max_steps=2000, ckpt_every=1000),
+    "tune-lightningdit": dict(TUNE, zeta=3.0, global_batch_size=1024, max_steps=800, ckpt_every=800),
+    "tune-repa": dict(TUNE, zeta=1.7, optimizer="clion", global_batch_size=1024, max_steps=800, ckpt_every=800),
+    "tune-repae": dict(TUNE, zeta=2.5, global_batch_size=1024, max_steps=500, ckpt_every=500),
     "tune-ddt": dict(TUNE, zeta=1.9, global_batch_size=512, max_steps=800, ckpt_every=800),
     "tune-edm2": dict(TUNE, zeta=1.7, global_batch_size=1024, max_steps=800, ckpt_every=800),
     # Table 7's unconditional CIFAR-10 on pixels (extract_latents.py --unconditional; --latent-stats none), UNet+ and
@@ -496,7 +497,7 @@ def save(args, step, skipped, data, model, ema, opt, trainer, teacher_file):
 def sample_grids(args, step, trainer, ema, autoencoder, data, autocast):
     """EMA samples with the UCGM-S preset of the model, eight per class (a row each), as OUT/samples_{step}.png;
     after the last step also OUT/steps_{step}.png: the first sample of each class with 1, 2, 4, 8, 40 steps."""
-    preset, device = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"], next(ema.parameters()).device
+    preset, device = ucgm.sampler_preset(args.lam), next(ema.parameters()).device
     noise = torch.randn(80, data.channels, data.size, data.size, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(80) // 8 % data.num_classes  # eight per class, a row each
 
@@ -527,7 +528,7 @@ def training_fid(args, trainer, ema, autoencoder, data, inception, reference, au
     """FID of --fid-samples EMA samples (the UCGM-S preset of λ, no guidance, sample i of class i mod K with the
     noise of (--seed, i) as sample.py draws it) against --fid-ref; each rank draws every world-th sample and the
     sums of features and their products meet in one all-reduce. Rank 0 returns the number, the others None."""
-    preset = ucgm.SAMPLER_PRESETS["fewstep" if args.lam > 0.5 else "multistep"]
+    preset = ucgm.sampler_preset(args.lam)
     mine = list(range(rank, args.fid_samples, world))
     sums = None
     for first in range(0, len(mine), 100):  # 100 samples a call bounds the decoder's memory

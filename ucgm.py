@@ -2,11 +2,10 @@
 UCGM: Unified Continuous Generative Models (Sun, Jiang, Lin, 2025; arXiv 2505.07447v2, 20 May 2025).
 
 One trainer (UCGM-T, `UCGM.loss`, Alg. 1) and one sampler (UCGM-S, `ucgm_sampler`, Alg. 2) for diffusion, flow
-matching and consistency models, selected by the consistency ratio lam (λ) in [0, 1]. The method needs only a
-transport and a network called as F = model(x_t, t, y): it comes first and ends at the first network banner.
-Comments cite the paper's numbered equations (1)-(6), the lines of its algorithms ("Alg. 1 l.15"), its sections
-and tables; what the paper does not have is a named rule of the README ("README rule ..."), and where we follow
-the released code instead of the paper's text the README's "Paper and this code" table says so.
+matching and consistency models (Table 1), selected by the consistency ratio lam (λ) in [0, 1]. The method needs
+only a transport and a network F = model(x_t, t, y); it ends at the first network banner. Comments cite Eq. (1)-(6),
+algorithm lines ("Alg. 1 l.15"), sections and tables; what the paper lacks is a named README rule ("README rule
+..."), and where we follow the released code instead of the paper the README's "Paper and this code" says so.
 
 Reading order (the section banners, in order; a test keeps the list true):
   Transports (paper Eq. (1)-(2), Tables 1 and 6)
@@ -90,7 +89,8 @@ class ReLinear(Transport):
 
 
 class TrigFlow(Transport):
-    """sCM (Tables 1 and 6): x_t = sin(πt/2)·z + cos(πt/2)·x, F* = its velocity cos·z − sin·x."""
+    """sCM (Tables 1 and 6): x_t = sin(τ)·z + cos(τ)·x with τ = πt/2, F* = cos·z − sin·x = dx_t/dτ, sCM's velocity
+    in τ (the velocity in t is (π/2)·F*)."""
     def alpha(self, t): return torch.sin(t * HALF_PI)
     def gamma(self, t): return torch.cos(t * HALF_PI)
     def alpha_hat(self, t): return torch.cos(t * HALF_PI)
@@ -104,7 +104,9 @@ class TrigLinear(TrigFlow):
 
 
 class EDM(Transport):
-    """EDM / EDM2 preconditioning (Tables 1 and 6) with sigma_data = 1/2 and sigma(t) = exp(4·(2.68t − 1.59))."""
+    """EDM / EDM2 preconditioning (Table 6, App. D.2.4) with sigma_data = 1/2 and sigma(t) = exp(4·(2.68t − 1.59)):
+    x_t = c_in·(x + sigma·z), F* is the target of EDM's raw network F_θ, x̂ its denoiser D."""
+    def time(self, sigma): return (torch.log(sigma) / 4 + 1.59) / 2.68  # the t of a noise level sigma
     def _sigma_norm(self, t):
         sigma = torch.exp(4 * (2.68 * t - 1.59))
         return sigma, torch.sqrt(sigma ** 2 + 0.25)
@@ -156,12 +158,6 @@ def view_as_batch(t, x):
     return t.reshape(-1, *[1] * (x.dim() - 1))
 
 
-def widened(output):
-    """A network output in the wider of float32 and its own dtype: the loss of a bf16 network is computed in
-    float32, that of a float64 one in float64."""
-    return output.to(torch.promote_types(output.dtype, torch.float32))
-
-
 def unwrap(model):
     """The bare network inside DDP and torch.compile wrappers."""
     model = getattr(model, "module", model)
@@ -172,11 +168,11 @@ ENHANCE_STYLES = ("ft-vs-fe", "fc-vs-xz", "fc-vs-fe")  # what `enhance` compares
 
 
 class UCGM(nn.Module):
-    """UCGM-T (Alg. 1) for any network called as F = model(x_t, t, y); holds the teacher θ⁻ and its momentum.
-    `sample` runs UCGM-S (Alg. 2, `ucgm_sampler`) with the same transport."""
+    """UCGM-T (Alg. 1) for any network called as F = model(x_t, t, y); holds the teacher θ_T (README rule "teacher";
+    the paper's θ⁻ is the online θ without gradient) and its momentum. `sample` runs UCGM-S (Alg. 2, `ucgm_sampler`)."""
 
     def __init__(self, transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), label_drop=0.1,
-                 huber_c=0.0, cosine_loss=False, weighting=None, time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
+                 huber_c=0.0, cosine_loss=False, weighting="cosine", time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
                  eps=0.005, enhance_style=None):
         super().__init__()
         raw = get_transport(transport)
@@ -207,13 +203,9 @@ class UCGM(nn.Module):
         self.teacher_momentum = 0.0  # the warm-up momentum m of README rule "teacher"
         self.nfe = 0  # network evaluations per sample in the last sample() call
 
-    # ----- state: the teacher is a submodule, its momentum an extra state ----------------------
+    def get_extra_state(self): return {"teacher_momentum": self.teacher_momentum}  # saved in the state dict
 
-    def get_extra_state(self):
-        return {"teacher_momentum": self.teacher_momentum}
-
-    def set_extra_state(self, state):
-        self.teacher_momentum = state["teacher_momentum"]
+    def set_extra_state(self, state): self.teacher_momentum = state["teacher_momentum"]
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Load the trainer state; a saved teacher needs make_teacher(model) first, to know its architecture."""
@@ -228,7 +220,7 @@ class UCGM(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, model):
-        """The network θ⁻ of Alg. 1 l.6 (README rule "teacher"), after one EMA update: the online model for
+        """The teacher θ_T for Alg. 1 l.6 (README rule "teacher"), after one EMA update: the online model for
         teacher_decay 0, an EMA copy for (0, 1), a frozen copy for 1."""
         if not self.needs_teacher:
             return getattr(model, "module", model)  # d = 0: the online model, skipping DDP's hooks
@@ -240,13 +232,11 @@ class UCGM(nn.Module):
             self.teacher_momentum = m + (1 - m) * (self.teacher_decay - m) / 2  # warm-up towards d
         return self.teacher
 
-    # ----- the pieces of Alg. 1, in its order --------------------------------------------------
-
-    def F(self, net, x_t, t, y):
-        """F(x_t, t, y) in the trainer's clock, in the wider of float32 and the network's dtype: a network whose noise
-        end is t = 0 runs at 1 − t with its output negated (README rule "training clock"), an exact Linear model."""
-        reversed_clock = isinstance(self.transport, TimeReversed)
-        return -widened(net(x_t, 1 - t, y)) if reversed_clock else widened(net(x_t, t, y))
+    def predict(self, net, x_t, t, y):
+        """F(x_t, t, y) in the trainer's clock, in the wider of float32 and the network's dtype (bf16 -> float32): a
+        network whose noise end is t = 0 runs at 1 − t with its output negated (README rule "training clock")."""
+        F_pred = -net(x_t, 1 - t, y) if isinstance(self.transport, TimeReversed) else net(x_t, t, y)
+        return F_pred.to(torch.promote_types(F_pred.dtype, torch.float32))
 
     def sample_time(self, n, device):
         """t ~ Beta(theta1, theta2) of Alg. 1 l.2, scaled by s and clamped (README rule "time scale"); sync-free:
@@ -258,8 +248,7 @@ class UCGM(nn.Module):
 
     def drop_labels(self, y, null_label):
         """The last round(label_drop · N) rows get the null label ∅ (README rule "label dropping"); return (y, dropped)."""
-        n = y.shape[0]
-        k = round(self.label_drop * n)
+        n, k = y.shape[0], round(self.label_drop * y.shape[0])
         dropped = torch.arange(n, device=y.device) >= n - k  # all False when k = 0
         return torch.where(dropped, torch.full_like(y, null_label), y), dropped
 
@@ -273,33 +262,36 @@ class UCGM(nn.Module):
         tb, teacher = view_as_batch(t, x), self.update_teacher(net)
         null = torch.full_like(y, unwrap(net).num_classes)
         read = lambda F_pred: self.transport.readout(F_pred, x_t, tb)  # noqa: E731  (x̂, ẑ) of Eq. (2)
-        if self.enhance_style == "ft-vs-fe":  # Alg. 1 l.6: F_t against the unconditional F^∅_t of θ⁻
-            P, R = read(F_t.detach()), read(self.F(teacher, x_t, t, null))
-        elif self.enhance_style == "fc-vs-fe":  # θ⁻ on y and on ∅, in one doubled batch
-            F_c, F_u = self.F(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        if self.enhance_style == "ft-vs-fe":  # Alg. 1 l.6: F_t against the unconditional F^∅_t, of θ_T
+            P, R = read(F_t.detach()), read(self.predict(teacher, x_t, t, null))
+        elif self.enhance_style == "fc-vs-fe":  # θ_T on y and on ∅, in one doubled batch
+            F_c, F_u = self.predict(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
             P, R = read(F_c), read(F_u)
         else:  # fc-vs-xz, App. C.1.3: a (pre-trained) conditional teacher against the data and noise themselves
-            P, R = read(self.F(teacher, x_t, t, y)), (x, z)
+            P, R = read(self.predict(teacher, x_t, t, y)), (x, z)
         inside = view_as_batch((t > self.enhance_range[0]) & (t < self.enhance_range[1]), x)
         kept = view_as_batch(~dropped, x)
-        return tuple(torch.where(kept, torch.where(inside, target + self.zeta * (p - r), (target + p) / 2),
-                                 (target + r) / 2) for target, p, r in zip((x, z), P, R))
+
+        def rows(data, p, r):  # the three row cases, for x* (data x) and for z* (data z)
+            kept_inside, kept_outside, dropped_row = data + self.zeta * (p - r), (data + p) / 2, (data + r) / 2
+            return torch.where(kept, torch.where(inside, kept_inside, kept_outside), dropped_row)
+        return rows(x, P[0], R[0]), rows(z, P[1], R[1])
 
     def denoised(self, net, x_star, z_star, r, y):
-        """f^x(F_θ⁻(x*_r, r), x*_r, r) at x*_r = alpha(r)·z* + gamma(r)·x* (Alg. 1 l.9-10, 12-13)."""
+        """f^x(F_θ⁻(x*_r, r), x*_r, r) at x*_r = alpha(r)·z* + gamma(r)·x* (Alg. 1 l.9-10, 12-13); θ⁻ = sg(θ)."""
         tr, rb = self.transport, view_as_batch(r, x_star)
         x_r = tr.alpha(rb) * z_star + tr.gamma(rb) * x_star
-        return tr.readout(self.F(net, x_r, r, y), x_r, rb)[0]
+        return tr.readout(self.predict(net, x_r, r, y), x_r, rb)[0]
 
     def delta_f(self, net, x_star, z_star, t, y, F_t):
         """Δf^x_t: the difference of Eq. (6) (Alg. 1 l.9-10) for lam < 1, the central difference of Alg. 1 l.12-13
         for lam = 1; before clipping."""
         tr, tb = self.transport, view_as_batch(t, x_star)
-        if self.lam == 1.0:  # g(t + eps) and g(t - eps) in one doubled no-grad batch
-            doubled = lambda v: torch.cat([v, v])  # noqa: E731
-            g_plus, g_minus = self.denoised(net, doubled(x_star), doubled(z_star),
-                                            torch.cat([t + self.eps, t - self.eps]), doubled(y)).chunk(2)
-            step = 1 / (2 * self.eps)
+        if self.lam == 1.0:  # g(t + eps) and g(t - eps) in one doubled no-grad batch, t + eps at most 1 (README)
+            t_plus, t_minus = (t + self.eps).clamp(max=1), t - self.eps  # t >= eps (`loss`): both in [0, 1]
+            g_plus, g_minus = self.denoised(net, torch.cat([x_star] * 2), torch.cat([z_star] * 2),
+                                            torch.cat([t_plus, t_minus]), torch.cat([y] * 2)).chunk(2)
+            step = view_as_batch(1 / (t_plus - t_minus), x_star)  # 1/(2ε), or 1/ε one-sided at t = 1
             return g_plus * step - g_minus * step  # Alg. 1 l.13: each term scaled first, safe in bf16
         h = view_as_batch(t - self.lam * t, x_star)  # Eq. (6): t − λt
         x_star_t = tr.alpha(tb) * z_star + tr.gamma(tb) * x_star
@@ -317,9 +309,9 @@ class UCGM(nn.Module):
 
     def distance(self, F_t, F_target, t):
         """Alg. 1 l.16 per sample: RMS or pseudo-Huber, plus a cosine term (README rule "Huber and cosine"), times
-        cos(πt/2)."""
-        reduce = tuple(range(1, F_t.dim()))
-        per_sample = torch.sqrt(((F_t - F_target) ** 2).mean(reduce) + self.huber_c ** 2) - self.huber_c
+        cos(πt/2) for weighting "cosine" (the default; None: unweighted)."""
+        dims = tuple(range(1, F_t.dim()))
+        per_sample = torch.sqrt(((F_t - F_target) ** 2).mean(dims) + self.huber_c ** 2) - self.huber_c
         if self.cosine_loss:
             cosine = F.cosine_similarity(F_t, F_target, dim=1)  # along channels, per position
             per_sample = per_sample + (1 - cosine).reshape(F_t.shape[0], -1).mean(1)
@@ -327,17 +319,18 @@ class UCGM(nn.Module):
 
     def loss(self, model, x, y, t=None, noise=None):
         """UCGM-T loss of one batch (Alg. 1 l.2-16): a scalar with gradient through F_t only; t, given or drawn, runs
-        from data (0) to noise (1) for every transport (README rule "training clock")."""
+        from data (0) to noise (1) for every transport (README rule "training clock"), t >= ε for λ > 0."""
         require(noise is None or noise.shape == x.shape,
                 f"noise: expected the shape of x {tuple(x.shape)}, got {tuple(getattr(noise, 'shape', ()))}")
         require(t is None or t.shape == (x.shape[0],),
                 f"t: expected shape ({x.shape[0]},), got {tuple(getattr(t, 'shape', ()))}")
         z = torch.randn_like(x) if noise is None else noise  # Alg. 1 l.2: z ~ N(0, I)
         t = self.sample_time(x.shape[0], x.device) if t is None else t  # Alg. 1 l.2: t ~ Beta(θ1, θ2)
+        t = t.clamp(min=self.eps) if self.lam > 0 else t  # no 0/0 at t = 0, t − ε >= 0 (README "Paper and this code")
         y, dropped = self.drop_labels(y, unwrap(model).num_classes)  # README rule "label dropping"
         tb = view_as_batch(t, x)
         x_t = self.transport.alpha(tb) * z + self.transport.gamma(tb) * x  # Alg. 1 l.3, Eq. (1)
-        F_t = self.F(model, x_t, t, y)  # Alg. 1 l.4: float32 under bf16 autocast, float64 for float64 checks
+        F_t = self.predict(model, x_t, t, y)  # Alg. 1 l.4: float32 under bf16 autocast, float64 for float64 checks
         with torch.no_grad():
             net = getattr(model, "module", model)  # no-grad forwards skip DDP's gradient hooks
             x_star, z_star = self.enhance(net, x, z, x_t, t, y, dropped, F_t)  # Alg. 1 l.4-7
@@ -350,10 +343,6 @@ class UCGM(nn.Module):
         out = ucgm_sampler(model, noise, self.transport_name, stats=stats, **settings)
         self.nfe = stats["nfe"]
         return out
-
-    def time_grid(self, steps, order=1, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.001)):
-        """The sampling times of `sample` (Alg. 2's schedule T), for inspection: `time_grid` of this transport."""
-        return time_grid(self.transport_name, steps, order, warp, gaps)
 
 
 #################################################################################
@@ -379,11 +368,10 @@ def time_grid(transport, steps, order=1, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.00
     return torch.cat([times, times.new_tensor([0.0 if noise_at_one else 1.0])])
 
 
-def guided(model, x, t, cfg_scale, cfg_interval, cfg_channels, model_kwargs):
-    """(F, evaluations): F(x, t) of Alg. 2 l.3, with classifier-free guidance inside `cfg_interval` on the first
+def guided(model, x, t, dtype, cfg_scale, cfg_interval, cfg_channels, model_kwargs):
+    """(F, evaluations): F(x, t) of Alg. 2 l.3 on inputs of `dtype`, guided inside `cfg_interval` on the first
     `cfg_channels` channels (README rules "cfg interval", "cfg channels") as one doubled batch."""
-    t_batch = torch.full((x.shape[0],), float(t), device=x.device)
-    x = x.float()  # the network runs in float32 (or under the caller's bf16 autocast)
+    t_batch, x = torch.full((x.shape[0],), float(t), device=x.device, dtype=dtype), x.to(dtype)
     if cfg_scale == 1.0 or not cfg_interval[0] <= float(t) <= cfg_interval[1]:
         return model(x, t_batch, **model_kwargs).double(), 1
     y = model_kwargs["y"]
@@ -396,6 +384,9 @@ def guided(model, x, t, cfg_scale, cfg_interval, cfg_channels, model_kwargs):
 
 def check_sampler(noise, transport, times, rho, order, cfg_scale, cfg_interval, cfg_channels, model_kwargs):
     """The arguments of ucgm_sampler, one line each."""
+    sign = 1 - 2 * get_transport(transport).noise_time  # the times fall (-1) or rise (+1) towards the data end
+    require(times.dim() == 1 and len(times) > 1 and bool((sign * times.diff() > 0).all()), "times: expected a 1-D "
+            f"grid of >= 2 times running from the noise end to the data end, got {times.tolist()}")
     require(rho == "auto" or (isinstance(rho, (int, float)) and 0.0 <= rho <= 1.0),
             f"rho: expected a number in [0, 1] or 'auto', got {rho!r}")
     require(cfg_interval[0] <= cfg_interval[1], f"cfg_interval: expected (low, high) with low <= high, got "
@@ -404,57 +395,58 @@ def check_sampler(noise, transport, times, rho, order, cfg_scale, cfg_interval, 
     require(cfg_channels is None or 1 <= cfg_channels <= noise.shape[1],
             f"cfg_channels: expected None or 1..{noise.shape[1]}, got {cfg_channels}")
     require(order == 1 or get_transport(transport).gamma(times[0]) != 0, "gaps: order 2 divides by gamma(t_0), which "
-            f"is 0 at t_0 = {times[0].item()}; start the grid inside (0, 1), e.g. gaps[0] > 0")
+            f"is 0 at t_0 = {times[0].item()}; start the grid inside (0, 1): gaps[0] > 0, or a first time off the end")
 
 
 @torch.no_grad()
 def ucgm_sampler(model, noise, transport="Linear", steps=40, rho=0.0, kappa=0.0, order=1, warp=(1.0, 1.0, 1.0),
                  gaps=(0.001, 0.001), cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=None, return_all=False,
-                 generator=None, stats=None, **model_kwargs):
-    """UCGM-S (Alg. 2): noise -> x̂ for any network F = model(x, t, **model_kwargs); with return_all also every raw
-    x̂ (steps, *noise.shape); a dict `stats` receives the network evaluations per sample as "nfe"."""
-    tr = get_transport(transport)
-    times = time_grid(transport, steps, order, warp, gaps)  # on the CPU: reading a time never syncs a GPU
+                 generator=None, stats=None, times=None, **model_kwargs):
+    """UCGM-S (Alg. 2): noise -> the last raw x̂ (README "Paper and this code") for any network F = model(x, t,
+    **model_kwargs) on the schedule T of `time_grid` or on explicit `times` (1-D, noise end first, data end last;
+    steps, warp, gaps unused); inputs and x̂ are float64 for a network with float64 weights, else float32 (or the
+    caller's bf16 autocast); with return_all also every raw x̂ (n, *noise.shape); `stats` gets "nfe" per sample."""
+    tr, stats = get_transport(transport), {} if stats is None else stats
+    times = time_grid(transport, steps, order, warp, gaps) if times is None else \
+        torch.as_tensor(times, dtype=torch.float64).cpu()  # on the CPU: reading a time never syncs a GPU
     check_sampler(noise, transport, times, rho, order, cfg_scale, cfg_interval, cfg_channels, model_kwargs)
-    evaluate = partial(guided, model, cfg_scale=cfg_scale, cfg_interval=cfg_interval, cfg_channels=cfg_channels,
-                       model_kwargs=model_kwargs)
-    nfe, n, x_cur = 0, len(times) - 1, noise.double()  # the state x̃ stays in float64 between steps
-    trajectory, previous = [], None
+    dtype = torch.float64 if torch.float64 in {p.dtype for p in getattr(model, "parameters", list)()} else torch.float32
+    x_cur, stats["nfe"], n, trajectory = noise.double(), 0, len(times) - 1, []  # x̃ stays in float64 between steps
+
+    def estimate(x, t):  # F at (x, t) and its (x̂, ẑ) of Eq. (2), counting the evaluations (2 for a guided one)
+        F_pred, evaluations = guided(model, x, t, dtype, cfg_scale, cfg_interval, cfg_channels, model_kwargs)
+        stats["nfe"] += evaluations
+        return tr.readout(F_pred, x, t)
+
     for i in range(n):  # Alg. 2 l.2
         t_cur, t_next = times[i], times[i + 1]
-        F_cur, evaluations = evaluate(x_cur, t_cur)  # Alg. 2 l.3
-        x_hat, z_hat = raw = tr.readout(F_cur, x_cur, t_cur)  # Alg. 2 l.3, Eq. (2)
-        nfe += evaluations
-        if return_all:
-            trajectory.append(x_hat.float())
-        if kappa != 0 and i >= 2:  # Alg. 2 l.4-5, from i = 2 as released (README "Paper and this code")
-            x_hat = x_hat + kappa * (x_hat - previous[0])
-            z_hat = z_hat + kappa * (z_hat - previous[1])
-        previous = raw
-        if rho == "auto":  # Alg. 2 l.7's example choice, recomputed at every step (released: first step only)
-            step_rho = ((t_next - t_cur).abs().sqrt() * (2 * tr.alpha(t_cur)).sqrt() / tr.alpha(t_next)) ** 2
-            step_rho = step_rho.clamp(0, 1)
-        else:
-            step_rho = torch.tensor(float(rho), dtype=torch.float64)
+        x_raw, z_raw = x_hat, z_hat = estimate(x_cur, t_cur)  # Alg. 2 l.3, the raw estimates kept for l.4-5
+        trajectory += [x_raw.to(dtype)] if return_all else []
+        if kappa != 0 and i >= 2:  # Alg. 2 l.4-5 with step i − 1's raw estimates; from i = 2 as released (README)
+            x_hat, z_hat = x_raw + kappa * (x_raw - x_prev), z_raw + kappa * (z_raw - z_prev)
+        x_prev, z_prev = x_raw, z_raw
+        step_rho = (2 * (t_next - t_cur).abs() * tr.alpha(t_cur) / tr.alpha(t_next) ** 2).clamp(0, 1) \
+            if rho == "auto" else times.new_tensor(float(rho))  # "auto": App. D.1.7, every step (released: once)
         x_next = tr.gamma(t_next) * x_hat + tr.alpha(t_next) * (1 - step_rho).sqrt() * z_hat  # Alg. 2 l.8
         if step_rho > 0:  # Alg. 2 l.7-8: fresh noise for the stochastic part
             fresh = torch.randn(x_cur.shape, generator=generator, dtype=torch.float64, device=x_cur.device)
             x_next = x_next + tr.alpha(t_next) * step_rho.sqrt() * fresh
         if order == 2 and i < n - 1:  # Alg. 2 l.9-11, averaging ẑ (README "Paper and this code")
-            F_next, evaluations = evaluate(x_next, t_next)  # Alg. 2 l.10
-            z_next, nfe = tr.readout(F_next, x_next, t_next)[1], nfe + evaluations
+            z_next = estimate(x_next, t_next)[1]  # Alg. 2 l.10
             ratio = tr.gamma(t_next) / tr.gamma(t_cur)
             x_next = x_cur * ratio + (tr.alpha(t_next) - tr.alpha(t_cur) * ratio) * (z_hat + z_next) / 2  # l.11
         x_cur = x_next  # Alg. 2 l.13
-    if stats is not None:
-        stats["nfe"] = nfe
-    x_out = raw[0].float()  # the raw x̂ of the last evaluation, as released (README "Paper and this code")
-    return (x_out, torch.stack(trajectory)) if return_all else x_out
+    return (x_raw.to(dtype), torch.stack(trajectory)) if return_all else x_raw.to(dtype)  # as released
 
 
-# the released presets of UCGM-S for multi-step (lam <= 0.5) and few-step (lam > 0.5) models (App. C.1.3, Table 5)
+# the released presets of UCGM-S for multi-step and few-step models (App. C.1.3, Table 5)
 SAMPLER_PRESETS = {"multistep": dict(steps=40, rho=0.0, kappa=0.5, warp=(1.17, 0.8, 1.1), gaps=(0.001, 0.001)),
                    "fewstep": dict(steps=2, rho=1.0, kappa=0.0, warp=(1.0, 1.0, 1.0), gaps=(0.001, 0.3))}
+
+
+def sampler_preset(lam):
+    """UCGM-S settings for a ratio lam: ρ = λ (Sec. 3.2), few-step above 0.5 (README "Paper and this code")."""
+    return {**SAMPLER_PRESETS["fewstep" if lam > 0.5 else "multistep"], "rho": float(lam)}
 
 
 #################################################################################
