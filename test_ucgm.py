@@ -3063,6 +3063,14 @@ def test_a_data_run_never_writes_into_the_demo_folder_and_refuses_another_runs_c
     on_purpose = subprocess.run([*trig, "--resume", str(out / "checkpoints" / "0000003.pt")], capture_output=True,
                                 text=True, timeout=300)
     assert on_purpose.returncode == 0 and "continuing a Linear run with transport TrigFlow" in on_purpose.stdout
+    old = torch.load(out / "checkpoints" / "0000004.pt", weights_only=True)  # as written before data_shape existed
+    del old["data_shape"]
+    old["args"]["model"] = "TiT-T/2"
+    torch.save(old, tmp_path / "old.pt")
+    older = subprocess.run([*common, "--model", "TiT-T/2", "--out", str(tmp_path / "o"), "--resume",
+                            str(tmp_path / "old.pt")], capture_output=True, text=True, timeout=300)
+    assert older.returncode == 1 and re.fullmatch(r"train.py: error: --resume \S+old.pt \(for --model TiT-T/2\): key "
+                                                  r"'\S+' has shape \(.*\), expected \(.*\)", older.stderr.strip())
 
 
 def test_latents_without_a_record_need_their_vae_and_unconditional_data_refuses_a_null_label_comparison(tmp_path):

@@ -467,6 +467,8 @@ def resume(args, path, data, model, ema, opt, trainer, teacher_file):
     missing = {"model", "ema", "opt", "ucgm", "step", "rng"} - set(state if isinstance(state, dict) else ())
     ucgm.require(not missing, f"--resume {path}: not a train.py checkpoint (it lacks {sorted(missing)})")
     same_run(args, data, state, path)
+    ucgm.checked_state_dict(model.state_dict(), state["model"], f"--resume {path} (for --model {args.model})",
+                            strict=True)  # a checkpoint older than data_shape: still one line, not a traceback
     model.load_state_dict(state["model"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
