@@ -3456,22 +3456,22 @@ def test_compiled_blocks_stay_whole_graphs_under_ddp(tmp_path, monkeypatch):
     DDPOptimizer (optimize_ddp, on by default) the same forward reaches it in pieces cut at DDP's bucket boundaries
     (the first bucket holds 1 MiB, a TiT-S block ~10 MB). A one-process gloo group: DDPOptimizer cuts alike for any
     number of processes (it acts on the DDP module that runs the forward)."""
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # the default, restored after the test
     torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
                                          rank=0, world_size=1)
     try:
-        pieces, (graphs, calls) = [], counting_compile(monkeypatch)
-        per_block = lambda net: [block.compile(dynamic=False) for block in net.blocks]  # noqa: E731
-        for compile_blocks in (train.compile_blocks, per_block):
-            torch._dynamo.reset()
-            graphs.clear(), calls.clear()
-            torch._dynamo.config.optimize_ddp = True  # the default
-            model = ucgm.create_model("TiT-S/4", input_size=8, in_channels=3, num_classes=10, depth=1)
-            compile_blocks(model)
-            net = torch.nn.parallel.DistributedDataParallel(model)
-            UCGM().loss(net, torch.randn(4, 3, 8, 8), torch.arange(4)).backward()
-            assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-            pieces.append((len(graphs), len(calls)))
+        with torch._dynamo.config.patch(optimize_ddp=True):  # the default, restored after the test
+            pieces, (graphs, calls) = [], counting_compile(monkeypatch)
+            per_block = lambda net: [block.compile(dynamic=False) for block in net.blocks]  # noqa: E731
+            for compile_blocks in (train.compile_blocks, per_block):
+                torch._dynamo.reset()
+                graphs.clear(), calls.clear()
+                torch._dynamo.config.optimize_ddp = True  # the default
+                model = ucgm.create_model("TiT-S/4", input_size=8, in_channels=3, num_classes=10, depth=1)
+                compile_blocks(model)
+                net = torch.nn.parallel.DistributedDataParallel(model)
+                UCGM().loss(net, torch.randn(4, 3, 8, 8), torch.arange(4)).backward()
+                assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+                pieces.append((len(graphs), len(calls)))
     finally:
         torch.distributed.destroy_process_group()
     assert pieces[0] == (1, 1)  # the block whole, in one graph
@@ -3489,12 +3489,12 @@ def test_each_block_runs_compiled_after_one_step(name, size, graphs, monkeypatch
     counters.clear()
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(config, limit, 2)
     compiled, calls = counting_compile(monkeypatch)
     levels = {"channel_mult": (1,)} if name.startswith("EDM2") else {}
     model = ucgm.create_model(name, input_size=size, in_channels=3, num_classes=10, **levels)
-    train.compile_blocks(model)
-    UCGM().loss(model, torch.randn(2, 3, size, size), torch.arange(2)).backward()
+    with config.patch(**{limit: 2}):  # restored after the test, with what compile_blocks raises it to
+        train.compile_blocks(model)
+        UCGM().loss(model, torch.randn(2, 3, size, size), torch.arange(2)).backward()
     assert dict(counters["graph_break"]) == {} and len(calls) == len(model.blocks)
     assert len(compiled) == graphs
 
@@ -4050,7 +4050,7 @@ INPUT_FLAGS = ("--images", "--vae-path", "--latent-stats", "--init", "--teacher"
                "--inception-weights", "--data")
 # the start weights a tuning preset expects, when the README names a released file: (model, what it mimics)
 PRESET_STARTS = {"tune-lightningdit": "LightningDiT-XL/1", "tune-repa": "DiT-XL/2", "tune-repae": "DiT-XL/1",
-                 "tune-ddt": "DDT-XL/2", "tune-edm2": "EDM2-S"}
+                 "tune-ddt": "DDT-XL/2", "tune-edm2": "EDM2-S", "cifar10-fewstep": "UNet+"}
 
 
 def readme_commands():
@@ -4114,7 +4114,7 @@ def check_inputs(where, paths, known, table):
             f"{where}: {path} is neither made by an earlier README command nor in the README's files table"
 
 
-def miniature_files(flags, known, table, where):
+def miniature_files(flags, known, table, where, monkeypatch):
     """Create what a README training or extraction command reads that no earlier command made: a few images,
     random-weight autoencoders of the named kind, latent statistics, start weights of the preset's family."""
     check_inputs(where, [p for f in INPUT_FLAGS if f != "--data" for p in flag_values(flags, f) if p != "none"],
@@ -4134,7 +4134,8 @@ def miniature_files(flags, known, table, where):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             ucgm.save_safetensors(state, path) if path.endswith(".safetensors") else torch.save(state, path)
     data = flag_values(flags, "--data")
-    latents = ucgm.load_safetensors(extract_latents.shard_path(data[0], 0))["latents"] if data else None
+    shard = ucgm.load_safetensors(extract_latents.shard_path(data[0], 0)) if data else None
+    latents = shard["latents"] if data else None
     for path in flag_values(flags, "--latent-stats"):
         if path != "none" and not os.path.exists(path):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -4144,9 +4145,12 @@ def miniature_files(flags, known, table, where):
         if not os.path.exists(path):
             assert preset in PRESET_STARTS, f"{where}: --init {path}, a released file, for preset {preset}"
             model = ucgm.create_model(PRESET_STARTS[preset], input_size=latents.shape[-1],
-                                      in_channels=latents.shape[1], num_classes=10)
+                                      in_channels=latents.shape[1], num_classes=int(shard["labels"].max()) + 1)
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            torch.save(model.state_dict(), path)
+            if path.endswith(".pkl"):  # an EDM network pickle
+                write_edm_pickle(path, model, "SongUNet", "EDMPrecond", monkeypatch, os.path.abspath("ran"))
+            else:
+                torch.save(model.state_dict(), path)
 
 
 def miniature_models(monkeypatch):
@@ -4157,9 +4161,10 @@ def miniature_models(monkeypatch):
         family = name.split("-")[0]
         if family in tiny and "-XL/" in name:
             monkeypatch.setitem(ucgm.MODELS, name, {**config, **tiny[family]})
-        elif family in ("DDT", "EDM2") and not name.endswith(("-T", "-T/1", "-T/2")):
-            small = ucgm.MODELS[f"DDT-T/{config['patch_size']}" if family == "DDT" else "EDM2-T"]
-            monkeypatch.setitem(ucgm.MODELS, name, small)
+        elif family in ("DDT", "EDM2", "UNet+") and not name.endswith(("-T", "-T/1", "-T/2")):
+            small = {"DDT": f"DDT-T/{config.get('patch_size')}", "EDM2": "EDM2-T", "UNet+": "UNet+-T"}[family]
+            variant = {"adm": config["adm"]} if config.get("adm") else {}  # ADM stays ADM
+            monkeypatch.setitem(ucgm.MODELS, name, {**ucgm.MODELS[small], **variant})
     for kind, config in list(ucgm.AUTOENCODERS.items()):
         monkeypatch.setitem(ucgm.AUTOENCODERS, kind, TINY_DCAE if kind == "dcae" else {**config, "ch": 32})
 
@@ -4183,7 +4188,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, inception_file):
         flags = [f"root{t}" if t.startswith("/") else t for t in flags]  # absolute paths inside the test's folder
         module = README_SCRIPTS[script]
         if script in ("train.py", "extract_latents.py"):
-            miniature_files(flags, known, table, where)
+            miniature_files(flags, known, table, where, monkeypatch)
             extra = ["--num-workers", "0"] + (["--batch-size", "4"] if script == "extract_latents.py" else
                                               ["--global-batch-size", "2", "--ckpt-every", "0", "--sample-every", "0"]
                                               + (["--bench", "2"] if "--bench" in flags else ["--max-steps", "1"]))
