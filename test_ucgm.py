@@ -78,6 +78,12 @@ class ToyNet(nn.Module):
         return self.out(h)
 
 
+def tiny_unetplus():
+    """A tiny UNet+ (EDM's SongUNet) with dropout 0.3 on 3×8×8 inputs, unconditional."""
+    torch.manual_seed(0)
+    return ucgm.create_model("UNet+-T", input_size=8, in_channels=3, num_classes=1, dropout=0.3)
+
+
 def tiny_dit(seed=0, **kwargs):
     """A 1-block TiT on 2×8×8 inputs with all weights randomised (so no output is trivially zero)."""
     torch.manual_seed(seed)
@@ -596,6 +602,21 @@ def test_bad_loss_inputs_are_refused():
         UCGM().loss(tiny_dit(), torch.randn(2, 2, 8, 8), torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="t: expected"):
         UCGM().loss(ToyNet(), x, y, t=t[:3], noise=z)
+
+
+@pytest.mark.parametrize("lam, zeta, decay", [(1.0, 0.0, 0.0), (0.5, 0.5, 0.999), (0.0, 0.5, 0.0)])
+def test_target_passes_run_without_dropout(lam, zeta, decay):
+    """The no-grad passes of the loss (Alg. 1 l.6, 9-13) run in eval mode, so dropout (UNet+) adds no noise to
+    the λ = 1 difference over 2ε; the grad pass F_t (l.4) trains with it; the mode is restored after."""
+    model, modes = tiny_unetplus(), []
+    model.register_forward_hook(lambda module, inputs, output: modes.append(module.training))
+    trainer = UCGM("EDM", lam=lam, zeta=zeta, teacher_decay=decay)
+    trainer.make_teacher(model)
+    if trainer.teacher is not None:
+        trainer.teacher.register_forward_hook(lambda module, inputs, output: modes.append(module.training))
+    model.train()
+    trainer.loss(model, torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    assert modes[0] is True and len(modes) > 1 and not any(modes[1:]) and model.training
 
 
 @pytest.mark.parametrize("lam", [0.5, 1.0])

@@ -216,7 +216,7 @@ class UCGM(nn.Module):
     def make_teacher(self, model):
         """Create the teacher as a frozen copy of `model` if this trainer keeps one and has none yet."""
         if self.needs_teacher and self.teacher is None:
-            self.teacher = copy.deepcopy(unwrap(model)).requires_grad_(False)
+            self.teacher = copy.deepcopy(unwrap(model)).requires_grad_(False).eval()  # no dropout, as `evaluating`
 
     @torch.no_grad()
     def update_teacher(self, model):
@@ -331,8 +331,7 @@ class UCGM(nn.Module):
         tb = view_as_batch(t, x)
         x_t = self.transport.alpha(tb) * z + self.transport.gamma(tb) * x  # Alg. 1 l.3, Eq. (1)
         F_t = self.predict(model, x_t, t, y)  # Alg. 1 l.4: float32 under bf16 autocast, float64 for float64 checks
-        with torch.no_grad():
-            net = getattr(model, "module", model)  # no-grad forwards skip DDP's gradient hooks
+        with torch.no_grad(), evaluating(getattr(model, "module", model)) as net:  # no DDP hooks, no dropout
             x_star, z_star = self.enhance(net, x, z, x_t, t, y, dropped, F_t)  # Alg. 1 l.4-7
             F_target = self.target(net, x_star, z_star, t, y, F_t)  # Alg. 1 l.8-15
         return self.distance(F_t, F_target, t).mean()  # Alg. 1 l.16
@@ -2479,6 +2478,17 @@ def all_reduce(value, device, op="sum"):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor, op=getattr(torch.distributed.ReduceOp, op.upper()))
     return tensor
+
+
+@contextlib.contextmanager
+def evaluating(net):
+    """`net` in eval mode inside, its mode restored after: the no-grad target passes run without dropout (over 2ε,
+    Alg. 1 l.13, two dropout masks would be mostly noise); networks without dropout are unchanged."""
+    mode = net.training
+    try:
+        yield net.train(False)
+    finally:
+        net.train(mode)
 
 
 def denormalise(latents, mean, std, multiplier):
