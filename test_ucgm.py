@@ -78,7 +78,7 @@ class ToyNet(nn.Module):
         return self.out(h)
 
 
-def tiny_unetplus():
+def dropout_unetplus():
     """A tiny UNet+ (EDM's SongUNet) with dropout 0.3 on 3×8×8 inputs, unconditional."""
     torch.manual_seed(0)
     return ucgm.create_model("UNet+-T", input_size=8, in_channels=3, num_classes=1, dropout=0.3)
@@ -608,7 +608,7 @@ def test_bad_loss_inputs_are_refused():
 def test_target_passes_run_without_dropout(lam, zeta, decay):
     """The no-grad passes of the loss (Alg. 1 l.6, 9-13) run in eval mode, so dropout (UNet+) adds no noise to
     the λ = 1 difference over 2ε; the grad pass F_t (l.4) trains with it; the mode is restored after."""
-    model, modes = tiny_unetplus(), []
+    model, modes = dropout_unetplus(), []
     model.register_forward_hook(lambda module, inputs, output: modes.append(module.training))
     trainer = UCGM("EDM", lam=lam, zeta=zeta, teacher_decay=decay)
     trainer.make_teacher(model)
