@@ -217,6 +217,7 @@ def latent_stats(out, num_shards, stats_images, seed):
     do; the shards alone decide the draw, so it is the same for any number of processes."""
     shards = [ucgm.load_safetensors(shard_path(out, k))["latents"] for k in range(num_shards)
               if os.path.exists(shard_path(out, k))]  # a shard of unreadable images only is never written
+    ucgm.require(shards, f"--out {out}: no latent shard was written (every image unreadable?)")
     offsets = np.cumsum([0] + [len(latents) for latents in shards])
     count = int(offsets[-1])
     chosen = torch.arange(count) if stats_images == "all" or stats_images >= count else \

@@ -416,6 +416,7 @@ def main(args):
         return
     if len(args.sources) != 2:
         raise ValueError("expected SAMPLES REF (or --save-stats SRC OUT)")
+    ucgm.require(args.image_size is None, "--image-size: crops the reference images of --save-stats, not samples")
     metrics = compute_metrics(*args.sources, inception, args.batch_size)
     print(json.dumps(metrics, indent=2))
     if args.out:

@@ -32,9 +32,11 @@ DEFAULTS = dict(order=1, cfg_scale=1.0, cfg_interval=(0.0, 1.0), cfg_channels=No
 
 def resolve(args, settings):
     """{setting: (value, source)}: an explicit flag, else the checkpoint's (its released `sample` section), else the
-    UCGM-S preset for the checkpoint's lam (`ucgm.sampler_preset`: ρ = λ, few-step if lam > 0.5), else DEFAULTS."""
+    UCGM-S preset for the checkpoint's lam (`ucgm.sampler_preset`: ρ = λ, few-step if lam > 0.5), else DEFAULTS;
+    --schedule edm is EDM's deterministic sampler (Table 1), so it sets κ = 0 and ρ = 0 above the checkpoint's."""
     preset = ucgm.sampler_preset(settings.get("lam", 0.0))
-    layers = [("flag", vars(args)), ("checkpoint", {**settings, **settings.get("sampler", {})}),
+    edm = {"kappa": 0.0, "rho": 0.0} if getattr(args, "schedule", "warp") == "edm" else {}
+    layers = [("flag", vars(args)), ("schedule edm", edm), ("checkpoint", {**settings, **settings.get("sampler", {})}),
               ("preset", preset), ("default", DEFAULTS)]
     resolved = {}
     for key in (*preset, *DEFAULTS):

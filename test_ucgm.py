@@ -900,8 +900,11 @@ def test_edm_heun_sampler_is_ucgm_s_with_edm_transport_order_2_rho_0():
     torch.testing.assert_close(times, torch.cat([to_time(sigmas[:n]), torch.zeros(1, dtype=torch.float64)]))
     model = Float64Net(lambda x_t, t: edm_raw_network(x_t, 2.68 * t - 1.59))
     start = edm_preconditioning(sigmas[0])[2] * sigmas[0] * n_draw  # c_in·σ_0·n
+    flags = sample.parse_args(["--ckpt", "-", "--schedule", "edm", "--order", "2", "--steps", "35"])
+    resolved = sample.resolve(flags, {"transport": "EDM", "sampler": {"cfg_scale": 1.0}})  # an EDM pickle's
+    assert resolved["kappa"] == (0.0, "schedule edm") and resolved["rho"] == (0.0, "schedule edm")
     sampler = UCGM("EDM")
-    got = sampler.sample(model, start, times=times, order=2, rho=0.0, kappa=0.0)
+    got = sampler.sample(model, start, times=times, order=2, rho=resolved["rho"][0], kappa=resolved["kappa"][0])
     assert len(calls) == sampler.nfe == 35 and got.dtype == torch.float64
     torch.testing.assert_close(got, x, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="--schedule edm"):
@@ -3107,6 +3110,10 @@ def test_latents_without_a_record_need_their_vae_and_unconditional_data_refuses_
                        r"fc-vs-xz, or --zeta 0$"):
         train.main(train.parse_args([*base, "--zeta", "0.5"]))
     train.main(train.parse_args([*base, "--zeta", "0.5", "--enhance-style", "fc-vs-xz"]))
+    conditional = ucgm.create_model("TiT-T/4", input_size=8, in_channels=3, num_classes=10)
+    torch.save(conditional.state_dict(), tmp_path / "conditional.pt")
+    with pytest.raises(ValueError, match=r"a class-conditional model \(10 classes\), the data has one class"):
+        train.main(train.parse_args([*base[:-1], str(tmp_path / "init"), "--init", str(tmp_path / "conditional.pt")]))
     (data / ucgm.LATENTS_INFO).unlink()  # a folder from before the records: --vae as before
     with pytest.raises(ValueError, match=rf"--vae sdvae decodes 4-channel latents, the data has 3$"):
         train.main(train.parse_args([*base, "--vae", "sdvae", "--resume", "none"]))
@@ -3134,6 +3141,12 @@ def test_optional_trackers_are_imported_only_when_asked_for(tmp_path, monkeypatc
     train.open_tracker(args)({"step": 3, "loss": 0.5, "time": 1.0, "note": "text"})
     assert logged == [(3, {"loss": 0.5, "time": 1.0})]
     assert json.loads((tmp_path / "log.jsonl").read_text())["loss"] == 0.5
+    scalars = []
+    board = types.SimpleNamespace(add_scalar=lambda key, value, step: scalars.append((key, value, step)),
+                                  flush=lambda: scalars.append("flushed"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=lambda d: board))
+    train.open_tracker(argparse.Namespace(out=str(tmp_path), wandb=None, tensorboard=True))({"step": 4, "fid": 9.5})
+    assert scalars == [("fid", 9.5, 4), "flushed"]
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ValueError, match=r"^--wandb: needs the optional package wandb \(pip install wandb\)$"):
         train.open_tracker(args)

@@ -38,7 +38,7 @@ BASE = dict(transport="Linear", lam=0.0, zeta=0.0, enhance_range=(0.0, 0.75), la
             cosine_loss=False, weighting="cosine", time_dist=(1.0, 1.0, 1.0), teacher_decay=0.999,
             enhance_style=None, model="TiT-XL/1", global_batch_size=1024, max_steps=1_000_000, optimizer="adamw",
             lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, log_every=100,
-            ckpt_every=20_000, sample_every=20_000, sample_cfg=1.0)
+            ckpt_every=20_000, sample_every=20_000, sample_cfg=1.0, latent_stats=None)
 # tuning a pre-trained model into a 2-step one: the loss and optimiser settings of the later released trainer's
 # tuning_few_steps configs (the frozen start weights as teacher, fc-vs-fe), the batch and steps of LINs-lab/UCGM's
 # own configs/tuning_few_steps/*.yaml (its README's 0.64 / 0.64 / 0.40 / 0.32 epochs; EDM2: the later trainer's); the
@@ -67,7 +67,7 @@ PRESETS = {
     "cifar10": dict(model="UNet+", transport="EDM", lam=0.0, zeta=0.0, label_drop=0.0, weighting="none",
                     time_dist=(9.1, 9.8, 1.0), huber_c=0.0, cosine_loss=False, optimizer="adamw", lr=1e-3,
                     betas=(0.9, 0.999), weight_decay=0.0, grad_clip=0.0, global_batch_size=512, max_steps=390_625,
-                    ema_decay=0.99929),
+                    ema_decay=0.99929, latent_stats="none"),
     # the released configs/debug/debug.yaml (its 1-NFE FID "should be 6.197"), tuning the --init weights (ours or an
     # EDM pickle): λ 1, ζ −0.45 against the frozen start weights (fc-vs-xz, App. C.1.3), Beta(3.5, 3.5)·1.2, cosine
     # weight, RMS loss, RAdam lr 1e-4, batch 128, 5000 steps, EMA 0.999; label_drop 0 where the released 0.1 left the
@@ -76,7 +76,8 @@ PRESETS = {
                             enhance_range=(0.0, 0.75), label_drop=0.0, huber_c=0.0, cosine_loss=False,
                             weighting="cosine", time_dist=(3.5, 3.5, 1.2), teacher_decay=1.0, optimizer="radam",
                             lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=0.0, global_batch_size=128,
-                            max_steps=5000, ema_decay=0.999, log_every=100, ckpt_every=1000, sample_every=1000)}
+                            max_steps=5000, ema_decay=0.999, log_every=100, ckpt_every=1000, sample_every=1000,
+                            latent_stats="none")}
 # the digits demo without --data: a 1.3M-parameter TiT on 24×24 pixels (36 tokens), ~0.16 s a step on 2 CPU cores;
 # unweighted loss (the cos(πt/2) weight starves the high-noise steps that decide the digit) and guided grids
 DEMO = dict(model="TiT-T/4", global_batch_size=48, max_steps=1800, lr=2e-3, weighting="none", log_every=50,
@@ -151,7 +152,8 @@ class LatentDataset(torch.utils.data.Dataset):
         for path, shard in zip(paths, self.shards):
             if not {"latents", "labels"} <= set(shard) or shard["labels"].is_floating_point() \
                     or len(shard["labels"]) and int(shard["labels"].min()) < 0:  # labels are checked here, once
-                raise ValueError(f"--data {path}: expected latents, labels (integers >= 0) and latents_flip, got "
+                raise ValueError(f"--data {path}: expected latents and labels (integers >= 0), and latents_flip unless "
+                                 f"extracted with --no-flip, got "
                                  f"{ {k: f'{v.dtype} {tuple(v.shape)}' for k, v in shard.items()} }")
             shapes = [tuple(shard[k].shape[1:]) for k in ("latents", "latents_flip") if k in shard]
             if shapes[0] != shapes[-1] or shapes[0] != tuple(self.shards[0]["latents"].shape[1:]):
@@ -377,12 +379,16 @@ def resolve_autoencoder(args, data):
     pixels; an explicit --vae that differs from the record is named in one line, and must decode the data's channels."""
     info = ucgm.latents_info(args.data) if args.data and not args.bench else None
     guessed = args.vae is None and not info and args.data  # pixels assumed for a folder without a record
-    if args.vae is None and info:
+    if info and args.vae in (None, info["autoencoder"]):
+        recorded = args.vae_path is None
         args.vae, args.vae_path = info["autoencoder"], args.vae_path or info.get("vae_path")
         needed = args.sample_every or args.fid_every
         ucgm.require(not needed or args.vae_path is None or os.path.isfile(args.vae_path), f"--data {args.data}: the "
                      f"latents were made by {args.vae} from {args.vae_path} ({ucgm.LATENTS_INFO}), not found here; "
                      "give --vae-path FILE, or --sample-every 0 without --fid-every")
+        if needed and not recorded and info.get("vae_sha256") not in (None, ucgm.file_sha256(args.vae_path)):
+            print(f"--vae-path {args.vae_path}: not the file that made the latents of --data {args.data} (its "
+                  f"SHA-256 differs from {ucgm.LATENTS_INFO}'s); the grids decode with it")
     elif info and args.vae != info["autoencoder"]:
         print(f"--vae {args.vae}: the latents of --data {args.data} were made by {info['autoencoder']} "
               f"({ucgm.LATENTS_INFO}); the grids decode with --vae {args.vae}")
@@ -408,6 +414,9 @@ def build(args, rank, device):
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     if init:
         model = init[0].to(device)
+        ucgm.require(data.num_classes > 1 or model.num_classes <= 1, f"--init {args.init}: a class-conditional model "
+                     f"({model.num_classes} classes), the data has one class (unconditional): every row would train "
+                     "as class 0; give class-labelled data or unconditional weights")
         model.grad_checkpoint = args.grad_checkpoint
         ucgm.require((model.in_channels, model.input_size) == (data.channels, data.size) and model.num_classes >=
                      data.num_classes, f"--init {args.init}: the weights are for {model.num_classes} classes of "
@@ -532,7 +541,8 @@ def training_fid(args, trainer, ema, autoencoder, data, inception, reference, au
     sums of features and their products meet in one all-reduce. Rank 0 returns the number, the others None."""
     preset = ucgm.sampler_preset(args.lam)
     mine = list(range(rank, args.fid_samples, world))
-    sums = None
+    width = inception.fc.in_features  # 2048 pool features
+    sums = torch.zeros(width + width * width + 1, dtype=torch.float64, device=device)  # Σf, Σff^T, n
     for first in range(0, len(mine), 100):  # 100 samples a call bounds the decoder's memory
         indices = mine[first:first + 100]
         noise = torch.stack([torch.randn(data.channels, data.size, data.size, generator=torch.Generator().manual_seed(
@@ -544,12 +554,10 @@ def training_fid(args, trainer, ema, autoencoder, data, inception, reference, au
         pixels = ucgm.to_uint8(torch.cat([autoencoder.decode(z) for z in latents.split(25)]))
         with fid.full_fp32():  # the features in IEEE float32, as fid.py computes them
             pool = inception(pixels)["pool"].double()
-        part = torch.cat([pool.sum(0), (pool.T @ pool).flatten(), pool.new_tensor([len(pool)])])
-        sums = part if sums is None else sums + part
+        sums += torch.cat([pool.sum(0), (pool.T @ pool).flatten(), pool.new_tensor([len(pool)])])
     sums = ucgm.all_reduce(sums, device).cpu().numpy()  # Σf, Σff^T and n over all ranks
     if rank:
         return None
-    width = int(round((len(sums) - 1) ** 0.5 - 0.5))  # 2048: len = d + d² + 1
     n, mu = sums[-1], sums[:width] / sums[-1]
     sigma = (sums[width:-1].reshape(width, width) - n * np.outer(mu, mu)) / (n - 1)  # unbiased, as numpy.cov
     return fid.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
@@ -569,7 +577,11 @@ def open_tracker(args):
     elif args.tensorboard:
         board = optional_package("torch.utils.tensorboard", "tensorboard", "--tensorboard").SummaryWriter(
             os.path.join(args.out, "tensorboard"))
-        tracker = lambda record: [board.add_scalar(k, v, record["step"]) for k, v in scalars(record).items()]
+
+        def tracker(record):  # flushed at once: its writer thread would hold up to 2 minutes of scalars at exit
+            for key, value in scalars(record).items():
+                board.add_scalar(key, value, record["step"])
+            board.flush()
     else:
         tracker = lambda record: None
 
@@ -600,8 +612,7 @@ def train_step(args, net, model, trainer, opt, x, y, autocast):
     if args.grad_clip:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     else:  # the norm for the log and the guard, without clipping's rescale pass over every gradient
-        grads = [p.grad for p in model.parameters() if p.grad is not None]  # as get_total_norm (torch >= 2.6)
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     bad = ucgm.all_reduce((~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float(), x.device, "max")
     stepped = not bad.item()  # the guard's one host sync a step, read after the backward has queued; ranks agree
     if stepped:
@@ -638,7 +649,7 @@ def main(args):
                  "checkpoint")
     if writer:
         append_log(os.path.join(args.out, "log.jsonl"), None, keep_through=start_step)
-    sampling = writer or args.fid_every  # the grids (rank 0) and the FID (every rank) decode samples
+    sampling = (writer and args.sample_every) or args.fid_every  # the grids (rank 0), the FID (every rank) decode
     autoencoder = ucgm.create_autoencoder(args.vae, args.vae_path).to(device) if sampling else None
     fid_setup = setup_fid(args, device, rank) if args.fid_every else None
     log = open_tracker(args) if writer else None

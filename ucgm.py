@@ -2463,12 +2463,14 @@ def setup_distributed():
 
 def missing_shards(num_shards, path_of, rank, world):
     """This process's share of the shards whose file path_of(k) does not exist yet: the missing ones dealt in turn
-    to the processes, so that after an uneven resume each gets as many as the others (± 1); every process lists
-    them before any of them writes one (a barrier), so all deal the same list."""
-    missing = [k for k in range(num_shards) if not os.path.exists(path_of(k))]
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return missing[rank::world]
+    to the processes, so that after an uneven resume each gets as many as the others (± 1); rank 0 lists them before
+    any process writes one (the broadcast waits for it), so all deal the same list."""
+    distributed = torch.distributed.is_initialized()
+    missing = [[k for k in range(num_shards) if not os.path.exists(path_of(k))] if rank == 0 or not distributed
+               else None]
+    if distributed:  # rank 0's list for all: the nodes may see a shared folder at different times
+        torch.distributed.broadcast_object_list(missing, src=0)
+    return missing[0][rank::world]
 
 
 def all_reduce(value, device, op="sum"):
