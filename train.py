@@ -60,7 +60,9 @@ PRESETS = {
     "tune-edm2": dict(TUNE, zeta=1.7, global_batch_size=1024, max_steps=800, ckpt_every=800),
     # Table 7's unconditional CIFAR-10 on pixels (extract_latents.py --unconditional; --latent-stats none), UNet+ and
     # the EDM transport, no label dropping and no ζ (the self-guided ζ needs labels). The multi-step recipe is not
-    # released; this is EDM's CIFAR-10 one (NVlabs/edm train.py): Adam (AdamW without decay) at lr 1e-3, betas (0.9,
+    # released; this follows EDM's CIFAR-10 one (NVlabs/edm train.py) but for its lr ramp-up (10 Mimg), augmentation
+    # (p 0.12) and dropout (0.13; UNet+'s released 0.2 here), with our RMS per-sample distance rather than EDM's
+    # squared one: Adam (AdamW without decay) at lr 1e-3, betas (0.9,
     # 0.999), no clipping, batch 512 for 200 Mimg (390,625 steps), EMA half-life 0.5 Mimg (0.5^(512/5e5) = 0.99929 a
     # step); the loss on F unweighted (EDM's λ(σ) on D is unit weight on F) and t ~ Beta(9.1, 9.8), the mean and
     # variance of EDM's ln σ ~ N(−1.2, 1.2²) at t = (ln σ/4 + 1.59)/2.68 (Table 6)
