@@ -2485,12 +2485,13 @@ def all_reduce(value, device, op="sum"):
 @contextlib.contextmanager
 def evaluating(net):
     """`net` in eval mode inside, its mode restored after: the no-grad target passes run without dropout (over 2ε,
-    Alg. 1 l.13, two dropout masks would be mostly noise); networks without dropout are unchanged."""
-    mode = net.training
+    Alg. 1 l.13, two dropout masks would be mostly noise); networks without dropout, or plain functions, unchanged."""
+    mode = getattr(net, "training", None)
     try:
-        yield net.train(False)
+        yield net.train(False) if mode is not None else net
     finally:
-        net.train(mode)
+        if mode is not None:
+            net.train(mode)
 
 
 def denormalise(latents, mean, std, multiplier):
