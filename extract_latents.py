@@ -102,8 +102,7 @@ def encode(autoencoder, images, indices, seed, autocast, flip=True):
     noise = None
     if autoencoder.sample_posterior:
         shape = (2, autoencoder.channels, images.shape[-2] // autoencoder.factor, images.shape[-1] // autoencoder.factor)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + int(i)))
-                             for i in indices])  # (N, 2, C, h, w): one draw for the image, one for its flip
+        noise = ucgm.indexed_noise(shape, seed, indices)  # (N, 2, C, h, w): a draw for the image, one for its flip
         noise = noise[:, :views].transpose(0, 1).reshape(-1, *shape[1:]).to(images.device)
     with torch.no_grad(), autocast:
         latents = autoencoder.encode(batch, noise).float()
@@ -241,8 +240,8 @@ def provenance(args, listed, encoded, stats_images):
     return {"autoencoder": args.vae, "vae_path": vae_path, "vae_sha256": vae_path and ucgm.file_sha256(vae_path),
             "images": os.path.abspath(args.images), "image_size": args.image_size,
             "crop": "ADM centre crop (BOX halving, BICUBIC resize, centre square)", "listed_images": listed,
-            "encoded_images": encoded, "split": args.split, "unconditional": args.unconditional, "flips": args.flip, "stats_images": stats_images, "seed": args.seed,
-            "precision": args.precision}
+            "encoded_images": encoded, "split": args.split, "unconditional": args.unconditional, "flips": args.flip,
+            "stats_images": stats_images, "seed": args.seed, "precision": args.precision}
 
 
 def parse_args(argv=None):

@@ -289,9 +289,10 @@ def extract_features(inception, source, batch_size=200, device=None, progress=Tr
     device = device or next(inception.parameters()).device
     if isinstance(source, (str, os.PathLike)):
         source = str(source)
-        if image_size and (not os.path.isdir(source) or ucgm.is_cifar10(source)):
+        cifar10 = ucgm.is_cifar10(source)
+        if image_size and (not os.path.isdir(source) or cifar10):
             raise ValueError(f"--image-size {image_size}: crops the images of a folder, but {source} is not one")
-        if ucgm.is_cifar10(source):  # CIFAR-10's training images, as EDM's reference statistics
+        if cifar10:  # CIFAR-10's training images, as EDM's reference statistics
             batches = array_batches(ucgm.read_cifar10(source, "train", "fid.py")[0], batch_size)
         else:
             batches = folder_batches(source, batch_size, image_size) if os.path.isdir(source) \

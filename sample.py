@@ -133,8 +133,7 @@ def main(args):
     shape = (model.in_channels, model.input_size, model.input_size)
     for k in tqdm(todo, disable=rank != 0, desc="sampling", unit="shard"):
         indices = range(k * args.batch_size, min((k + 1) * args.batch_size, args.num_samples))
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + i))
-                             for i in indices]).to(device)  # sample i's noise depends on (seed, i) alone
+        noise = ucgm.indexed_noise(shape, seed, indices).to(device)  # sample i's noise depends on (seed, i) alone
         labels = torch.tensor([args.class_id if args.class_id is not None else i % max(num_classes, 1)
                                for i in indices], device=device)
         generator = torch.Generator(device).manual_seed(seed * 2**32 + args.num_samples + k)  # for rho > 0
@@ -142,8 +141,7 @@ def main(args):
             with autocast:
                 latents = trainer.sample(model, noise, generator=generator, times=times, **sampler,
                                          **({"y": labels} if num_classes else {}))
-            images = torch.cat([autoencoder.decode(z) for z in  # outside autocast: the released decode is float32
-                                ucgm.denormalise(latents, mean, std, multiplier).split(args.decode_batch)])
+            images = ucgm.decode_latents(autoencoder, latents, mean, std, multiplier, args.decode_batch)
         pixels = ucgm.to_uint8(images, args.dit_rounding).permute(0, 2, 3, 1).cpu()  # NHWC
         ucgm.save_safetensors({"images": pixels.contiguous(), "labels": labels.cpu()}, shard_path(args.out, k))
 

@@ -333,7 +333,7 @@ def compile_blocks(network):
     if torch.distributed.is_initialized():  # DDPOptimizer would split each block's graph at DDP's bucket boundaries
         torch._dynamo.config.optimize_ddp = False
     # EDM2's blocks share one forward at ~20 shapes: room for a graph per block and pass (grad, no-grad, teacher),
-    # so that none runs eager after dynamo's 8 recompiles of a code object (torch 2.4: cache_size_limit)
+    # so that none runs eager after dynamo's 8 recompiles of a code object (before torch 2.7: cache_size_limit)
     config = torch._dynamo.config
     names = ("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit") else \
         ("cache_size_limit", "accumulated_cache_size_limit")
@@ -519,8 +519,7 @@ def sample_grids(args, step, trainer, ema, autoencoder, data, autocast):
         with autocast:
             images = trainer.sample(ema, noise.to(device), y=labels.to(device), **{**preset, "steps": steps},
                                     cfg_scale=args.sample_cfg if data.num_classes > 1 else 1.0)  # 1 class: unguided
-        latents = ucgm.denormalise(images, data.mean.to(device), data.std.to(device), data.multiplier)
-        return torch.cat([autoencoder.decode(z) for z in latents.split(16)])  # in float32; 16 at a time bounds memory
+        return ucgm.decode_latents(autoencoder, images, data.mean.to(device), data.std.to(device), data.multiplier, 16)
     ucgm.save_image_grid(decoded(noise, labels, preset["steps"]), 8, os.path.join(args.out, f"samples_{step:07d}.png"))
     torch.cuda.empty_cache()  # release the grid's cached blocks, of sizes a step never reuses (no-op on CPU)
     if step == args.max_steps:  # the same noise through ever more steps: a column per step count
@@ -547,13 +546,12 @@ def training_fid(args, trainer, ema, autoencoder, data, inception, reference, au
     sums = torch.zeros(width + width * width + 1, dtype=torch.float64, device=device)  # Σf, Σff^T, n
     for first in range(0, len(mine), 100):  # 100 samples a call bounds the decoder's memory
         indices = mine[first:first + 100]
-        noise = torch.stack([torch.randn(data.channels, data.size, data.size, generator=torch.Generator().manual_seed(
-            args.seed * 2**32 + i)) for i in indices]).to(device)
+        noise = ucgm.indexed_noise((data.channels, data.size, data.size), args.seed, indices).to(device)
         labels = torch.tensor(indices, device=device) % data.num_classes
         with autocast:
             latents = trainer.sample(ema, noise, y=labels, **preset)
-        latents = ucgm.denormalise(latents, data.mean.to(device), data.std.to(device), data.multiplier)
-        pixels = ucgm.to_uint8(torch.cat([autoencoder.decode(z) for z in latents.split(25)]))
+        pixels = ucgm.to_uint8(ucgm.decode_latents(autoencoder, latents, data.mean.to(device), data.std.to(device),
+                                                   data.multiplier, 25))
         with fid.full_fp32():  # the features in IEEE float32, as fid.py computes them
             pool = inception(pixels)["pool"].double()
         sums += torch.cat([pool.sum(0), (pool.T @ pool).flatten(), pool.new_tensor([len(pool)])])

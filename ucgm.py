@@ -2494,6 +2494,19 @@ def evaluating(net):
             net.train(mode)
 
 
+def indexed_noise(shape, seed, indices):
+    """Gaussian noise of `shape` for each index i from (seed, i) alone, stacked: a sample's (or an image's) draw does
+    not depend on its batch or on the number of processes."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + int(i)))
+                        for i in indices])
+
+
+def decode_latents(autoencoder, latents, mean, std, multiplier, batch):
+    """Images of normalised latents: `denormalise`, then the autoencoder's decode, `batch` latents at a time (which
+    bounds its memory), in float32 outside any autocast, as the released decode."""
+    return torch.cat([autoencoder.decode(z) for z in denormalise(latents, mean, std, multiplier).split(batch)])
+
+
 def denormalise(latents, mean, std, multiplier):
     """Undo the latent normalisation (latent - mean) / std · multiplier (README, "Latents"): what the autoencoder
     decodes."""
